@@ -1,0 +1,353 @@
+"""Count the bytes Triton kernels load and store, under Triton's interpreter.
+
+``count_bytes()`` is a context manager. While it is active, every element a kernel loads or
+stores through the interpreter is counted (masked-off elements excluded, element size taken from
+the pointer's element type), attributed to the kernel and to the kernel argument whose storage
+the address falls in::
+
+    with count_bytes(audit_min_numel=x.numel()) as traffic:
+        y = tn.batch_norm(x, ...)
+    traffic.passes(x.numel() * x.element_size())
+
+It hooks the narrowest entry points the interpreter has (Triton 3.9):
+
+- ``InterpreterBuilder.create_masked_load`` / ``create_masked_store``: every ``tl.load`` and
+  ``tl.store`` ends there (unmasked loads/stores, atomic loads/stores and tensor-descriptor
+  loads/stores are routed through them);
+- ``InterpreterBuilder.create_atomic_rmw`` / ``create_atomic_cas``: one read and one write each;
+- ``GridExecutor.__call__`` / ``_init_args_hst``: which kernel is running and which tensors it got.
+
+If one of them is missing or has another signature, entering the context raises
+``UnsupportedTritonError`` rather than report a wrong number.
+
+With ``audit_min_numel`` set it also watches the torch side (a ``TorchDispatchMode``): any aten op
+outside a kernel launch that touches a tensor of at least that many elements and is not an
+allocation (``empty*``), a view/alias, or a metadata query is recorded in ``torch_ops``. The
+interpreter's own copies of kernel arguments happen inside launches and are not recorded.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+UNKNOWN_TENSOR = "<unattributed>"
+
+
+class UnsupportedTritonError(RuntimeError):
+    """The interpreter internals the counter hooks are not there (another Triton version)."""
+
+
+# hooked attribute -> the parameter names it must have (after self)
+_BUILDER_HOOKS: dict[str, tuple[str, ...]] = {
+    "create_masked_load": ("ptrs", "mask", "other", "cache_policy", "is_volatile"),
+    "create_masked_store": ("ptrs", "value", "mask", "cache_policy"),
+    "create_atomic_rmw": ("rmwOp", "ptr", "val", "mask", "sem", "scope"),
+    "create_atomic_cas": ("ptr", "cmp", "val", "sem", "scope"),
+}
+_EXECUTOR_HOOKS: dict[str, tuple[str, ...]] = {
+    "__call__": ("args_dev", "kwargs"),
+    "_init_args_hst": ("args_dev", "kwargs"),
+}
+
+
+@dataclass
+class _TensorRange:
+    name: str  # kernel argument name
+    lo: int  # first byte address of the argument's storage
+    hi: int  # one past the last byte
+    numel: int
+    dtype: str
+
+
+@dataclass
+class _Launch:
+    kernel: str
+    ranges: list[_TensorRange] = field(default_factory=list)
+
+
+@dataclass
+class Traffic:
+    """What the counted region moved.
+
+    ``bytes[(kernel, argument, argument_numel, dtype)] = [loaded, stored]``; ``launches`` is the
+    kernel names in launch order; ``torch_ops`` the flagged torch-side ops (see module doc).
+    """
+
+    bytes: dict[tuple[str, str, int, str], list[int]] = field(
+        default_factory=lambda: defaultdict(lambda: [0, 0])
+    )
+    launches: list[str] = field(default_factory=list)
+    torch_ops: list[str] = field(default_factory=list)
+
+    @property
+    def loaded(self) -> int:
+        return sum(v[0] for v in self.bytes.values())
+
+    @property
+    def stored(self) -> int:
+        return sum(v[1] for v in self.bytes.values())
+
+    @property
+    def total(self) -> int:
+        return self.loaded + self.stored
+
+    def split(self, min_numel: int) -> tuple[int, int]:
+        """(bytes on tensors of at least ``min_numel`` elements, bytes on smaller ones).
+
+        Unattributed traffic counts as big: it cannot be shown to be per-channel.
+        """
+        big = small = 0
+        for (_, name, numel, _), (ld, st) in self.bytes.items():
+            if numel >= min_numel or name == UNKNOWN_TENSOR:
+                big += ld + st
+            else:
+                small += ld + st
+        return big, small
+
+    def passes(self, pass_bytes: int) -> float:
+        """All counted traffic in passes of ``pass_bytes`` (numel x element size of the input)."""
+        return self.total / pass_bytes
+
+    def by_kernel(self) -> dict[str, tuple[int, int]]:
+        """kernel -> (loaded, stored) bytes."""
+        out: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        for (kernel, *_), (ld, st) in self.bytes.items():
+            out[kernel][0] += ld
+            out[kernel][1] += st
+        return {k: (v[0], v[1]) for k, v in out.items()}
+
+    def describe(self, min_numel: int | None = None) -> str:
+        """Multi-line breakdown per kernel and argument (for failure messages and reports)."""
+        lines = []
+        for (kernel, name, numel, dtype), (ld, st) in sorted(self.bytes.items()):
+            tag = ""
+            if min_numel is not None:
+                tag = " big" if numel >= min_numel or name == UNKNOWN_TENSOR else " small"
+            lines.append(
+                f"  {kernel}.{name} [{numel} x {dtype}]{tag}: load {ld} B, store {st} B"
+            )
+        counts: dict[str, int] = defaultdict(int)
+        for k in self.launches:
+            counts[k] += 1
+        lines.append("  launches: " + ", ".join(f"{k} x{n}" for k, n in counts.items()))
+        if self.torch_ops:
+            lines.append("  torch-side full-size ops: " + "; ".join(self.torch_ops))
+        return "\n".join(lines)
+
+
+def _interpreter_classes():
+    """The hooked interpreter classes, checked; raises UnsupportedTritonError otherwise."""
+    import triton
+
+    why = f"cannot count bytes with this Triton version ({triton.__version__})"
+    try:
+        from triton.runtime.interpreter import GridExecutor, InterpreterBuilder
+    except ImportError as e:
+        raise UnsupportedTritonError(f"{why}: {e}") from e
+    for cls, hooks in ((InterpreterBuilder, _BUILDER_HOOKS), (GridExecutor, _EXECUTOR_HOOKS)):
+        for attr, params in hooks.items():
+            fn = cls.__dict__.get(attr)
+            if fn is None:
+                raise UnsupportedTritonError(f"{why}: {cls.__name__}.{attr} not found")
+            got = tuple(inspect.signature(fn).parameters)[1:]
+            if got != params:
+                raise UnsupportedTritonError(
+                    f"{why}: {cls.__name__}.{attr}{got} is not {cls.__name__}.{attr}{params}"
+                )
+    return InterpreterBuilder, GridExecutor
+
+
+def interpreter_active() -> bool:
+    """Whether @triton.jit kernels are being defined for the interpreter."""
+    try:
+        import triton
+
+        return bool(triton.knobs.runtime.interpret)
+    except AttributeError:  # older Triton: only the environment variable
+        return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _elsize(ptrs) -> int:
+    return max(1, ptrs.get_element_ty().primitive_bitwidth // 8)
+
+
+class _Recorder:
+    """Shared state of the active counting region."""
+
+    def __init__(self, traffic: Traffic):
+        self.traffic = traffic
+        self.launch: _Launch | None = None
+
+    def record(self, ptrs, mask, load: bool, store: bool) -> None:
+        addr = np.asarray(ptrs.data)
+        if mask is not None:
+            addr = addr[np.broadcast_to(np.asarray(mask.data, dtype=bool), addr.shape)]
+        addr = addr.ravel().astype(np.uint64, copy=False)
+        if addr.size == 0:
+            return
+        size = _elsize(ptrs)
+        kernel = self.launch.kernel if self.launch else "<no launch>"
+        left = addr.size
+        for r in self.launch.ranges if self.launch else ():
+            n = int(np.count_nonzero((addr >= r.lo) & (addr < r.hi)))
+            if n:
+                self._add((kernel, r.name, r.numel, r.dtype), n * size, load, store)
+                left -= n
+            if not left:
+                break
+        if left:
+            self._add((kernel, UNKNOWN_TENSOR, 0, "?"), left * size, load, store)
+
+    def _add(self, key, nbytes: int, load: bool, store: bool) -> None:
+        entry = self.traffic.bytes[key]
+        entry[0] += nbytes if load else 0
+        entry[1] += nbytes if store else 0
+
+
+_ACTIVE: list[_Recorder] = []
+
+
+def _install(builder_cls, executor_cls, rec: _Recorder) -> list[tuple[type, str, object]]:
+    saved = [(c, a, c.__dict__[a]) for c, hooks in
+             ((builder_cls, _BUILDER_HOOKS), (executor_cls, _EXECUTOR_HOOKS)) for a in hooks]
+    orig = {a: f for _, a, f in saved}
+
+    def masked_load(self, ptrs, mask, other, cache_policy, is_volatile):
+        rec.record(ptrs, mask, load=True, store=False)
+        return orig["create_masked_load"](self, ptrs, mask, other, cache_policy, is_volatile)
+
+    def masked_store(self, ptrs, value, mask, cache_policy):
+        rec.record(ptrs, mask, load=False, store=True)
+        return orig["create_masked_store"](self, ptrs, value, mask, cache_policy)
+
+    def atomic_rmw(self, rmwOp, ptr, val, mask, sem, scope):
+        rec.record(ptr, mask, load=True, store=True)
+        return orig["create_atomic_rmw"](self, rmwOp, ptr, val, mask, sem, scope)
+
+    def atomic_cas(self, ptr, cmp, val, sem, scope):
+        rec.record(ptr, None, load=True, store=True)
+        return orig["create_atomic_cas"](self, ptr, cmp, val, sem, scope)
+
+    def executor_call(self, *args_dev, **kwargs):
+        outer = rec.launch
+        rec.launch = _Launch(kernel=getattr(self.fn, "__name__", "<kernel>"))
+        rec.traffic.launches.append(rec.launch.kernel)
+        try:
+            return orig["__call__"](self, *args_dev, **kwargs)
+        finally:
+            rec.launch = outer
+
+    def init_args_hst(self, args_dev, kwargs):
+        args_hst, kwargs_hst = orig["_init_args_hst"](self, args_dev, kwargs)
+        if rec.launch is not None:
+            named = list(zip(self.arg_names, args_hst)) + list(kwargs_hst.items())
+            for name, arg in named:
+                if isinstance(arg, torch.Tensor):
+                    storage = arg.untyped_storage()
+                    lo = storage.data_ptr()
+                    rec.launch.ranges.append(
+                        _TensorRange(name, lo, lo + storage.nbytes(), arg.numel(),
+                                     str(arg.dtype).removeprefix("torch."))
+                    )
+        return args_hst, kwargs_hst
+
+    setattr(builder_cls, "create_masked_load", masked_load)
+    setattr(builder_cls, "create_masked_store", masked_store)
+    setattr(builder_cls, "create_atomic_rmw", atomic_rmw)
+    setattr(builder_cls, "create_atomic_cas", atomic_cas)
+    setattr(executor_cls, "__call__", executor_call)
+    setattr(executor_cls, "_init_args_hst", init_args_hst)
+    return saved
+
+
+# --- torch-side audit -------------------------------------------------------------------------
+
+_ALLOCATIONS = {
+    "aten::empty", "aten::empty_like", "aten::empty_strided", "aten::empty_permuted",
+    "aten::new_empty", "aten::new_empty_strided",
+}  # fmt: skip
+_METADATA = {
+    "aten::sym_size", "aten::sym_stride", "aten::sym_numel", "aten::sym_storage_offset",
+    "aten::size", "aten::stride", "aten::dim", "aten::numel", "aten::storage_offset",
+    "aten::is_contiguous", "aten::is_non_overlapping_and_dense", "aten::is_same_size",
+    "aten::_has_compatible_shallow_copy_type", "prim::layout", "prim::device",
+}  # fmt: skip
+
+
+def _tensors(tree) -> list[torch.Tensor]:
+    return [t for t in torch.utils._pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
+
+
+class _TorchAudit(TorchDispatchMode):
+    """Records aten ops that move full-size data outside Triton launches."""
+
+    def __init__(self, rec: _Recorder, min_numel: int):
+        super().__init__()
+        self.rec = rec
+        self.min_numel = min_numel
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace not in ("aten", "prim"):
+            # A custom op (torch.library): run its own implementation with this mode still
+            # pushed, so the aten ops inside it are seen too.
+            for key in (torch._C.DispatchKey.CPU, torch._C.DispatchKey.CompositeExplicitAutograd):
+                if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), key):
+                    with self:
+                        return func._op_dk(key, *args, **kwargs)
+            return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if self.rec.launch is None:
+            self._check(func, args, kwargs, out)
+        return out
+
+    def _check(self, func, args, kwargs, out) -> None:
+        ins, outs = _tensors((args, kwargs)), _tensors(out)
+        big = [t for t in ins + outs if t.numel() >= self.min_numel]
+        name = func._schema.name
+        if not big or name in _ALLOCATIONS or name in _METADATA:
+            return
+        in_storages = {t.untyped_storage().data_ptr() for t in ins}
+        aliases_only = bool(outs) and all(t.untyped_storage().data_ptr() in in_storages
+                                          for t in outs)
+        if aliases_only and not func._schema.is_mutable:
+            return  # a view, alias, detach or no-op (e.g. contiguous of a contiguous tensor)
+        shapes = ", ".join(str(tuple(t.shape)) for t in ins + outs)
+        self.rec.traffic.torch_ops.append(f"{func} [{shapes}]")
+
+
+@contextmanager
+def count_bytes(audit_min_numel: int | None = None) -> Iterator[Traffic]:
+    """Count Triton kernel traffic (and, optionally, audit torch ops) in the ``with`` block."""
+    builder_cls, executor_cls = _interpreter_classes()
+    if not interpreter_active():
+        raise RuntimeError(
+            "count_bytes needs Triton's interpreter: set TRITON_INTERPRET=1 before the kernels "
+            "are defined (before importing tritonnorm)"
+        )
+    if _ACTIVE:
+        raise RuntimeError("count_bytes regions cannot be nested")
+    traffic = Traffic()
+    rec = _Recorder(traffic)
+    saved = _install(builder_cls, executor_cls, rec)
+    _ACTIVE.append(rec)
+    audit = _TorchAudit(rec, audit_min_numel) if audit_min_numel is not None else None
+    try:
+        if audit is None:
+            yield traffic
+        else:
+            with audit:
+                yield traffic
+    finally:
+        _ACTIVE.pop()
+        for cls, attr, fn in saved:
+            setattr(cls, attr, fn)

@@ -1,0 +1,55 @@
+"""Byte floors, in passes over the input tensor (PERF.md), in one table and one rule.
+
+A pass is ``numel * element_size`` bytes of the input. Per-channel vectors (statistics, weight,
+bias, running stats, partial sums) are not part of the floor: they are negligible next to a pass
+and must not grow with the number of elements.
+"""
+
+from __future__ import annotations
+
+# A reduction group (an instance for instance_norm, a row for layer/group norm) "fits on chip"
+# when one program can hold it in registers: 8192 fp32 elements x 4 (PERF.md). Then the forward
+# reads x once and the backward reads x and dy once.
+ON_CHIP_MAX_ELEMENTS = 8192 * 4
+
+# stage -> (passes when the reduction group stays on chip, passes when it is streamed twice)
+#   fwd : read x for the statistics [, read x again], write y
+#   bwd : read x, dy for the per-group sums [, read x, dy again], write dx
+#   eval: read x, write y (statistics are given)
+FLOOR_PASSES: dict[str, tuple[int, int]] = {
+    "fwd": (2, 3),
+    "bwd": (3, 5),
+    "eval": (2, 2),
+}
+
+
+def fits_on_chip(group_numel: int | None) -> bool:
+    """Whether one reduction group of ``group_numel`` elements can stay on chip.
+
+    ``None`` means the op reduces over a group that is never held on chip by design (batch_norm
+    reduces each channel over N*HW elements across many programs), so it is streamed.
+    """
+    return group_numel is not None and group_numel <= ON_CHIP_MAX_ELEMENTS
+
+
+def floor_passes(stage: str, group_numel: int | None) -> int:
+    """Passes over the input at the floor for one stage ("fwd", "bwd" or "eval")."""
+    on_chip, streamed = FLOOR_PASSES[stage]
+    return on_chip if fits_on_chip(group_numel) else streamed
+
+
+def floor_table_markdown() -> str:
+    """The floor table as markdown, for the summary."""
+    lines = [
+        "| stage | passes, group on chip | passes, streamed | meaning |",
+        "|---|---|---|---|",
+        "| fwd | 2 | 3 | read x for statistics, [read x again,] write y |",
+        "| bwd | 3 | 5 | read x, dy for the two sums, [read x, dy again,] write dx |",
+        "| eval | 2 | 2 | read x, write y |",
+    ]
+    lines.append(
+        f"\nA group is on chip when it has at most {ON_CHIP_MAX_ELEMENTS} elements "
+        "(instance_norm instances); batch_norm channels are always streamed. A fwd+bwd op's "
+        "floor is the sum of its stages' floors (batch_norm training: 3 + 5 = 8)."
+    )
+    return "\n".join(lines)
