@@ -12,6 +12,10 @@ from __future__ import annotations
 # reads x once and the backward reads x and dy once.
 ON_CHIP_MAX_ELEMENTS = 8192 * 4
 
+# Per-channel vectors (statistics, weight, bias, running stats, partial sums) may add at most this
+# many passes on the shapes the byte budgets are checked on: "negligible next to E*s" (PERF.md).
+NEGLIGIBLE_PASSES = 0.01
+
 # stage -> (passes when the reduction group stays on chip, passes when it is streamed twice)
 #   fwd : read x for the statistics [, read x again], write y
 #   bwd : read x, dy for the per-group sums [, read x, dy again], write dx
@@ -36,6 +40,11 @@ def floor_passes(stage: str, group_numel: int | None) -> int:
     """Passes over the input at the floor for one stage ("fwd", "bwd" or "eval")."""
     on_chip, streamed = FLOOR_PASSES[stage]
     return on_chip if fits_on_chip(group_numel) else streamed
+
+
+def within_floor(passes: float, floor: int) -> bool:
+    """Whether measured passes meet a floor, per-channel traffic allowed up to NEGLIGIBLE_PASSES."""
+    return passes <= floor + NEGLIGIBLE_PASSES
 
 
 def floor_table_markdown() -> str:

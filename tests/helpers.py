@@ -7,7 +7,6 @@ import contextlib
 from collections.abc import Callable
 
 import torch
-
 from tolerances import assert_close_to_reference
 
 # The kernel paths every forward/backward test is run on:
@@ -143,7 +142,7 @@ def module_triplet(ours_cls, torch_cls, device, **kwargs):
 def step_modules(mods, x, g, dtypes=(torch.float32, torch.float32, torch.float64)):
     """One forward + backward of each module on ``x`` (cast per module); returns (out, grad_in)."""
     outs = []
-    for m, dt in zip(mods, dtypes):
+    for m, dt in zip(mods, dtypes, strict=True):
         xi = x.detach().to(dt).clone().requires_grad_()
         y = m(xi)
         y.backward(g.to(y.dtype))

@@ -7,9 +7,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-import tritonnorm as tn
 from helpers import (
     PATHS,
     assert_same_format,
@@ -22,6 +19,9 @@ from helpers import (
     step_modules,
 )
 from tolerances import assert_bitwise_equal
+from torch import nn
+
+import tritonnorm as tn
 
 CL = torch.channels_last
 CL3 = torch.channels_last_3d
@@ -303,7 +303,9 @@ MODULE_CASES = [
 @pytest.mark.parametrize("name,shape", MODULE_CASES)
 def test_module_training_steps_then_eval(device, name, shape, momentum):
     C = shape[1]
-    ours, ref, ref64 = module_triplet(getattr(tn, name), getattr(nn, name), device, num_features=C, momentum=momentum)
+    ours, ref, ref64 = module_triplet(
+        getattr(tn, name), getattr(nn, name), device, num_features=C, momentum=momentum
+    )
     assert isinstance(ours, getattr(nn, name))
     for step in range(3):
         x = torch.randn(shape, device=device) * (1 + step) + step  # stats differ per step
@@ -326,7 +328,9 @@ def test_module_training_steps_then_eval(device, name, shape, momentum):
 def test_module_without_running_stats(device, name, shape):
     # track_running_stats=False: no buffers, batch statistics in eval too.
     C = shape[1]
-    ours, ref, ref64 = module_triplet(getattr(tn, name), getattr(nn, name), device, num_features=C, track_running_stats=False)
+    ours, ref, ref64 = module_triplet(
+        getattr(tn, name), getattr(nn, name), device, num_features=C, track_running_stats=False
+    )
     assert ours.running_mean is None and ours.running_var is None
     for m in (ours, ref, ref64):
         m.eval()
@@ -337,7 +341,9 @@ def test_module_without_running_stats(device, name, shape):
 @pytest.mark.parametrize("name,shape", MODULE_CASES[1:3])
 def test_module_affine_false(device, name, shape):
     C = shape[1]
-    ours, ref, ref64 = module_triplet(getattr(tn, name), getattr(nn, name), device, num_features=C, affine=False)
+    ours, ref, ref64 = module_triplet(
+        getattr(tn, name), getattr(nn, name), device, num_features=C, affine=False
+    )
     assert ours.weight is None and ours.bias is None
     x, g = torch.randn(shape, device=device), torch.randn(shape, device=device)
     compare_modules(ours, ref, ref64, step_modules((ours, ref, ref64), x, g))

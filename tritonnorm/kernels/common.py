@@ -69,6 +69,10 @@ def tile_summary(x, mask, count, PER_INSTANCE: tl.constexpr):
 
 @triton.jit
 def inverse_std(count, m2, eps):
-    """1 / sqrt(biased variance + eps), correctly rounded."""
+    """1 / sqrt(biased variance + eps), correctly rounded (fp32's default ops are approximate;
+    fp64's are exact)."""
     var = m2 / tl.maximum(count, 1.0)
-    return tl.div_rn(tl.full(var.shape, 1.0, var.dtype), tl.sqrt_rn(var + eps))
+    if var.dtype == tl.float64:
+        return 1.0 / tl.sqrt(var + eps)
+    else:
+        return tl.div_rn(tl.full(var.shape, 1.0, var.dtype), tl.sqrt_rn(var + eps))

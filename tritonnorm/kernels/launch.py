@@ -151,10 +151,13 @@ def finalize_stats(
     dtype: torch.dtype,
     device: torch.device,
     want_combined: bool = False,
+    running_out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Combine partials (or read the running statistics when ``partials is None``): returns
     mean, rstd (G, C), apply coefficients (4, G, C), and the combined (3, G, C) if asked.
-    Updates the running statistics when given (with partials)."""
+    With partials, writes the updated running statistics into ``running_out`` (default: the
+    running buffers themselves, in place)."""
+    new_mean, new_var = running_out if running_out is not None else (running_mean, running_var)
     mean = torch.empty((groups, C), dtype=dtype, device=device)
     rstd = torch.empty_like(mean)
     coef = torch.empty((4, groups, C), dtype=dtype, device=device)
@@ -165,7 +168,7 @@ def finalize_stats(
         partials.stride(0) if partials is not None else 0,
         partials.stride(1) if partials is not None else 0,
         combined, mean, rstd, coef, weight, bias,
-        running_mean, running_var,
+        running_mean, running_var, new_mean, new_var,
         groups, C, momentum, eps,
         FROM_RUNNING=from_running, BLOCK_C=_FINALIZE_BLOCK_C,
     )  # fmt: skip
@@ -212,9 +215,11 @@ def forward(
     per_instance: bool,
     momentum: float,
     eps: float,
+    running_out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """y, mean, rstd for x of shape (N, C, *spatial). mean/rstd are (G, C) in the statistics'
-    dtype, G = N for IN with input statistics, else 1."""
+    dtype, G = N for IN with input statistics, else 1. With input statistics, the updated
+    running statistics go to ``running_out`` (default: in place)."""
     per_instance = _per_instance_view(per_instance, use_input_stats)
     x, view = input_view(x, per_instance)
     y = torch.empty_like(x)
@@ -236,7 +241,7 @@ def forward(
     )
     mean, rstd, coef, _ = finalize_stats(
         partials, num_partials, view.C, groups, weight, bias, running_mean, running_var,
-        momentum, eps, stats_dtype, x.device,
+        momentum, eps, stats_dtype, x.device, running_out=running_out,
     )  # fmt: skip
     if not fused:
         apply(y, view, coef, per_instance, x)

@@ -86,7 +86,8 @@ def _norm_stats_finalize_kernel(
     rstd_ptr,  # (G, C) saved 1/sqrt(var + eps), or None
     coef_ptr,  # (4, G, C) apply coefficients (mu, k_x, k_dy, k_c), or None
     weight_ptr, bias_ptr,  # (C,) or None
-    running_mean_ptr, running_var_ptr,  # (C,) or None: updated in place
+    running_mean_ptr, running_var_ptr,  # (C,) or None: the running statistics read
+    new_running_mean_ptr, new_running_var_ptr,  # (C,): where the updated ones are written
     G, C,
     momentum, eps,
     FROM_RUNNING: tl.constexpr,  # eval: statistics are the running ones, no partials
@@ -150,5 +151,6 @@ def _norm_stats_finalize_kernel(
             running_var = tl.load(running_var_ptr + c, mask=c_mask, other=0.0).to(acc_dtype)
             running_mean = (1.0 - momentum) * running_mean + momentum * (sum_mean / G)
             running_var = (1.0 - momentum) * running_var + momentum * (sum_unbiased_var / G)
-            tl.store(running_mean_ptr + c, running_mean.to(running_mean_ptr.dtype.element_ty), mask=c_mask)
-            tl.store(running_var_ptr + c, running_var.to(running_var_ptr.dtype.element_ty), mask=c_mask)
+            out_dtype = new_running_mean_ptr.dtype.element_ty
+            tl.store(new_running_mean_ptr + c, running_mean.to(out_dtype), mask=c_mask)
+            tl.store(new_running_var_ptr + c, running_var.to(out_dtype), mask=c_mask)

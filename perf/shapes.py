@@ -1,0 +1,63 @@
+"""Shape classes (PERF.md "Shapes that matter"), as (N, C, *spatial) tuples.
+
+Each class has a full list and a quick subset (``--quick``); ``DRY_RUN`` holds tiny stand-ins
+that keep ``--dry-run`` on a CPU short. A shape's class is found by ``class_of``.
+"""
+
+from __future__ import annotations
+
+Shape = tuple[int, ...]
+
+# ResNet-50's BatchNorm2d inputs (C, H=W) at two batch sizes.
+_RESNET50 = [(64, 112), (64, 56), (256, 56), (128, 28), (512, 28), (256, 14), (1024, 14),
+             (512, 7), (2048, 7)]  # fmt: skip
+
+FULL: dict[str, list[Shape]] = {
+    "resnet50_bn": [(32, c, hw, hw) for c, hw in _RESNET50]
+    + [(256, 64, 112, 112), (256, 256, 56, 56), (256, 2048, 7, 7)],
+    # small C, huge spatial: eager launches one block per channel here
+    "small_c_bn": [(16, 3, 512, 512), (8, 4, 512, 512), (32, 6, 512, 512), (16, 8, 512, 512)],
+    "style_in": [(1, 32, 1024, 1024), (4, 64, 512, 512), (8, 128, 256, 256),
+                 (16, 256, 256, 256), (1, 128, 1024, 1024)],  # fmt: skip
+    "medical3d_in": [(2, 32, 128, 128, 128), (2, 128, 128, 128, 128), (2, 320, 128, 128, 128)],
+}
+
+QUICK: dict[str, list[Shape]] = {
+    "resnet50_bn": [(32, 64, 112, 112), (32, 1024, 14, 14)],
+    "small_c_bn": [(32, 6, 512, 512)],
+    "style_in": [(4, 64, 512, 512)],
+    "medical3d_in": [(2, 32, 128, 128, 128)],
+}
+
+# Tiny stand-ins: they exercise the report's plumbing on a CPU, they measure nothing.
+DRY_RUN: dict[str, list[Shape]] = {
+    "resnet50_bn": [(2, 16, 8, 8)],
+    "small_c_bn": [(2, 3, 32, 32)],
+    "style_in": [(1, 4, 16, 16)],
+    "medical3d_in": [(1, 4, 8, 8, 8)],
+}
+
+SETS = {"full": FULL, "quick": QUICK, "dry-run": DRY_RUN}
+
+
+def shapes_for(shape_set: str, classes: tuple[str, ...]) -> list[tuple[str, Shape]]:
+    """(class, shape) pairs of ``shape_set`` for the given classes, in table order."""
+    table = SETS[shape_set]
+    return [(cls, s) for cls in classes for s in table.get(cls, [])]
+
+
+def class_of(shape: Shape) -> str:
+    """The class a shape was listed under (first match), or "other"."""
+    for table in (FULL, QUICK, DRY_RUN):
+        for cls, shapes in table.items():
+            if tuple(shape) in shapes:
+                return cls
+    return "other"
+
+
+def shape_str(shape: Shape) -> str:
+    return "x".join(str(d) for d in shape)
+
+
+def parse_shape(text: str) -> Shape:
+    return tuple(int(d) for d in text.split("x"))

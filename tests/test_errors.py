@@ -1,0 +1,282 @@
+"""Every bad input raises the exception type torch raises for it, with a clear message, BEFORE any
+running buffer or num_batches_tracked changes.
+
+Each case is built twice, once with torch (to learn the exception type torch raises) and once with
+tritonnorm; ours must raise an instance of torch's type (or one of the case's listed alternatives),
+its message must match the case's pattern, and every buffer must be bitwise unchanged. Torch's
+own modules increment num_batches_tracked before some of these errors; ours must not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tolerances import assert_bitwise_equal
+from torch import nn
+
+import tritonnorm as tn
+
+MODULE_NAMES = [f"{kind}Norm{d}d" for kind in ("Batch", "Instance") for d in (1, 2, 3)]
+TORCH = SimpleNamespace(
+    batch_norm=F.batch_norm,
+    instance_norm=F.instance_norm,
+    **{n: getattr(nn, n) for n in MODULE_NAMES},
+)
+C = 3
+
+
+def other_device(device: str) -> str:
+    """A device the running stats can live on that is not the input's."""
+    return "cpu" if device.startswith("cuda") else "meta"
+
+
+@dataclass
+class Case:
+    id: str
+    # build(lib, device) -> (call, state): call() must raise; state: tensors that must not change
+    build: Callable
+    match: str
+    also_ok: tuple[type[BaseException], ...] = ()
+
+
+def _buffers(device, dtype=torch.float32, n=C):
+    return (
+        torch.randn(n, device=device, dtype=dtype),
+        torch.rand(n, device=device, dtype=dtype) + 0.5,
+    )
+
+
+def bn_call(shape, *, rm_n=C, rv_n=C, w_n=None, b_n=None, buffers=True, dtype=None, **kw):
+    """A functional batch_norm call; the sizes let one tensor be the wrong size."""
+
+    def build(lib, device):
+        x = torch.randn(shape, device=device)
+        if dtype is not None:
+            x = torch.randint(0, 5, shape, device=device, dtype=dtype)
+        rm = torch.randn(rm_n, device=device) if buffers else None
+        rv = torch.rand(rv_n, device=device) + 0.5 if buffers else None
+        w = torch.rand(w_n, device=device) if w_n else None
+        b = torch.rand(b_n, device=device) if b_n else None
+        state = [t for t in (rm, rv) if t is not None]
+        return (lambda: lib.batch_norm(x, rm, rv, w, b, **kw)), state
+
+    return build
+
+
+def in_call(shape, *, rm_n=None, rv_n=None, w_n=None, b_n=None, dtype=None, **kw):
+    def build(lib, device):
+        x = torch.randn(shape, device=device)
+        if dtype is not None:
+            x = torch.randint(0, 5, shape, device=device, dtype=dtype)
+        rm = torch.randn(rm_n, device=device) if rm_n else None
+        rv = torch.rand(rv_n, device=device) + 0.5 if rv_n else None
+        w = torch.rand(w_n, device=device) if w_n else None
+        b = torch.rand(b_n, device=device) if b_n else None
+        state = [t for t in (rm, rv) if t is not None]
+        return (lambda: lib.instance_norm(x, rm, rv, w, b, **kw)), state
+
+    return build
+
+
+def custom(fn):
+    """fn(lib, device) -> (call, state), for the cases that do not fit bn_call/in_call."""
+    return fn
+
+
+def module_call(name, shape, *, training=True, dtype=None, **kwargs):
+    def build(lib, device):
+        m = getattr(lib, name)(C, **kwargs).to(device)
+        m.train(training)
+        x = torch.randn(shape, device=device)
+        if dtype is not None:
+            x = torch.randint(0, 5, shape, device=device, dtype=dtype)
+        state = [t for t in m.buffers()] + [p.detach() for p in m.parameters()]
+        return (lambda: m(x)), state
+
+    return build
+
+
+def _bn_buffers_dtype(lib, device):
+    x = torch.randn(4, C, device=device)
+    rm, rv = _buffers(device, torch.float64)
+    return (lambda: lib.batch_norm(x, rm, rv, training=True)), [rm, rv]
+
+
+def _bn_buffers_device(lib, device):
+    x = torch.randn(4, C, device=device)
+    rm = torch.zeros(C, device=other_device(device))
+    rv = torch.rand(C, device=device) + 0.5
+    return (lambda: lib.batch_norm(x, rm, rv, training=True)), [rv]
+
+
+def _in_buffers_device(lib, device):
+    x = torch.randn(2, C, 4, device=device)
+    rm = torch.zeros(C, device=other_device(device))
+    rv = torch.rand(C, device=device) + 0.5
+    return (lambda: lib.instance_norm(x, rm, rv)), [rv]
+
+
+ONE_VALUE = r"(?i)more than (1|one) value"
+SPATIAL = r"(?i)spatial"
+DTYPE = r"(?i)dtype|long|\bint|integer|floating"
+NDIM = r"(?i)\bdim|\b\dD\b|ndim|at least 2"
+RUNNING = r"(?i)running[_ ](mean|var|stat)"
+
+CASES = [
+    # -- batch_norm, functional --
+    Case("bn-train-1xC", bn_call((1, C), training=True), ONE_VALUE),
+    Case("bn-train-1xCx1", bn_call((1, C, 1), training=True), ONE_VALUE),
+    Case(
+        "bn-train-1xCx1x1-no-buffers",
+        bn_call((1, C, 1, 1), buffers=False, training=True),
+        ONE_VALUE,
+    ),
+    Case("bn-running_mean-size", bn_call((4, C), rm_n=C + 1, training=True), "running_mean"),
+    Case("bn-running_var-size", bn_call((4, C), rv_n=C + 1, training=True), "running_var"),
+    Case("bn-weight-size", bn_call((4, C), w_n=C + 1, training=True), "weight"),
+    Case("bn-bias-size", bn_call((4, C), b_n=C + 1, training=True), "bias"),
+    Case("bn-eval-running_mean-size", bn_call((4, C, 2), rm_n=C - 1), "running_mean"),
+    Case("bn-eval-weight-size", bn_call((4, C, 2), w_n=1), "weight"),
+    Case("bn-int64-input", bn_call((4, C), dtype=torch.int64, training=True), DTYPE, (TypeError,)),
+    Case("bn-int32-input-eval", bn_call((4, C), dtype=torch.int32), DTYPE, (TypeError,)),
+    Case("bn-eval-without-buffers", bn_call((4, C), buffers=False, training=False), RUNNING),
+    Case("bn-only-running_mean", bn_call((4, C), rv_n=0, training=True), r"(?i)both|running_var"),
+    Case("bn-1d-input", bn_call((C,), training=True), NDIM, (ValueError, IndexError)),
+    Case(
+        "bn-1d-input-no-buffers", bn_call((C,), buffers=False, training=True), NDIM, (ValueError,)
+    ),
+    Case("bn-0d-input-eval", bn_call((), buffers=False, training=True), NDIM, (ValueError,)),
+    Case("bn-negative-eps-train", bn_call((4, C), training=True, eps=-1e-3), "eps"),
+    Case("bn-zero-eps-train", bn_call((4, C), training=True, eps=0.0), "eps"),
+    Case("bn-negative-eps-eval", bn_call((4, C), training=False, eps=-1e-3), "eps"),
+    Case("bn-running-stats-dtype", custom(_bn_buffers_dtype), r"(?i)dtype|type|float|double"),
+    Case("bn-running-stats-device", custom(_bn_buffers_device), r"(?i)device"),
+    # -- instance_norm, functional --
+    Case("in-one-spatial", in_call((2, C, 1)), SPATIAL),
+    Case("in-one-spatial-buffers", in_call((2, C, 1, 1), rm_n=C, rv_n=C), SPATIAL),
+    Case("in-running_mean-size", in_call((2, C, 4), rm_n=C + 1, rv_n=C), "running_mean"),
+    Case("in-running_var-size", in_call((2, C, 4), rm_n=C, rv_n=C - 1), "running_var"),
+    Case("in-weight-size", in_call((2, C, 4), w_n=C + 1), "weight"),
+    Case("in-bias-size", in_call((2, C, 4), b_n=C - 1), "bias"),
+    Case("in-int64-input", in_call((2, C, 4), dtype=torch.int64), DTYPE, (TypeError,)),
+    Case("in-no-input-stats-without-buffers", in_call((2, C, 4), use_input_stats=False), RUNNING),
+    Case("in-only-running_mean", in_call((2, C, 4), rm_n=C), r"(?i)both|running_var"),
+    Case("in-1d-input", in_call((C,)), r"(?i)\bdim|\b\dD\b|ndim|spatial"),
+    Case("in-running-stats-device", custom(_in_buffers_device), r"(?i)device"),
+    # -- modules --
+    Case("BatchNorm1d-train-1xC", module_call("BatchNorm1d", (1, C)), ONE_VALUE),
+    Case("BatchNorm1d-train-1xCx1", module_call("BatchNorm1d", (1, C, 1)), ONE_VALUE),
+    Case("BatchNorm2d-train-1xCx1x1", module_call("BatchNorm2d", (1, C, 1, 1)), ONE_VALUE),
+    Case(
+        "BatchNorm1d-cumulative-1xC", module_call("BatchNorm1d", (1, C), momentum=None), ONE_VALUE
+    ),
+    Case("BatchNorm1d-given-4d", module_call("BatchNorm1d", (2, C, 2, 2)), r"(?i)2D or 3D|dim"),
+    Case("BatchNorm1d-given-1d", module_call("BatchNorm1d", (C,)), r"(?i)2D or 3D|dim"),
+    Case("BatchNorm2d-given-3d", module_call("BatchNorm2d", (2, C, 2)), r"(?i)4D|dim"),
+    Case(
+        "BatchNorm2d-given-5d-eval",
+        module_call("BatchNorm2d", (2, C, 2, 2, 2), training=False),
+        r"(?i)4D|dim",
+    ),
+    Case("BatchNorm3d-given-4d", module_call("BatchNorm3d", (2, C, 2, 2)), r"(?i)5D|dim"),
+    Case("BatchNorm2d-wrong-C", module_call("BatchNorm2d", (2, C + 1, 2, 2)), RUNNING),
+    Case(
+        "BatchNorm2d-int-input",
+        module_call("BatchNorm2d", (2, C, 2, 2), dtype=torch.int64),
+        DTYPE,
+        (TypeError,),
+    ),
+    Case(
+        "InstanceNorm1d-given-4d", module_call("InstanceNorm1d", (2, C, 2, 2)), r"(?i)2D or 3D|dim"
+    ),
+    Case("InstanceNorm1d-given-1d", module_call("InstanceNorm1d", (C,)), r"(?i)2D or 3D|dim"),
+    Case("InstanceNorm2d-given-2d", module_call("InstanceNorm2d", (C, 4)), r"(?i)3D or 4D|dim"),
+    Case("InstanceNorm3d-given-3d", module_call("InstanceNorm3d", (C, 2, 2)), r"(?i)4D or 5D|dim"),
+    Case(
+        "InstanceNorm1d-affine-wrong-C",
+        module_call("InstanceNorm1d", (2, C + 1, 4), affine=True),
+        "num_features",
+    ),
+    Case(
+        "InstanceNorm1d-tracked-wrong-C",
+        module_call("InstanceNorm1d", (2, C + 1, 4), track_running_stats=True),
+        RUNNING,
+    ),
+    Case(
+        "InstanceNorm2d-tracked-one-spatial",
+        module_call("InstanceNorm2d", (2, C, 1, 1), affine=True, track_running_stats=True),
+        SPATIAL,
+    ),
+    Case(
+        "InstanceNorm1d-unbatched-one-spatial",
+        module_call("InstanceNorm1d", (C, 1), track_running_stats=True),
+        SPATIAL,
+    ),
+]
+
+
+def _torch_exception(case: Case, device: str) -> BaseException:
+    call, _ = case.build(TORCH, device)
+    try:
+        call()
+    except Exception as e:
+        return e
+    pytest.fail(f"test bug: torch does not raise for {case.id}")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_error(device, case):
+    expected = type(_torch_exception(case, device))
+    call, state = case.build(tn, device)
+    before = [t.clone() for t in state]
+    with pytest.raises(Exception, match=case.match) as info:
+        call()
+    assert isinstance(info.value, (expected, *case.also_ok)), (
+        f"raised {type(info.value).__name__}: {info.value}; torch raises {expected.__name__}"
+    )
+    for i, (t, t0) in enumerate(zip(state, before, strict=True)):
+        assert_bitwise_equal(t, t0, f"state tensor {i} changed by a failing call")
+
+
+def test_module_error_does_not_count_batch(device):
+    # Explicit form of the guarantee for the case where torch's module DOES count the batch.
+    ref = nn.BatchNorm1d(C).to(device)
+    with pytest.raises(ValueError):
+        ref(torch.randn(1, C, device=device))
+    assert ref.num_batches_tracked.item() == 1  # torch counts it before failing
+    ours = tn.BatchNorm1d(C).to(device)
+    with pytest.raises(ValueError, match=ONE_VALUE):
+        ours(torch.randn(1, C, device=device))
+    assert ours.num_batches_tracked.item() == 0
+    # ...and the module still works afterwards, counting from 0.
+    ours(torch.randn(2, C, device=device))
+    assert ours.num_batches_tracked.item() == 1
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_one_value_per_channel_is_fine_in_eval_only(device, training):
+    # (1, C) is an error only when batch statistics are needed.
+    x = torch.randn(1, C, device=device)
+    rm, rv = _buffers(device)
+    if training:
+        with pytest.raises(ValueError, match=ONE_VALUE):
+            tn.batch_norm(x, rm, rv, training=True)
+    else:
+        y = tn.batch_norm(x, rm, rv, training=False)
+        torch.testing.assert_close(y, F.batch_norm(x, rm, rv, training=False))
+
+
+def test_half_input_with_fp32_params_is_not_an_error(device):
+    # Mixed precision the way torch accepts it: half input, fp32 weight/bias/buffers.
+    x = torch.randn(4, C, 5, device=device, dtype=torch.float16)
+    rm, rv = _buffers(device)
+    w, b = torch.rand(C, device=device), torch.randn(C, device=device)
+    y = tn.batch_norm(x, rm, rv, w, b, training=True)
+    assert y.dtype == torch.float16
+    y = tn.instance_norm(x, rm, rv, w, b)
+    assert y.dtype == torch.float16

@@ -1,0 +1,142 @@
+"""Drop-in modules: subclasses of torch's norm modules whose ``forward`` runs tritonnorm.
+
+Constructor arguments, parameters, buffers, ``state_dict`` keys, ``repr`` and
+``reset_parameters`` are torch's own; one mixin supplies the forward of all twelve classes.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.instancenorm import _InstanceNorm
+
+from . import validation
+from .functional import batch_norm, instance_norm
+
+
+class TritonNormMixin:
+    """Routes a torch BatchNorm*/InstanceNorm* module's forward to tritonnorm, with torch's
+    semantics; inputs are checked before num_batches_tracked or running statistics change."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        if isinstance(self, _InstanceNorm):
+            return self._instance_norm_forward(input)
+        return self._batch_norm_forward(input)
+
+    def _batch_norm_forward(self, input: Tensor) -> Tensor:
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        use_buffers = not self.training or self.track_running_stats
+        running_mean = self.running_mean if use_buffers else None
+        running_var = self.running_var if use_buffers else None
+        validation.check_batch_norm(
+            input, running_mean, running_var, self.weight, self.bias, bn_training, self.eps
+        )
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                momentum = 1.0 / float(self.num_batches_tracked)
+        return batch_norm(
+            input, running_mean, running_var, self.weight, self.bias, bn_training, momentum,
+            self.eps,
+        )  # fmt: skip
+
+    def _instance_norm_forward(self, input: Tensor) -> Tensor:
+        feature_dim = input.dim() - self._get_no_batch_dim()
+        if input.size(feature_dim) != self.num_features:
+            if self.affine:
+                raise ValueError(
+                    f"expected input's size at dim={feature_dim} to match num_features"
+                    f" ({self.num_features}), but got: {input.size(feature_dim)}."
+                )
+            warnings.warn(
+                f"input's size at dim={feature_dim} does not match num_features. "
+                "You can silence this warning by not passing in num_features, "
+                "which is not used because affine=False",
+                stacklevel=3,
+            )
+        unbatched = input.dim() == self._get_no_batch_dim()
+        y = instance_norm(
+            input.unsqueeze(0) if unbatched else input,
+            self.running_mean, self.running_var, self.weight, self.bias,
+            self.training or not self.track_running_stats,
+            self.momentum if self.momentum is not None else 0.0,
+            self.eps,
+        )  # fmt: skip
+        return y.squeeze(0) if unbatched else y
+
+
+class BatchNorm1d(TritonNormMixin, nn.BatchNorm1d):
+    pass
+
+
+class BatchNorm2d(TritonNormMixin, nn.BatchNorm2d):
+    pass
+
+
+class BatchNorm3d(TritonNormMixin, nn.BatchNorm3d):
+    pass
+
+
+class InstanceNorm1d(TritonNormMixin, nn.InstanceNorm1d):
+    pass
+
+
+class InstanceNorm2d(TritonNormMixin, nn.InstanceNorm2d):
+    pass
+
+
+class InstanceNorm3d(TritonNormMixin, nn.InstanceNorm3d):
+    pass
+
+
+# Lazy modules infer num_features on the first call, then become their tritonnorm counterpart.
+class LazyBatchNorm1d(TritonNormMixin, nn.LazyBatchNorm1d):
+    cls_to_become = BatchNorm1d
+
+
+class LazyBatchNorm2d(TritonNormMixin, nn.LazyBatchNorm2d):
+    cls_to_become = BatchNorm2d
+
+
+class LazyBatchNorm3d(TritonNormMixin, nn.LazyBatchNorm3d):
+    cls_to_become = BatchNorm3d
+
+
+class LazyInstanceNorm1d(TritonNormMixin, nn.LazyInstanceNorm1d):
+    cls_to_become = InstanceNorm1d
+
+
+class LazyInstanceNorm2d(TritonNormMixin, nn.LazyInstanceNorm2d):
+    cls_to_become = InstanceNorm2d
+
+
+class LazyInstanceNorm3d(TritonNormMixin, nn.LazyInstanceNorm3d):
+    cls_to_become = InstanceNorm3d
+
+
+_REPLACEMENTS: dict[type, type] = {
+    torch_cls: tn_cls
+    for tn_cls in (
+        BatchNorm1d, BatchNorm2d, BatchNorm3d, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d,
+        LazyBatchNorm1d, LazyBatchNorm2d, LazyBatchNorm3d,
+        LazyInstanceNorm1d, LazyInstanceNorm2d, LazyInstanceNorm3d,
+    )  # fmt: skip
+    for torch_cls in tn_cls.__bases__
+    if torch_cls is not TritonNormMixin
+}
+
+
+def convert(model: nn.Module) -> nn.Module:
+    """Swap, in place, every torch BatchNorm{1,2,3}d / InstanceNorm{1,2,3}d (and Lazy) module of
+    ``model`` (``model`` itself included) for its tritonnorm class. The module objects stay the
+    same, so parameters, buffers, hooks, device, dtype and train/eval state are kept; subclasses
+    of those classes and SyncBatchNorm are left alone. Returns ``model``."""
+    for module in model.modules():
+        replacement = _REPLACEMENTS.get(type(module))
+        if replacement is not None:
+            module.__class__ = replacement
+    return model

@@ -1,0 +1,118 @@
+"""Input checks shared by the functions and modules. Each raises torch's exception type for the
+same case, with a message saying what was wrong and what is expected, before anything (running
+statistics, counters) is changed."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class InputDimensionError(ValueError, IndexError):
+    """Too few dimensions. torch raises IndexError here; ValueError is what it means."""
+
+
+class UnsupportedDtypeError(TypeError, NotImplementedError):
+    """Not a floating-point input. torch raises NotImplementedError; TypeError is what it means."""
+
+
+def check_input(op: str, input: Tensor) -> None:
+    if not isinstance(input, Tensor):
+        raise TypeError(f"{op}: expected input to be a torch.Tensor, got {type(input).__name__}")
+    if input.dim() < 2:
+        raise InputDimensionError(
+            f"{op}: expected input of shape (N, C, *spatial) with at least 2 dimensions, "
+            f"got {input.dim()}D input of shape {tuple(input.shape)}"
+        )
+    if input.dtype not in SUPPORTED_DTYPES:
+        raise UnsupportedDtypeError(
+            f"{op}: expected a floating-point input (float16, bfloat16, float32 or float64), "
+            f"got {input.dtype}"
+        )
+
+
+def check_per_channel(op: str, input: Tensor, **vectors: Tensor | None) -> None:
+    """weight, bias, running_mean, running_var: one floating value per channel, on input's device."""
+    channels = input.shape[1]
+    for name, vector in vectors.items():
+        if vector is None:
+            continue
+        if vector.numel() != channels:
+            raise RuntimeError(
+                f"{op}: {name} should contain {channels} elements (one per channel of input "
+                f"{tuple(input.shape)}) not {vector.numel()}"
+            )
+        if not vector.is_floating_point():
+            raise RuntimeError(f"{op}: {name} must be floating point, got {vector.dtype}")
+        if vector.device != input.device:
+            raise RuntimeError(
+                f"{op}: expected {name} on the input's device {input.device}, got {vector.device}"
+            )
+
+
+def check_eps(op: str, eps: float, training: bool) -> None:
+    if training and eps <= 0:
+        raise ValueError(f"{op}: eps must be positive during training, but got {eps}")
+
+
+def check_batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    eps: float,
+) -> None:
+    op = "batch_norm"
+    check_input(op, input)
+    if training:
+        values = input.shape[0]
+        for size in input.shape[2:]:
+            values *= size
+        if values == 1:
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got input size {input.size()}"
+            )
+    else:
+        for name, buffer in (("running_mean", running_mean), ("running_var", running_var)):
+            if buffer is None:
+                raise RuntimeError(
+                    f"{op}: {name} must be defined in evaluation mode (training=False normalises "
+                    "with the running statistics)"
+                )
+    check_eps(op, eps, training)
+    check_per_channel(
+        op, input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias
+    )
+
+
+def check_instance_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    use_input_stats: bool,
+    eps: float,
+) -> None:
+    op = "instance_norm"
+    check_input(op, input)
+    if use_input_stats:
+        spatial = 1
+        for size in input.shape[2:]:
+            spatial *= size
+        if spatial == 1:
+            raise ValueError(
+                f"Expected more than 1 spatial element when training, got input size {input.size()}"
+            )
+    elif running_mean is None or running_var is None:
+        raise RuntimeError(
+            "Expected running_mean and running_var to be defined when use_input_stats is false"
+        )
+    check_eps(op, eps, use_input_stats)
+    check_per_channel(
+        op, input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias
+    )
