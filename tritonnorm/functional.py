@@ -7,7 +7,6 @@ back to torch's own op, so a model moved to the CPU keeps working.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import warnings
 
-import torch
 from torch import Tensor, nn
 from torch.nn.modules.instancenorm import _InstanceNorm
 
@@ -121,10 +120,19 @@ class LazyInstanceNorm3d(TritonNormMixin, nn.LazyInstanceNorm3d):
 _REPLACEMENTS: dict[type, type] = {
     torch_cls: tn_cls
     for tn_cls in (
-        BatchNorm1d, BatchNorm2d, BatchNorm3d, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d,
-        LazyBatchNorm1d, LazyBatchNorm2d, LazyBatchNorm3d,
-        LazyInstanceNorm1d, LazyInstanceNorm2d, LazyInstanceNorm3d,
-    )  # fmt: skip
+        BatchNorm1d,
+        BatchNorm2d,
+        BatchNorm3d,
+        InstanceNorm1d,
+        InstanceNorm2d,
+        InstanceNorm3d,
+        LazyBatchNorm1d,
+        LazyBatchNorm2d,
+        LazyBatchNorm3d,
+        LazyInstanceNorm1d,
+        LazyInstanceNorm2d,
+        LazyInstanceNorm3d,
+    )
     for torch_cls in tn_cls.__bases__
     if torch_cls is not TritonNormMixin
 }

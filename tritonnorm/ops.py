@@ -65,8 +65,11 @@ def _norm_forward_fake(
     y = torch.empty_like(input if launch.is_dense(input) else input.contiguous())
     shape = _per_group(input, use_input_stats, per_instance)
     mean = input.new_empty(shape, dtype=launch.acc_dtype(input.dtype))
-    return y, mean, torch.empty_like(mean), *_new_running(
-        input, running_mean, running_var, use_input_stats
+    return (
+        y,
+        mean,
+        torch.empty_like(mean),
+        *_new_running(input, running_mean, running_var, use_input_stats),
     )
 
 
@@ -149,20 +152,18 @@ def _backward(ctx, grad_y, *_grad_statistics):
     )  # fmt: skip
 
 
-torch.library.register_autograd(
-    "tritonnorm::norm_forward", _backward, setup_context=_setup_context
-)
+torch.library.register_autograd("tritonnorm::norm_forward", _backward, setup_context=_setup_context)
 
 OPS = [torch.ops.tritonnorm.norm_forward.default, torch.ops.tritonnorm.norm_backward.default]
 
 
 def sample_opcheck_inputs(device: str | torch.device) -> list[tuple]:
     """(op, args, kwargs) samples for ``torch.library.opcheck``: BN train/eval, IN, channels last."""
-    make = lambda *shape: torch.randn(*shape, device=device)  # noqa: E731
+    make = lambda *shape: torch.randn(*shape, device=device)
     x = make(3, 4, 5, 6)
     x_cl = x.to(memory_format=torch.channels_last)
     w, b = make(4).requires_grad_(), make(4).requires_grad_()
-    running = lambda: (torch.zeros(4, device=device), torch.ones(4, device=device))  # noqa: E731
+    running = lambda: (torch.zeros(4, device=device), torch.ones(4, device=device))
     fwd = torch.ops.tritonnorm.norm_forward.default
     samples = [
         (fwd, (x.clone().requires_grad_(), w, b, *running(), True, False, 0.1, 1e-5), {}),

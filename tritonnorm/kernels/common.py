@@ -21,7 +21,9 @@ def tile_offsets(
     c = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
     s = s0 + tl.arange(0, BLOCK_S).to(tl.int64)
     offsets = (
-        (n * stride_n)[:, None, None] + (c * stride_c)[None, :, None] + (s * stride_s)[None, None, :]
+        (n * stride_n)[:, None, None]
+        + (c * stride_c)[None, :, None]
+        + (s * stride_s)[None, None, :]
     )
     mask = (n < N)[:, None, None] & (c < C)[None, :, None] & (s < S)[None, None, :]
     return offsets, mask

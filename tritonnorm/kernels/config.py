@@ -13,6 +13,7 @@ import functools
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import triton
@@ -80,7 +81,7 @@ def _warps(tile: int) -> int:
     return 4 if tile <= 2048 else 8 if tile <= 8192 else 16
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -121,8 +122,12 @@ def fused_blocks(shape: Shape) -> tuple[int, int, int] | None:
 
 def _split_candidates(shape: Shape, blocks: tuple[int, int, int]) -> list[int]:
     block_n, block_c, block_s = blocks
-    kept = triton.cdiv(shape.C, block_c) * (triton.cdiv(shape.N, block_n) if shape.per_instance else 1)
-    tiles = triton.cdiv(shape.S, block_s) * (1 if shape.per_instance else triton.cdiv(shape.N, block_n))
+    kept = triton.cdiv(shape.C, block_c) * (
+        triton.cdiv(shape.N, block_n) if shape.per_instance else 1
+    )
+    tiles = triton.cdiv(shape.S, block_s) * (
+        1 if shape.per_instance else triton.cdiv(shape.N, block_n)
+    )
     if _overrides.split is not None:
         return [max(1, _overrides.split)]
     base = max(1, min(tiles, MAX_SPLIT, triton.cdiv(target_programs(), kept)))
@@ -182,7 +187,10 @@ class TunedKernel:
 
     # Placeholders: triton.autotune only tunes when it holds more than one config; the real
     # candidates are generated per shape by the prune hook.
-    _PLACEHOLDERS = [triton.Config({}, num_warps=4), triton.Config({}, num_warps=8)]
+    _PLACEHOLDERS: ClassVar[list[triton.Config]] = [
+        triton.Config({}, num_warps=4),
+        triton.Config({}, num_warps=8),
+    ]
 
     def __init__(self, fn, key: list[str]):
         self.fn = fn

@@ -41,7 +41,18 @@ def _norm_grad_partial_kernel(
             n_first, c0, 0, N, C, S, stride_n, stride_c, stride_s, BLOCK_N, BLOCK_C, BLOCK_S
         )
         dy_offsets, _ = tile_offsets(
-            n_first, c0, 0, N, C, S, dy_stride_n, dy_stride_c, dy_stride_s, BLOCK_N, BLOCK_C, BLOCK_S
+            n_first,
+            c0,
+            0,
+            N,
+            C,
+            S,
+            dy_stride_n,
+            dy_stride_c,
+            dy_stride_s,
+            BLOCK_N,
+            BLOCK_C,
+            BLOCK_S,
         )
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(acc_dtype)
         dy = tl.load(dy_ptr + dy_offsets, mask=mask, other=0.0).to(acc_dtype)
@@ -71,7 +82,18 @@ def _norm_grad_partial_kernel(
                 n0, c0, s0, N, C, S, stride_n, stride_c, stride_s, BLOCK_N, BLOCK_C, BLOCK_S
             )
             dy_offsets, _ = tile_offsets(
-                n0, c0, s0, N, C, S, dy_stride_n, dy_stride_c, dy_stride_s, BLOCK_N, BLOCK_C, BLOCK_S
+                n0,
+                c0,
+                s0,
+                N,
+                C,
+                S,
+                dy_stride_n,
+                dy_stride_c,
+                dy_stride_s,
+                BLOCK_N,
+                BLOCK_C,
+                BLOCK_S,
             )
             x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(acc_dtype)
             dy = tl.load(dy_ptr + dy_offsets, mask=mask, other=0.0).to(acc_dtype)

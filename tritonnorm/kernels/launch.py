@@ -10,6 +10,7 @@ or the fused single-tile kernel.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +24,8 @@ from .stats import _norm_stats_finalize_kernel, _norm_stats_partial_kernel
 _SHAPE_KEY = ["N", "C", "S", "stride_n", "stride_c", "stride_s", "PER_INSTANCE"]
 _stats_partial = config.TunedKernel(_norm_stats_partial_kernel, key=[*_SHAPE_KEY, "FUSED"])
 _grad_partial = config.TunedKernel(
-    _norm_grad_partial_kernel, key=[*_SHAPE_KEY, "dy_stride_n", "dy_stride_c", "dy_stride_s", "FUSED"]
+    _norm_grad_partial_kernel,
+    key=[*_SHAPE_KEY, "dy_stride_n", "dy_stride_c", "dy_stride_s", "FUSED"],
 )
 _apply = config.TunedKernel(
     _norm_apply_kernel,
@@ -54,8 +56,9 @@ class View:
 
 def _flat_view(t: torch.Tensor) -> View | None:
     """(N, C, S) strides of t, or None when its spatial axes cannot share one stride."""
-    spatial = [(size, stride) for size, stride in zip(t.shape[2:], t.stride()[2:]) if size != 1]
-    for (_, outer), (inner_size, inner) in zip(spatial, spatial[1:]):
+    sizes_strides = zip(t.shape[2:], t.stride()[2:], strict=True)
+    spatial = [(size, stride) for size, stride in sizes_strides if size != 1]
+    for (_, outer), (inner_size, inner) in itertools.pairwise(spatial):
         if outer != inner * inner_size:
             return None
     S = 1
@@ -90,11 +93,11 @@ def grad_view(dy: torch.Tensor, x: torch.Tensor, x_view: View) -> tuple[torch.Te
     view = _flat_view(dy)
     if view is not None and (view.N, view.S) == (x_view.N, x_view.S):
         return dy, view
-    if view is not None and x_view.N == 1:
-        # x's batch axis was folded into S: dy must fold the same way.
-        if view.S == 1 or view.stride_n == view.S * view.stride_s:
-            stride_s = view.stride_n if view.S == 1 else view.stride_s
-            return dy, View(1, view.C, view.N * view.S, 0, view.stride_c, stride_s)
+    # x's batch axis may have been folded into S: dy must fold the same way.
+    foldable = view is not None and (view.S == 1 or view.stride_n == view.S * view.stride_s)
+    if foldable and x_view.N == 1:
+        stride_s = view.stride_n if view.S == 1 else view.stride_s
+        return dy, View(1, view.C, view.N * view.S, 0, view.stride_c, stride_s)
     dy = torch.empty_like(x).copy_(dy)
     return dy, View(x_view.N, x_view.C, x_view.S, *x_view.strides)
 
@@ -123,7 +126,9 @@ def stats_partials(
     candidates = config.reduction_configs(shape, fused)
     max_split = max(c.kwargs["SPLIT"] for c in candidates)
     groups = view.N if per_instance else 1
-    partials = torch.empty((3, max_split, groups, view.C), dtype=acc_dtype(x.dtype), device=x.device)
+    partials = torch.empty(
+        (3, max_split, groups, view.C), dtype=acc_dtype(x.dtype), device=x.device
+    )
     y, weight, bias, eps = fused_out if fused else (None, None, None, 0.0)
     used = _stats_partial.launch(
         lambda meta: (_kept_blocks(view, per_instance, meta), meta["SPLIT"]),
@@ -326,7 +331,11 @@ def backward(
     if x.numel() == 0:
         zeros = torch.zeros(x.shape[1], dtype=weight.dtype if weight is not None else mean.dtype,
                             device=x.device)  # fmt: skip
-        return dx, (zeros if want_param_grads else None), (zeros.clone() if want_param_grads else None)
+        return (
+            dx,
+            (zeros if want_param_grads else None),
+            (zeros.clone() if want_param_grads else None),
+        )
     dy, dy_view = grad_view(dy, x, view)
     count = view.S if per_instance else view.N * view.S
     if use_input_stats and _fused(view, per_instance):

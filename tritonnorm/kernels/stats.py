@@ -95,10 +95,7 @@ def _norm_stats_finalize_kernel(
 ):  # fmt: skip
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
-    if FROM_RUNNING:
-        acc_dtype = mean_ptr.dtype.element_ty
-    else:
-        acc_dtype = partial_ptr.dtype.element_ty
+    acc_dtype = mean_ptr.dtype.element_ty if FROM_RUNNING else partial_ptr.dtype.element_ty
     weight = tl.full([BLOCK_C], 1.0, acc_dtype)
     if weight_ptr is not None:
         weight = tl.load(weight_ptr + c, mask=c_mask, other=1.0).to(acc_dtype)
