@@ -115,7 +115,10 @@ def fused_blocks(shape: Shape) -> tuple[int, int, int] | None:
     if extent > FUSED_TILE_LIMIT:
         return None
     block_c = min(_pow2(shape.C), max(1, FUSED_TILE_LIMIT // extent), 64)
-    if not shape.channels_fast:
+    if shape.channels_fast:
+        if block_c < min(_pow2(shape.C), 4):
+            return None  # under 16-byte channel runs, loads would not coalesce: split instead
+    else:
         block_c = min(block_c, max(1, 4096 // extent))  # rows per program: keep some parallelism
     return reduced_n, block_c, _pow2(shape.S)
 
