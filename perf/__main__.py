@@ -19,7 +19,11 @@ import sys
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m perf", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m perf",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="one shape per class (default)")
     size.add_argument("--full", action="store_true", help="every shape of every class")
@@ -27,13 +31,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ops", help="comma-separated op names or globs, e.g. 'bn_*,in_fwd'")
     p.add_argument("--layouts", help="comma-separated subset of: contiguous,channels_last")
     p.add_argument("--dtypes", help="comma-separated subset of: float32,bfloat16,float16")
-    p.add_argument("--providers", help="comma-separated subset of: tritonnorm,eager,compile,"
-                   "flag_gems,liger_kernel")
-    p.add_argument("--dry-run", action="store_true",
-                   help="run the GPU report's orchestration on the CPU with tiny shapes and a "
-                   "CPU timer (NOT a GPU measurement); outputs under perf/results/interpreter/")
-    p.add_argument("--interpret", action="store_true",
-                   help="the no-GPU interpreter pass even when a GPU is present")
+    p.add_argument(
+        "--providers",
+        help="comma-separated subset of: tritonnorm,eager,compile,flag_gems,liger_kernel",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="run the GPU report's orchestration on the CPU with tiny shapes and a "
+        "CPU timer (NOT a GPU measurement); outputs under perf/results/interpreter/",
+    )
+    p.add_argument(
+        "--interpret",
+        action="store_true",
+        help="the no-GPU interpreter pass even when a GPU is present",
+    )
     return p.parse_args(argv)
 
 

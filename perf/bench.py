@@ -89,8 +89,11 @@ def copy_bandwidth(timer: Callable, device: str, nbytes: int) -> float:
     n = nbytes // 4
     src = torch.randn(n, device=device)
     dst = torch.empty_like(src)
-    ms = timer(lambda: dst.copy_(src))
-    del src, dst
+
+    def step():
+        dst.copy_(src)
+
+    ms = timer(step)
     return 2 * n * 4 / (ms * 1e-3) / 1e9
 
 
@@ -99,7 +102,7 @@ def compare(got: Sequence, ref: Sequence, dtype: torch.dtype) -> str | None:
     if len(got) != len(ref):
         return f"{len(got)} outputs, expected {len(ref)}"
     rtol, atol = TOLERANCES[dtype]
-    for i, (g, r) in enumerate(zip(got, ref)):
+    for i, (g, r) in enumerate(zip(got, ref, strict=True)):
         if g is None or r is None:
             if g is not r:
                 return f"output {i}: None vs tensor"

@@ -132,9 +132,7 @@ class Traffic:
             tag = ""
             if min_numel is not None:
                 tag = " big" if numel >= min_numel or name == UNKNOWN_TENSOR else " small"
-            lines.append(
-                f"  {kernel}.{name} [{numel} x {dtype}]{tag}: load {ld} B, store {st} B"
-            )
+            lines.append(f"  {kernel}.{name} [{numel} x {dtype}]{tag}: load {ld} B, store {st} B")
         counts: dict[str, int] = defaultdict(int)
         for k in self.launches:
             counts[k] += 1
@@ -217,8 +215,11 @@ _ACTIVE: list[_Recorder] = []
 
 
 def _install(builder_cls, executor_cls, rec: _Recorder) -> list[tuple[type, str, object]]:
-    saved = [(c, a, c.__dict__[a]) for c, hooks in
-             ((builder_cls, _BUILDER_HOOKS), (executor_cls, _EXECUTOR_HOOKS)) for a in hooks]
+    saved = [
+        (c, a, c.__dict__[a])
+        for c, hooks in ((builder_cls, _BUILDER_HOOKS), (executor_cls, _EXECUTOR_HOOKS))
+        for a in hooks
+    ]
     orig = {a: f for _, a, f in saved}
 
     def masked_load(self, ptrs, mask, other, cache_policy, is_volatile):
@@ -249,38 +250,58 @@ def _install(builder_cls, executor_cls, rec: _Recorder) -> list[tuple[type, str,
     def init_args_hst(self, args_dev, kwargs):
         args_hst, kwargs_hst = orig["_init_args_hst"](self, args_dev, kwargs)
         if rec.launch is not None:
-            named = list(zip(self.arg_names, args_hst)) + list(kwargs_hst.items())
+            named = list(zip(self.arg_names, args_hst, strict=False)) + list(kwargs_hst.items())
             for name, arg in named:
                 if isinstance(arg, torch.Tensor):
                     storage = arg.untyped_storage()
                     lo = storage.data_ptr()
                     rec.launch.ranges.append(
-                        _TensorRange(name, lo, lo + storage.nbytes(), arg.numel(),
-                                     str(arg.dtype).removeprefix("torch."))
+                        _TensorRange(
+                            name,
+                            lo,
+                            lo + storage.nbytes(),
+                            arg.numel(),
+                            str(arg.dtype).removeprefix("torch."),
+                        )
                     )
         return args_hst, kwargs_hst
 
-    setattr(builder_cls, "create_masked_load", masked_load)
-    setattr(builder_cls, "create_masked_store", masked_store)
-    setattr(builder_cls, "create_atomic_rmw", atomic_rmw)
-    setattr(builder_cls, "create_atomic_cas", atomic_cas)
-    setattr(executor_cls, "__call__", executor_call)
-    setattr(executor_cls, "_init_args_hst", init_args_hst)
+    builder_cls.create_masked_load = masked_load
+    builder_cls.create_masked_store = masked_store
+    builder_cls.create_atomic_rmw = atomic_rmw
+    builder_cls.create_atomic_cas = atomic_cas
+    executor_cls.__call__ = executor_call
+    executor_cls._init_args_hst = init_args_hst
     return saved
 
 
 # --- torch-side audit -------------------------------------------------------------------------
 
 _ALLOCATIONS = {
-    "aten::empty", "aten::empty_like", "aten::empty_strided", "aten::empty_permuted",
-    "aten::new_empty", "aten::new_empty_strided",
-}  # fmt: skip
+    "aten::empty",
+    "aten::empty_like",
+    "aten::empty_strided",
+    "aten::empty_permuted",
+    "aten::new_empty",
+    "aten::new_empty_strided",
+}
 _METADATA = {
-    "aten::sym_size", "aten::sym_stride", "aten::sym_numel", "aten::sym_storage_offset",
-    "aten::size", "aten::stride", "aten::dim", "aten::numel", "aten::storage_offset",
-    "aten::is_contiguous", "aten::is_non_overlapping_and_dense", "aten::is_same_size",
-    "aten::_has_compatible_shallow_copy_type", "prim::layout", "prim::device",
-}  # fmt: skip
+    "aten::sym_size",
+    "aten::sym_stride",
+    "aten::sym_numel",
+    "aten::sym_storage_offset",
+    "aten::size",
+    "aten::stride",
+    "aten::dim",
+    "aten::numel",
+    "aten::storage_offset",
+    "aten::is_contiguous",
+    "aten::is_non_overlapping_and_dense",
+    "aten::is_same_size",
+    "aten::_has_compatible_shallow_copy_type",
+    "prim::layout",
+    "prim::device",
+}
 
 
 def _tensors(tree) -> list[torch.Tensor]:
@@ -317,8 +338,9 @@ class _TorchAudit(TorchDispatchMode):
         if not big or name in _ALLOCATIONS or name in _METADATA:
             return
         in_storages = {t.untyped_storage().data_ptr() for t in ins}
-        aliases_only = bool(outs) and all(t.untyped_storage().data_ptr() in in_storages
-                                          for t in outs)
+        aliases_only = bool(outs) and all(
+            t.untyped_storage().data_ptr() in in_storages for t in outs
+        )
         if aliases_only and not func._schema.is_mutable:
             return  # a view, alias, detach or no-op (e.g. contiguous of a contiguous tensor)
         shapes = ", ".join(str(tuple(t.shape)) for t in ins + outs)

@@ -6,14 +6,13 @@ import statistics
 from pathlib import Path
 
 import matplotlib
+import matplotlib.pyplot as plt
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from perf.results import REFERENCE, Row, speedups
 
-from perf.results import REFERENCE, Row, speedups  # noqa: E402
+matplotlib.use("Agg")  # no display needed; pyplot picks the backend on the first figure
 
-_MARKERS = {"tritonnorm": "o", "eager": "s", "compile": "^", "flag_gems": "D",
-            "liger_kernel": "v"}  # fmt: skip
+_MARKERS = {"tritonnorm": "o", "eager": "s", "compile": "^", "flag_gems": "D", "liger_kernel": "v"}
 
 
 def bandwidth_plot(rows: list[Row], op: str, path: Path, banner: str = "") -> None:
@@ -23,16 +22,25 @@ def bandwidth_plot(rows: list[Row], op: str, path: Path, banner: str = "") -> No
     dtypes = sorted({r.dtype for r in ok})
     if not ok:
         return
-    fig, axes = plt.subplots(len(layouts), len(dtypes), squeeze=False, sharey=True,
-                             figsize=(4.5 * len(dtypes), 3.6 * len(layouts)))
+    fig, axes = plt.subplots(
+        len(layouts),
+        len(dtypes),
+        squeeze=False,
+        sharey=True,
+        figsize=(4.5 * len(dtypes), 3.6 * len(layouts)),
+    )
     for i, layout in enumerate(layouts):
         for j, dtype in enumerate(dtypes):
             ax = axes[i][j]
             cell = [r for r in ok if r.layout == layout and r.dtype == dtype]
             for prov in sorted({r.provider for r in cell}, key=lambda p: p != REFERENCE):
                 pts = sorted((r.floor_bytes / 2**20, r.gbps) for r in cell if r.provider == prov)
-                ax.plot(*zip(*pts), marker=_MARKERS.get(prov, "x"), label=prov,
-                        linewidth=2 if prov == REFERENCE else 1)
+                ax.plot(
+                    *zip(*pts, strict=True),
+                    marker=_MARKERS.get(prov, "x"),
+                    label=prov,
+                    linewidth=2 if prov == REFERENCE else 1,
+                )
             copy = cell[0].copy_gbps if cell else 0
             ax.axhline(copy, color="k", linestyle="--", linewidth=1, label="copy_ bandwidth")
             ax.axhline(0.9 * copy, color="grey", linestyle=":", linewidth=1, label="90% of copy")
@@ -43,8 +51,10 @@ def bandwidth_plot(rows: list[Row], op: str, path: Path, banner: str = "") -> No
                 ax.set_ylabel("effective GB/s")
             ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"{op}: effective bandwidth at the byte floor" + (f"\n{banner}" if banner else ""),
-                 fontsize=10)
+    fig.suptitle(
+        f"{op}: effective bandwidth at the byte floor" + (f"\n{banner}" if banner else ""),
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -67,14 +77,17 @@ def speedup_plot(rows: list[Row], op: str, path: Path, banner: str = "") -> None
                 xs.append(i + (k - (len(provs) - 1) / 2) * width)
                 med.append(statistics.median(vals))
                 low.append(vals[0])
-        bars = ax.bar(xs, med, width, label=f"vs {prov} (median)")
-        ax.scatter(xs, low, marker="_", s=200, color=bars.patches[0].get_facecolor(),
-                   edgecolor="k")
+        ax.bar(xs, med, width, label=f"vs {prov} (median)")
+        ax.scatter(xs, low, marker="_", s=200, color="k", zorder=3)
     ax.axhline(1.0, color="k", linewidth=1)
+    ax.set_yscale("log")
     ax.set_xticks(range(len(classes)), classes, fontsize=8)
     ax.set_ylabel("speedup of tritonnorm (x)")
-    ax.set_title(f"{op}: speedup per shape class (bar: median, tick: min)"
-                 + (f"\n{banner}" if banner else ""), fontsize=10)
+    ax.set_title(
+        f"{op}: speedup per shape class (bar: median, tick: min)"
+        + (f"\n{banner}" if banner else ""),
+        fontsize=10,
+    )
     ax.legend(fontsize=7)
     ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()

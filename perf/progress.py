@@ -24,9 +24,12 @@ class Progress:
         elapsed = time.perf_counter() - self.start
         eta = elapsed / (self.done - 1) * (self.total - self.done + 1) if self.done > 1 else 0.0
         width = len(str(self.total))
-        print(f"[{self.done:>{width}}/{self.total}] {100 * (self.done - 1) / self.total:5.1f}% "
-              f"elapsed {_fmt(elapsed)} eta {_fmt(eta) if self.done > 1 else '?'}  {label}",
-              file=self.stream, flush=True)
+        print(
+            f"[{self.done:>{width}}/{self.total}] {100 * (self.done - 1) / self.total:5.1f}% "
+            f"elapsed {_fmt(elapsed)} eta {_fmt(eta) if self.done > 1 else '?'}  {label}",
+            file=self.stream,
+            flush=True,
+        )
 
     def note(self, text: str) -> None:
         print(f"    {text}", file=self.stream, flush=True)

@@ -52,19 +52,28 @@ def available(names: list[str] | None = None, log: Callable[[str], None] = print
     ]
     if importlib.util.find_spec("flag_gems") is not None:
         provs.append(
-            Provider("flag_gems", _flag_gems, _flag_gems_context,
-                     "aten ops routed through flag_gems.use_gems(); an op FlagGems does not "
-                     "implement runs as aten there")
+            Provider(
+                "flag_gems",
+                _flag_gems,
+                _flag_gems_context,
+                "aten ops routed through flag_gems.use_gems(); an op FlagGems does not "
+                "implement runs as aten there",
+            )
         )
     else:
         log("flag_gems: not installed, skipped")
     if importlib.util.find_spec("liger_kernel") is not None:
         provs.append(
-            Provider("liger_kernel", lambda op: op.peers.get("liger_kernel"),
-                     note="Liger-Kernel has no batch_norm/instance_norm kernels")
+            Provider(
+                "liger_kernel",
+                lambda op: op.peers.get("liger_kernel"),
+                note="Liger-Kernel has no batch_norm/instance_norm kernels",
+            )
         )
-        log("liger_kernel: installed, but it has no batch_norm/instance_norm kernels; "
-            "it runs only for ops that declare a liger_kernel peer")
+        log(
+            "liger_kernel: installed, but it has no batch_norm/instance_norm kernels; "
+            "it runs only for ops that declare a liger_kernel peer"
+        )
     else:
         log("liger_kernel: not installed, skipped (it has no batch_norm/instance_norm anyway)")
     if names:

@@ -1,5 +1,8 @@
-"""The report: every op x shape x layout x dtype x provider, checked against torch eager, then
-timed; rows written to results.csv, plots, summary.md and env.json.
+"""The report: every op x shape x layout x dtype x provider, checked, then timed.
+
+Each provider's result is first checked against torch eager run in float32 on a contiguous copy
+of the same inputs; a mismatch is recorded (in the row's config column and on the console) and
+not timed. Rows go to results.csv, PNGs, summary.md and env.json.
 
 On a GPU it times with ``triton.testing.do_bench``. ``--dry-run`` runs the same orchestration on
 the CPU (tritonnorm through Triton's interpreter) with a ``time.perf_counter`` timer and tiny
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,11 +21,37 @@ import torch
 from perf import bench, plots, providers, results
 from perf.ops import DTYPES, LAYOUTS, Inputs, OpSpec, select
 from perf.progress import Progress
-from perf.shapes import shape_str, shapes_for
+from perf.shapes import Shape, shape_str, shapes_for
 
-DRY_RUN_BANNER = ("DRY RUN on the CPU (tritonnorm through the Triton interpreter, perf_counter "
-                  "timer, tiny shapes): NOT A GPU MEASUREMENT")  # fmt: skip
+DRY_RUN_BANNER = (
+    "DRY RUN on the CPU (tritonnorm through the Triton interpreter, perf_counter timer, tiny "
+    "shapes): NOT A GPU MEASUREMENT"
+)
+PLOT_BANNER = "DRY RUN (CPU): NOT A GPU MEASUREMENT"
 RESULTS_ROOT = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class Case:
+    """One op x shape x layout x dtype."""
+
+    op: OpSpec
+    shape_class: str
+    shape: Shape
+    layout: str
+    dtype_name: str
+    device: str
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype_name]
+
+    @property
+    def label(self) -> str:
+        return f"{self.op.name} {self.layout} {self.dtype_name} {shape_str(self.shape)}"
+
+    def inputs(self, seed: int = 0) -> Inputs:
+        return self.op.inputs(self.shape, self.layout, self.dtype, self.device, seed=seed)
 
 
 def chosen_configs() -> str:
@@ -48,28 +78,94 @@ def _run_once(fn, inp: Inputs, op: OpSpec) -> tuple:
 
 def _error(e: BaseException) -> str:
     text = (str(e).strip().splitlines() or [""])[0][:160]
-    return f"ERROR: {type(e).__name__}: {text}".replace("\n", " ")
+    return f"ERROR: {type(e).__name__}: {text}"
 
 
-def _measure(op, prov, fn, shape, layout, dtype, device, sets, ref, timer) -> tuple[float | None,
-                                                                                  str]:
+def _measure(case: Case, prov, fn, sets, ref, timer) -> tuple[float | None, str]:
     """(ms, config) for a provider; ms is None and config says why when it was not timed."""
     try:
         with prov.context():
             if prov.name == "tritonnorm":
                 _reset_configs()
-            got = _run_once(fn, op.inputs(shape, layout, dtype, device, seed=0), op)
-            bad = bench.compare(got, ref, dtype)
+            got = _run_once(fn, case.inputs(seed=0), case.op)  # fresh state: seed 0 = ref's
+            bad = bench.compare(got, ref, case.dtype)
             del got
             if bad:
-                return None, f"MISMATCH vs eager: {bad}"
-            step = bench.rotating([bench.make_step(fn, s, op.backward) for s in sets])
-            ms = timer(step)
+                return None, f"MISMATCH vs eager fp32 reference: {bad}"
+            ms = timer(bench.rotating([bench.make_step(fn, s, case.op.backward) for s in sets]))
         return ms, chosen_configs() if prov.name == "tritonnorm" else ""
     except Exception as e:  # one failing provider must not stop the report
-        if device == "cuda":
+        if case.device == "cuda":
             torch.cuda.empty_cache()
         return None, _error(e)
+
+
+def run_case(case: Case, provs, timer, copy_gbps: float, progress: Progress) -> list[results.Row]:
+    """Check and time every provider on one case."""
+    floor = case.op.floor_bytes(case.shape, case.dtype)
+    pass_bytes = math.prod(case.shape) * case.dtype.itemsize
+    n_sets = 1
+    if case.device == "cuda":
+        n_sets = bench.buffers_needed(pass_bytes * (4 if case.op.backward else 2))
+    try:
+        sets = [case.inputs(seed=i) for i in range(n_sets)]
+        ref = _run_once(case.op.torch_fn, case.inputs(seed=0).reference(), case.op)
+        setup_error = None
+    except Exception as e:
+        sets, ref, setup_error = [], (), _error(e)
+    rows = []
+    for prov in provs:
+        progress.step(f"{case.label} {prov.name}")
+        fn = None
+        ms, config = None, setup_error
+        if not setup_error:
+            try:
+                fn = prov.prepare(case.op)
+            except Exception as e:
+                config = _error(e)
+            else:
+                if fn is None:
+                    progress.note(f"{prov.name}: no kernel for {case.op.name} ({prov.note})")
+                    continue
+                ms, config = _measure(case, prov, fn, sets, ref, timer)
+        gbps = floor / (ms * 1e-3) / 1e9 if ms else None
+        rows.append(
+            results.Row(
+                op=case.op.name,
+                layout=case.layout,
+                dtype=case.dtype_name,
+                shape=shape_str(case.shape),
+                provider=prov.name,
+                ms=ms,
+                gbps=gbps,
+                floor_bytes=floor,
+                copy_gbps=copy_gbps,
+                frac_of_copy=gbps / copy_gbps if gbps else None,
+                config=config,
+                shape_class=case.shape_class,
+            )
+        )
+        if ms is None:
+            progress.note(f"NOT TIMED: {config}")
+        else:
+            progress.note(f"{ms:.4f} ms, {gbps:.1f} GB/s = {gbps / copy_gbps:.1%} of copy")
+    del sets, ref
+    if case.device == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def floors_markdown(ops: list[OpSpec], shape_set: str) -> str:
+    """The floor each op is judged by, per shape class (one table)."""
+    lines = ["| op | shape class | floor, passes over the input |", "|---|---|---|"]
+    for op in ops:
+        by_class: dict[str, set[str]] = {}
+        for cls, shape in shapes_for(shape_set, op.shape_classes):
+            stages = " + ".join(f"{op.stage_floor(s, shape)} {s}" for s in op.stages)
+            by_class.setdefault(cls, set()).add(f"{op.floor_passes(shape)} ({stages})")
+        for cls, floors in by_class.items():
+            lines.append(f"| {op.name} | {cls} | {'; '.join(sorted(floors))} |")
+    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,75 +179,51 @@ def run(args: argparse.Namespace) -> int:
     banner = DRY_RUN_BANNER if dry else ""
     if banner:
         print(banner)
+    skipped: list[str] = []
 
-    provs = providers.available(args.providers.split(",") if args.providers else None)
-    if dry:
-        out = Path(args.out) if args.out else RESULTS_ROOT / "interpreter" / "dry-run"
+    def log(line: str) -> None:
+        skipped.append(line)
+        print(line)
+
+    provs = providers.available(args.providers.split(",") if args.providers else None, log)
+    if args.out:
+        out = Path(args.out)
+    elif dry:
+        out = RESULTS_ROOT / "interpreter" / "dry-run"
     else:
-        slug = results.gpu_slug(torch.cuda.get_device_name())
-        out = Path(args.out) if args.out else RESULTS_ROOT / slug
+        out = RESULTS_ROOT / results.gpu_slug(torch.cuda.get_device_name())
     out.mkdir(parents=True, exist_ok=True)
 
-    copy_gbps = bench.copy_bandwidth(timer, device, 64 * 2**20 if dry else 2**30)
-    print(f"copy bandwidth ({device}, copy_ of {'64 MiB' if dry else '1 GiB'}, read + write): "
-          f"{copy_gbps:.1f} GB/s")
+    copy_bytes = 64 * 2**20 if dry else 2**30
+    copy_gbps = bench.copy_bandwidth(timer, device, copy_bytes)
+    print(f"copy bandwidth ({device}, copy_ of {copy_bytes >> 20} MiB, read + write): "
+          f"{copy_gbps:.1f} GB/s")  # fmt: skip
 
-    plan = [(op, cls, shape, layout, dt) for op in ops
-            for cls, shape in shapes_for(shape_set, op.shape_classes)
-            for layout in layouts for dt in dtypes]  # fmt: skip
-    progress = Progress(len(plan) * len(provs))
-    print(f"{len(plan)} op/shape/layout/dtype combinations x {len(provs)} providers "
-          f"({', '.join(p.name for p in provs)}); shapes: {shape_set}")
-    rows: list[results.Row] = []
-    for op, cls, shape, layout, dt in plan:
-        dtype = DTYPES[dt]
-        floor = op.floor_bytes(shape, dtype)
-        numel_bytes = math.prod(shape) * dtype.itemsize
-        n_sets = 1 if dry else bench.buffers_needed(numel_bytes * (4 if op.backward else 2))
-        label = f"{op.name} {layout} {dt} {shape_str(shape)}"
-        try:
-            sets = [op.inputs(shape, layout, dtype, device, seed=i) for i in range(n_sets)]
-            ref = _run_once(op.torch_fn, op.inputs(shape, layout, dtype, device, seed=0), op)
-            setup_error = None
-        except Exception as e:
-            sets, ref, setup_error = [], (), _error(e)
-        for prov in provs:
-            progress.step(f"{label} {prov.name}")
-            if setup_error:
-                ms, config = None, setup_error
-            else:
-                try:
-                    fn = prov.prepare(op)
-                except Exception as e:
-                    fn, ms, config = None, None, _error(e)
-                else:
-                    if fn is None:
-                        progress.note(f"{prov.name}: no kernel for {op.name} ({prov.note})")
-                        continue
-                    ms, config = _measure(op, prov, fn, shape, layout, dtype, device, sets, ref,
-                                          timer)
-            gbps = floor / (ms * 1e-3) / 1e9 if ms else None
-            rows.append(results.Row(op.name, layout, dt, shape_str(shape), prov.name, ms, gbps,
-                                    floor, copy_gbps, gbps / copy_gbps if gbps else None, config,
-                                    cls))
-            if ms is None:
-                progress.note(f"NOT TIMED: {config}")
-            else:
-                progress.note(f"{ms:.4f} ms, {gbps:.1f} GB/s = {gbps / copy_gbps:.1%} of copy")
-        del sets, ref
-        if device == "cuda":
-            torch.cuda.empty_cache()
+    cases = [
+        Case(op, cls, shape, layout, dt, device)
+        for op in ops
+        for cls, shape in shapes_for(shape_set, op.shape_classes)
+        for layout in layouts
+        for dt in dtypes
+    ]
+    print(f"{len(cases)} op/shape/layout/dtype cases x {len(provs)} providers "
+          f"({', '.join(p.name for p in provs)}); shapes: {shape_set}")  # fmt: skip
+    progress = Progress(len(cases) * len(provs))
+    rows = [row for case in cases for row in run_case(case, provs, timer, copy_gbps, progress)]
 
-    env = results.environment("dry-run (CPU, not a GPU measurement)" if dry else "gpu", device,
-                              {"copy_gbps": copy_gbps, "shape_set": shape_set,
-                               "providers": [p.name for p in provs]})
+    env = results.environment(
+        "dry-run (CPU, not a GPU measurement)" if dry else "gpu",
+        device,
+        {"copy_gbps": copy_gbps, "shape_set": shape_set, "providers": [p.name for p in provs],
+         "providers_skipped": skipped},
+    )  # fmt: skip
     results.write_csv(rows, out / "results.csv")
     results.write_env(env, out / "env.json")
-    results.write_summary(rows, env, out / "summary.md", banner)
-    pngs = plots.write_plots(rows, out, banner)
+    results.write_summary(rows, env, out / "summary.md", banner, floors_markdown(ops, shape_set))
+    pngs = plots.write_plots(rows, out, PLOT_BANNER if dry else "")
     bad = [r for r in rows if not r.ok]
     print(f"\nwrote {out / 'results.csv'} ({len(rows)} rows), summary.md, env.json, "
-          f"{len(pngs)} PNGs")
+          f"{len(pngs)} PNGs")  # fmt: skip
     print(f"{len(bad)} rows not timed (mismatch or error)" if bad else "all rows checked and timed")
     if banner:
         print(banner)

@@ -15,8 +15,19 @@ from pathlib import Path
 
 from perf.floors import floor_table_markdown
 
-CSV_COLUMNS = ["op", "layout", "dtype", "shape", "provider", "ms", "gbps", "floor_bytes",
-               "copy_gbps", "frac_of_copy", "config"]  # fmt: skip
+CSV_COLUMNS = [
+    "op",
+    "layout",
+    "dtype",
+    "shape",
+    "provider",
+    "ms",
+    "gbps",
+    "floor_bytes",
+    "copy_gbps",
+    "frac_of_copy",
+    "config",
+]
 REFERENCE = "tritonnorm"  # speedups are (other provider's ms) / (tritonnorm's ms)
 
 
@@ -57,8 +68,13 @@ def gpu_slug(name: str) -> str:
 
 def _nvidia_smi(field: str) -> str | None:
     try:
-        out = subprocess.run(["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20, check=True)
+        out = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        )
         return out.stdout.strip().splitlines()[0]
     except (OSError, subprocess.SubprocessError, IndexError):
         return None
@@ -96,8 +112,9 @@ def _median(xs: list[float]) -> float:
 def speedups(rows: list[Row]) -> dict[tuple[str, str, str], list[float]]:
     """(op, provider, shape_class) -> speedups of tritonnorm over provider, one per shape/layout/
     dtype where both were timed."""
-    ours = {(r.op, r.layout, r.dtype, r.shape): r.ms for r in rows
-            if r.provider == REFERENCE and r.ok}
+    ours = {
+        (r.op, r.layout, r.dtype, r.shape): r.ms for r in rows if r.provider == REFERENCE and r.ok
+    }
     out: dict[tuple[str, str, str], list[float]] = {}
     for r in rows:
         key = (r.op, r.layout, r.dtype, r.shape)
@@ -106,39 +123,66 @@ def speedups(rows: list[Row]) -> dict[tuple[str, str, str], list[float]]:
     return out
 
 
-def write_summary(rows: list[Row], env: dict, path: Path, banner: str = "") -> None:
+def write_summary(
+    rows: list[Row], env: dict, path: Path, banner: str = "", op_floors: str = ""
+) -> None:
     lines = ["# tritonnorm performance summary", ""]
     if banner:
         lines += [f"**{banner}**", ""]
-    lines += [f"- mode: {env.get('mode')}; device: {env.get('gpu') or env.get('cpu')}; "
-              f"torch {env.get('torch')}, triton {env.get('triton')}, CUDA {env.get('cuda')}, "
-              f"driver {env.get('driver')}; {env.get('date')}",
-              f"- copy bandwidth (device-to-device copy_, read + write): "
-              f"{env.get('copy_gbps', float('nan')):.1f} GB/s",
-              f"- command: `{env.get('command')}`", ""]
+    lines += [
+        f"- mode: {env.get('mode')}; device: {env.get('gpu') or env.get('cpu')}; "
+        f"torch {env.get('torch')}, triton {env.get('triton')}, CUDA {env.get('cuda')}, "
+        f"driver {env.get('driver')}; {env.get('date')}",
+        f"- copy bandwidth measured in this run (large copy_, read + write bytes): "
+        f"{env.get('copy_gbps', float('nan')):.1f} GB/s",
+        f"- command: `{env.get('command')}`",
+        "",
+    ]
     lines += ["## Byte floors used (passes over the input)", "", floor_table_markdown(), ""]
+    if op_floors:
+        lines += ["Per op, as used for effective GB/s = floor bytes / time:", "", op_floors, ""]
+    if env.get("providers_skipped"):
+        lines += [
+            "Providers: "
+            + ", ".join(env.get("providers", []))
+            + ". "
+            + " ".join(f"{s}." for s in env["providers_skipped"]),
+            "",
+        ]
 
-    lines += ["## Fraction of copy bandwidth (tritonnorm, effective GB/s at the floor)", "",
-              "| op | layout | dtype | shapes | worst | median | best GB/s |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "## Fraction of copy bandwidth (tritonnorm, effective GB/s at the floor)",
+        "",
+        "| op | layout | dtype | shapes | worst | median | best GB/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     groups: dict[tuple[str, str, str], list[Row]] = {}
     for r in rows:
         if r.provider == REFERENCE and r.ok:
             groups.setdefault((r.op, r.layout, r.dtype), []).append(r)
     for (op, layout, dtype), rs in sorted(groups.items()):
         fr = [r.frac_of_copy for r in rs]
-        lines.append(f"| {op} | {layout} | {dtype} | {len(rs)} | {min(fr):.1%} | "
-                     f"{_median(fr):.1%} | {max(r.gbps for r in rs):.0f} |")
+        lines.append(
+            f"| {op} | {layout} | {dtype} | {len(rs)} | {min(fr):.1%} | "
+            f"{_median(fr):.1%} | {max(r.gbps for r in rs):.0f} |"
+        )
 
-    lines += ["", "## Speedup of tritonnorm (other provider's time / tritonnorm's time)", "",
-              "| op | vs provider | shape class | n | median | min |", "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Speedup of tritonnorm (other provider's time / tritonnorm's time)",
+        "",
+        "| op | vs provider | shape class | n | median | min |",
+        "|---|---|---|---|---|---|",
+    ]
     sp = speedups(rows)
     per_op: dict[tuple[str, str], list[float]] = {}
     for (op, prov, cls), xs in sorted(sp.items()):
         per_op.setdefault((op, prov), []).extend(xs)
-        lines.append(f"| {op} | {prov} | {cls} | {len(xs)} | {_median(xs):.2f}x | {min(xs):.2f}x |")
+        lines.append(f"| {op} | {prov} | {cls} | {len(xs)} | {_median(xs):.3g}x | {min(xs):.3g}x |")
     for (op, prov), xs in sorted(per_op.items()):
-        lines.append(f"| {op} | {prov} | **all** | {len(xs)} | {_median(xs):.2f}x | "
-                     f"{min(xs):.2f}x |")
+        lines.append(
+            f"| {op} | {prov} | **all** | {len(xs)} | {_median(xs):.3g}x | {min(xs):.3g}x |"
+        )
 
     bad = [r for r in rows if not r.ok]
     lines += ["", "## Correctness mismatches and errors (not timed)", ""]

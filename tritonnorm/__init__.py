@@ -21,6 +21,7 @@ from .modules import (
     LazyInstanceNorm3d,
     convert,
 )
+from .sync import SyncBatchNorm
 
 __version__ = "0.1.0"
 
@@ -37,6 +38,7 @@ __all__ = [
     "LazyInstanceNorm1d",
     "LazyInstanceNorm2d",
     "LazyInstanceNorm3d",
+    "SyncBatchNorm",
     "batch_norm",
     "convert",
     "instance_norm",

@@ -44,17 +44,33 @@ def check_per_channel(op: str, input: Tensor, **vectors: Tensor | None) -> None:
                 f"{op}: {name} should contain {channels} elements (one per channel of input "
                 f"{tuple(input.shape)}) not {vector.numel()}"
             )
-        if not vector.is_floating_point():
-            raise RuntimeError(f"{op}: {name} must be floating point, got {vector.dtype}")
+        allowed = {input.dtype}
+        if input.dtype in (torch.float16, torch.bfloat16):
+            allowed.add(torch.float32)  # fp32 parameters with half input, as torch accepts
+        if vector.dtype not in allowed:
+            expected = " or ".join(sorted(str(d) for d in allowed))
+            raise RuntimeError(
+                f"{op}: expected {name} of dtype {expected} for {input.dtype} input, "
+                f"got {vector.dtype}"
+            )
         if vector.device != input.device:
             raise RuntimeError(
                 f"{op}: expected {name} on the input's device {input.device}, got {vector.device}"
             )
 
 
-def check_eps(op: str, eps: float, training: bool) -> None:
-    if training and eps <= 0:
-        raise ValueError(f"{op}: eps must be positive during training, but got {eps}")
+def check_running_pair(running_mean: Tensor | None, running_var: Tensor | None) -> None:
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(
+            "running_mean and running_var must either both be None or neither be None, got "
+            f"running_mean={'None' if running_mean is None else 'a tensor'}, "
+            f"running_var={'None' if running_var is None else 'a tensor'}"
+        )
+
+
+def check_eps(op: str, eps: float) -> None:
+    if not eps > 0:
+        raise ValueError(f"{op}: eps must be positive, but got {eps}")
 
 
 def check_batch_norm(
@@ -68,6 +84,7 @@ def check_batch_norm(
 ) -> None:
     op = "batch_norm"
     check_input(op, input)
+    check_running_pair(running_mean, running_var)
     if training:
         values = input.shape[0]
         for size in input.shape[2:]:
@@ -83,7 +100,7 @@ def check_batch_norm(
                     f"{op}: {name} must be defined in evaluation mode (training=False normalises "
                     "with the running statistics)"
                 )
-    check_eps(op, eps, training)
+    check_eps(op, eps)
     check_per_channel(
         op, input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias
     )
@@ -100,6 +117,7 @@ def check_instance_norm(
 ) -> None:
     op = "instance_norm"
     check_input(op, input)
+    check_running_pair(running_mean, running_var)
     if use_input_stats:
         spatial = 1
         for size in input.shape[2:]:
@@ -112,7 +130,7 @@ def check_instance_norm(
         raise RuntimeError(
             "Expected running_mean and running_var to be defined when use_input_stats is false"
         )
-    check_eps(op, eps, use_input_stats)
+    check_eps(op, eps)
     check_per_channel(
         op, input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias
     )

@@ -59,13 +59,13 @@ def _norm_grad_partial_kernel(
         x_hat = tl.where(mask, (x - mean) * rstd, 0.0)
         sum_dy = reduce_tile(dy, PER_INSTANCE)
         sum_dy_xhat = reduce_tile(dy * x_hat, PER_INSTANCE)
-        inv_count = 1.0 / (S if PER_INSTANCE else N * S)
+        count = tl.zeros([G_ROWS, BLOCK_C], acc_dtype) + (S if PER_INSTANCE else N * S)
         scale = rstd
         if weight_ptr is not None:
             c = c0 + tl.arange(0, BLOCK_C)
             scale *= tl.load(weight_ptr + c, mask=c < C, other=0.0).to(acc_dtype)[None, :, None]
-        mean_dy = (sum_dy * inv_count)[:, :, None]
-        mean_dy_xhat = (sum_dy_xhat * inv_count)[:, :, None]
+        mean_dy = (sum_dy / count)[:, :, None]
+        mean_dy_xhat = (sum_dy_xhat / count)[:, :, None]
         dx = scale * (dy - mean_dy - x_hat * mean_dy_xhat)
         tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
     else:
@@ -116,7 +116,7 @@ def _norm_grad_finalize_kernel(
     dweight_ptr, dbias_ptr,  # (C,) outputs (sums over the G groups), or None
     coef_ptr,  # (4, G, C) dx coefficients (mu, k_x, k_dy, k_c), or None
     G, C,
-    inv_count,  # 1 / elements per group
+    count,  # elements per group (an integer: exact in the statistics' dtype)
     USE_INPUT_STATS: tl.constexpr,  # training formula (the statistics depend on x)
     BLOCK_C: tl.constexpr,
 ):  # fmt: skip
@@ -129,6 +129,7 @@ def _norm_grad_finalize_kernel(
     dweight = tl.zeros([BLOCK_C], acc_dtype)
     dbias = tl.zeros([BLOCK_C], acc_dtype)
     GC = G * C
+    inv_count = 1.0 / tl.full([BLOCK_C], count, acc_dtype)
     for g in range(G):
         sum_dy = tl.zeros([BLOCK_C], acc_dtype)
         sum_dy_xhat = tl.zeros([BLOCK_C], acc_dtype)

@@ -308,7 +308,7 @@ def finalize_grad(
         partials.stride(0) if partials is not None else 0,
         partials.stride(1) if partials is not None else 0,
         mean, rstd, weight, dweight, dbias, coef,
-        groups, C, 1.0 / max(count, 1),
+        groups, C, max(count, 1),
         USE_INPUT_STATS=use_input_stats, BLOCK_C=_FINALIZE_BLOCK_C,
     )  # fmt: skip
     return dweight, dbias, coef

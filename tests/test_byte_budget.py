@@ -1,0 +1,182 @@
+"""Byte budgets: the Triton kernels of each op move at most the floor's passes over the input.
+
+Counted under Triton's interpreter by ``perf/bytecount.py`` (every element loaded or stored,
+masked-off elements excluded), so these tests skip on native CUDA runs. A pass is
+``numel * element_size`` of the input. Traffic on input-sized tensors must be within the
+budget; traffic on smaller (per-channel) tensors may add at most ``floors.NEGLIGIBLE_PASSES``.
+The backward is counted alone (forward run outside the counting region). While counting, torch's
+side is audited too: no aten op outside the kernels may touch a tensor the size of the input
+except allocations (``empty*``) and views.
+"""
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # perf/ is a directory of the repository, not an installed package
+    sys.path.insert(0, str(ROOT))
+
+import tritonnorm as tn  # noqa: E402
+from perf import floors  # noqa: E402
+from perf.bytecount import UnsupportedTritonError, count_bytes, interpreter_active  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    not interpreter_active(), reason="the byte counter needs Triton's interpreter (CPU runs)"
+)
+
+# Budgets in passes over the input (PERF.md); the floor table in perf/floors.py must agree.
+BN_TRAIN_FWD, BN_EVAL_FWD, BN_BWD = 3, 2, 5
+IN_FWD, IN_BWD = 2, 3  # instances of at most floors.ON_CHIP_MAX_ELEMENTS elements
+
+# (2, 3, 64, 128): instances of exactly 8192 elements, the on-chip case; a BN channel of 16384.
+# (5, 3, 64, 128): BN channels of 40960 elements, above the on-chip limit: the split reduction.
+BN_SHAPES = [(2, 3, 64, 128), (5, 3, 64, 128)]
+IN_SHAPES = [(2, 3, 64, 128)]
+LAYOUTS = ["contiguous", "channels_last"]
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def test_budgets_match_the_floor_table():
+    assert floors.floor_passes("fwd", None) == BN_TRAIN_FWD
+    assert floors.floor_passes("eval", None) == BN_EVAL_FWD
+    assert floors.floor_passes("bwd", None) == BN_BWD
+    assert floors.floor_passes("fwd", 8192) == IN_FWD
+    assert floors.floor_passes("bwd", 8192) == IN_BWD
+
+
+# --- the counter itself ------------------------------------------------------------------------
+
+
+@triton.jit
+def _masked_copy_kernel(src_ptr, dst_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(dst_ptr + offs, tl.load(src_ptr + offs, mask=mask), mask=mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.int8])
+def test_counter_is_exact_on_a_masked_copy(dtype):
+    n, block = 1000, 128  # 8 programs cover 1024 slots: 24 are masked off and must not count
+    src = torch.arange(n).to(dtype)
+    dst = torch.zeros_like(src)
+    with count_bytes() as t:
+        _masked_copy_kernel[(triton.cdiv(n, block),)](src, dst, n, BLOCK=block)
+    assert torch.equal(dst, src)
+    size = src.element_size()
+    assert (t.loaded, t.stored, t.total) == (n * size, n * size, 2 * n * size)
+    assert t.launches == ["_masked_copy_kernel"]
+    assert t.by_kernel() == {"_masked_copy_kernel": (n * size, n * size)}
+    assert t.split(min_numel=n) == (2 * n * size, 0)
+
+
+def test_counter_refuses_internals_it_does_not_know(monkeypatch):
+    from triton.runtime.interpreter import InterpreterBuilder
+
+    monkeypatch.delattr(InterpreterBuilder, "create_masked_store")
+    with pytest.raises(UnsupportedTritonError, match="cannot count bytes"), count_bytes():
+        pass
+
+
+def test_counter_refuses_changed_signatures(monkeypatch):
+    from triton.runtime.interpreter import InterpreterBuilder
+
+    monkeypatch.setattr(InterpreterBuilder, "create_masked_load", lambda self, ptrs, mask: None)
+    with pytest.raises(UnsupportedTritonError, match="cannot count bytes"), count_bytes():
+        pass
+
+
+def test_audit_flags_torch_side_copies_but_not_views():
+    x = torch.randn(2, 3, 8, 8).to(memory_format=torch.channels_last)
+    with count_bytes(audit_min_numel=x.numel()) as t:
+        x.permute(0, 2, 3, 1).reshape(-1, 3)  # views
+        torch.empty_like(x)
+        x.contiguous()  # a full copy
+    assert len(t.torch_ops) >= 1 and all(
+        "contiguous" in s or "clone" in s or "copy" in s for s in t.torch_ops
+    ), t.torch_ops
+
+
+# --- the budgets -------------------------------------------------------------------------------
+
+
+def _inputs(shape, layout, dtype, grad):
+    fmt = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}[layout]
+    x = (torch.randn(shape) * 2 + 0.5).to(dtype).contiguous(memory_format=fmt)
+    c = shape[1]
+    w = (1 + 0.1 * torch.randn(c)).to(dtype)
+    b = (0.1 * torch.randn(c)).to(dtype)
+    if grad:
+        for t in (x, w, b):
+            t.requires_grad_(True)
+    rm, rv = torch.zeros(c, dtype=dtype), torch.ones(c, dtype=dtype)
+    dy = torch.randn(shape).to(dtype).contiguous(memory_format=fmt)
+    return x, w, b, rm, rv, dy
+
+
+def _assert_within(traffic, x, budget, what):
+    numel = x.numel()
+    pass_bytes = numel * x.element_size()
+    big, small = traffic.split(numel)
+    detail = (
+        f"{what}: {big / pass_bytes:.4f} passes on input-sized tensors (budget {budget}), "
+        f"{small / pass_bytes:.4f} on smaller ones (allowed {floors.NEGLIGIBLE_PASSES})\n"
+        + traffic.describe(numel)
+    )
+    assert traffic.launches, f"{what}: no Triton kernel was counted"
+    assert floors.within_floor(big, small, pass_bytes, budget), detail
+    assert traffic.passes(pass_bytes) <= budget + floors.NEGLIGIBLE_PASSES, detail
+    assert not traffic.torch_ops, f"{what}: torch-side full-size work: {traffic.torch_ops}"
+
+
+def _bn_train(x, w, b, rm, rv):
+    return tn.batch_norm(x, rm, rv, w, b, training=True, momentum=0.1, eps=1e-5)
+
+
+def _in(x, w, b, rm, rv):
+    return tn.instance_norm(x, None, None, w, b, use_input_stats=True, eps=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", BN_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_batch_norm_train_budget(shape, layout, dtype):
+    x, w, b, rm, rv, dy = _inputs(shape, layout, dtype, grad=True)
+    with count_bytes(audit_min_numel=x.numel()) as fwd:
+        y = _bn_train(x, w, b, rm, rv)
+    _assert_within(fwd, x, BN_TRAIN_FWD, "batch_norm training forward")
+    with count_bytes(audit_min_numel=x.numel()) as bwd:
+        y.backward(dy)
+    _assert_within(bwd, x, BN_BWD, "batch_norm backward")
+    assert x.grad is not None and w.grad is not None and b.grad is not None
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", BN_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_batch_norm_eval_budget(shape, layout, dtype):
+    x, w, b, rm, rv, _ = _inputs(shape, layout, dtype, grad=False)
+    rv = rv + torch.rand_like(rv)
+    with torch.no_grad(), count_bytes(audit_min_numel=x.numel()) as fwd:
+        tn.batch_norm(x, rm, rv, w, b, training=False, eps=1e-5)
+    _assert_within(fwd, x, BN_EVAL_FWD, "batch_norm eval forward")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", IN_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_instance_norm_budget(shape, layout, dtype):
+    assert math.prod(shape[2:]) == 8192 and floors.fits_on_chip(8192)
+    x, w, b, rm, rv, dy = _inputs(shape, layout, dtype, grad=True)
+    with count_bytes(audit_min_numel=x.numel()) as fwd:
+        y = _in(x, w, b, rm, rv)
+    _assert_within(fwd, x, IN_FWD, "instance_norm forward")
+    with count_bytes(audit_min_numel=x.numel()) as bwd:
+        y.backward(dy)
+    _assert_within(bwd, x, IN_BWD, "instance_norm backward")
+    assert x.grad is not None and w.grad is not None and b.grad is not None
