@@ -651,3 +651,13 @@ def test_convert_with_sync():
 def test_convert_refuses_uninitialised_lazy_batch_norm():
     with pytest.raises(ValueError, match="run one forward pass"):
         tn.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(nn.LazyBatchNorm2d()))
+
+
+def test_fallback_compiles_without_graph_break():
+    m = tn.SyncBatchNorm(3).to(DEVICE)
+    x = torch.randn(4, 3, 5, device=DEVICE)
+    y = torch.compile(m, backend="eager", fullgraph=True)(x)
+    expected = tn.batch_norm(x, torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE),
+                             m.weight, m.bias, True)  # fmt: skip
+    torch.testing.assert_close(y, expected)
+    assert int(m.num_batches_tracked) == 1

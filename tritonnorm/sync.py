@@ -12,7 +12,9 @@ Built on ``torch.distributed`` (NCCL on GPUs, gloo on CPU) and the core's kernel
   weight and bias gradients come from the LOCAL sums, as in torch.nn.SyncBatchNorm: data
   parallelism (DistributedDataParallel) then averages parameter gradients across ranks.
 
-Communication per training step is therefore one O(C) all-gather forward and one backward.
+Communication per training step is therefore one O(C) all-gather forward and one backward. Like
+torch's, the forward reads the global count on the host once (the dx pass takes it as a number), so
+it synchronises with the device and cannot be captured in a CUDA graph.
 Uneven batches and ranks with an empty batch work: an empty rank contributes a zero count (neutral
 in Chan's combination) and still takes part in both collectives.
 """
@@ -43,6 +45,9 @@ class SyncBatchNorm(nn.SyncBatchNorm):
     e.g. with the gloo backend), besides CUDA tensors.
 
     Inputs are validated before ``num_batches_tracked`` or the running statistics change.
+
+    Use it inside :class:`~torch.nn.parallel.DistributedDataParallel` as torch's (one GPU per
+    process). DDP itself refuses any ``nn.SyncBatchNorm`` in a CPU module, this one included.
 
     ``torch.compile`` graph-breaks around the synchronised forward (the collectives, and the
     host-side global count), as it does for torch's own SyncBatchNorm, whose autograd Function
@@ -149,7 +154,8 @@ def _check_sync_input(
             "SyncBatchNorm expected input tensor to be on GPU (CUDA), or on CPU with "
             f"TRITON_INTERPRET=1 set before tritonnorm is imported; got {input.device}"
         )
-    validation.check_eps(_OP, eps, True)
+    validation.check_running_pair(running_mean, running_var)
+    validation.check_eps(_OP, eps)
     validation.check_per_channel(
         _OP, input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias
     )
