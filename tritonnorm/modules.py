@@ -15,6 +15,18 @@ from . import validation
 from .functional import batch_norm, instance_norm
 
 
+def count_batch(module: nn.Module) -> float:
+    """Count a training batch in ``num_batches_tracked`` as torch's BatchNorm does, and return
+    the momentum to use: the module's, or 1/num_batches_tracked (cumulative average) for None.
+    Call it only after the input has been checked."""
+    momentum = 0.0 if module.momentum is None else module.momentum
+    if module.training and module.track_running_stats and module.num_batches_tracked is not None:
+        module.num_batches_tracked.add_(1)
+        if module.momentum is None:
+            momentum = 1.0 / float(module.num_batches_tracked)
+    return momentum
+
+
 class TritonNormMixin:
     """Routes a torch BatchNorm*/InstanceNorm* module's forward to tritonnorm, with torch's
     semantics; inputs are checked before num_batches_tracked or running statistics change."""
@@ -33,11 +45,7 @@ class TritonNormMixin:
         validation.check_batch_norm(
             input, running_mean, running_var, self.weight, self.bias, bn_training, self.eps
         )
-        momentum = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average
-                momentum = 1.0 / float(self.num_batches_tracked)
+        momentum = count_batch(self)
         return batch_norm(
             input, running_mean, running_var, self.weight, self.bias, bn_training, momentum,
             self.eps,

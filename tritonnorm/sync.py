@@ -30,6 +30,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from . import validation
 from .functional import batch_norm, runs_triton
 from .kernels import launch
+from .modules import count_batch
 
 _OP = "sync_batch_norm"
 
@@ -81,11 +82,7 @@ class SyncBatchNorm(nn.SyncBatchNorm):
                 input, running_mean, running_var, self.weight, self.bias, bn_training, self.eps
             )
 
-        momentum = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average
-                momentum = 1.0 / float(self.num_batches_tracked)
+        momentum = count_batch(self)
 
         if not need_sync:
             return batch_norm(
