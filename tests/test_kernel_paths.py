@@ -78,3 +78,71 @@ def test_fused_request_too_long_falls_back_to_split(device):
     y, _ = _run("bn", x, "fused")
     ref = F.batch_norm(x.double(), None, None, training=True)
     torch.testing.assert_close(y.double(), ref, rtol=2e-5, atol=2e-5)
+
+
+def test_offsets_switch_to_int64_only_for_tensors_spanning_2_to_the_30_elements():
+    from tritonnorm.kernels.launch import View, _index_64
+
+    small = View(N=8, C=64, S=56 * 56, stride_n=64 * 56 * 56, stride_c=56 * 56, stride_s=1)
+    assert small.span == 8 * 64 * 56 * 56
+    assert not _index_64(small)
+    huge = View(N=2, C=1, S=2**30, stride_n=2**30, stride_c=2**30, stride_s=1)
+    assert _index_64(huge)
+    # dy may be the larger tensor (broadcast or strided): the widest view decides.
+    assert _index_64(small, huge)
+    # channels_last: the channel stride is 1, the spatial one C.
+    last = View(N=1, C=512, S=2**21, stride_n=2**30, stride_c=1, stride_s=512)
+    assert last.span == 511 + (2**21 - 1) * 512 + 1
+    assert _index_64(last)
+
+
+@pytest.mark.parametrize("norm", ["bn", "in"])
+@pytest.mark.parametrize("path", ["fused", "split"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_int64_offsets_address_the_same_elements(device, norm, path, layout):
+    # The int64 path (tensors of 2**30+ elements) cannot be allocated in a test: forced on a
+    # small tensor, it must give bit-identical results to the int32 path.
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = (torch.randn(2, 5, 6, 7, device=device, dtype=torch.float64) * 3 + 1).to(memory_format=fmt)
+    results = []
+    for index_64 in (False, True):
+        with config.forced(fused=path == "fused", split=None if path == "fused" else 3,
+                           index_64=index_64):  # fmt: skip
+            xi = x.clone().requires_grad_()
+            y = (
+                tn.batch_norm(xi, None, None, training=True)
+                if norm == "bn"
+                else tn.instance_norm(xi)
+            )
+            y.backward(torch.linspace(-1, 1, y.numel(), device=device, dtype=y.dtype).view_as(y))
+        results.append((y.detach(), xi.grad))
+    (y32, g32), (y64, g64) = results
+    assert torch.equal(y32, y64)
+    assert torch.equal(g32, g64)
+    ref = x.clone().requires_grad_()
+    yr = F.batch_norm(ref, None, None, training=True) if norm == "bn" else F.instance_norm(ref)
+    torch.testing.assert_close(y64, yr, rtol=1e-10, atol=1e-10)
+
+
+def test_instance_fused_forward_with_split_backward(device):
+    # float32 instances of 16384 elements: the forward holds them in registers, the backward
+    # (which holds x_hat and dy) splits them. The split backward must use the fused forward's
+    # statistics.
+    x = torch.randn(2, 3, 128, 128, device=device) * 2 + 5
+    dy = torch.randn_like(x)
+    config.reset_chosen_configs()
+    xi = x.clone().requires_grad_()
+    y = tn.instance_norm(xi)
+    forward = config.chosen_configs()
+    y.backward(dy)
+    both = config.chosen_configs()
+    assert "_norm_apply_kernel" not in forward, forward  # y written by the fused kernel
+    assert "SPLIT=1" in forward["_norm_stats_partial_kernel"]
+    assert "BLOCK_S=16384" in forward["_norm_stats_partial_kernel"]
+    assert "_norm_apply_kernel" in both, both  # dx written by the apply pass: split backward
+    assert "BLOCK_S=16384" not in both["_norm_grad_partial_kernel"]
+    xr = x.double().requires_grad_()
+    yr = F.instance_norm(xr)
+    yr.backward(dy.double())
+    torch.testing.assert_close(y.double(), yr, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(xi.grad.double(), xr.grad, rtol=1e-4, atol=1e-5)

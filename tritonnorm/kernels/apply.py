@@ -5,7 +5,7 @@ backward share one streaming kernel. Centring x before scaling keeps large offse
 import triton
 import triton.language as tl
 
-from .common import group_offsets, tile_offsets
+from .common import group_offsets, load_tile, tile_offsets
 
 
 @triton.jit
@@ -21,6 +21,7 @@ def _norm_apply_kernel(
     HAS_X: tl.constexpr,
     HAS_DY: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    INDEX_64: tl.constexpr,  # int64 element offsets (a tensor spans 2**30 elements or more)
 ):  # fmt: skip
     pid = tl.program_id(0)
     num_s_blocks = tl.cdiv(S, BLOCK_S)
@@ -36,19 +37,19 @@ def _norm_apply_kernel(
     coef_dtype = coef_ptr.dtype.element_ty
     k_c = tl.load(coef_ptr + 3 * GC + coefs, mask=coef_mask, other=0.0)[:, :, None]
     offsets, mask = tile_offsets(
-        n0, c0, s0, N, C, S, stride_n, stride_c, stride_s, BLOCK_N, BLOCK_C, BLOCK_S
+        n0, c0, s0, N, C, S, stride_n, stride_c, stride_s, BLOCK_N, BLOCK_C, BLOCK_S, INDEX_64
     )
     out = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_S], coef_dtype) + k_c
     if HAS_X:
         mu = tl.load(coef_ptr + coefs, mask=coef_mask, other=0.0)[:, :, None]
         k_x = tl.load(coef_ptr + GC + coefs, mask=coef_mask, other=0.0)[:, :, None]
-        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(coef_dtype)
+        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(coef_dtype)  # x's offsets: out's
         out += k_x * (x - mu)
     if HAS_DY:
         k_dy = tl.load(coef_ptr + 2 * GC + coefs, mask=coef_mask, other=0.0)[:, :, None]
-        dy_offsets, _ = tile_offsets(
-            n0, c0, s0, N, C, S, dy_stride_n, dy_stride_c, dy_stride_s, BLOCK_N, BLOCK_C, BLOCK_S
-        )
-        dy = tl.load(dy_ptr + dy_offsets, mask=mask, other=0.0).to(coef_dtype)
+        dy, _, _ = load_tile(
+            dy_ptr, n0, c0, s0, N, C, S, dy_stride_n, dy_stride_c, dy_stride_s, coef_dtype,
+            BLOCK_N, BLOCK_C, BLOCK_S, INDEX_64,
+        )  # fmt: skip
         out += k_dy * dy
     tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=mask)

@@ -15,18 +15,42 @@ def tile_offsets(
     n0, c0, s0, N, C, S,
     stride_n, stride_c, stride_s,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    INDEX_64: tl.constexpr,
 ):  # fmt: skip
-    """int64 element offsets and the in-bounds mask of the tile starting at (n0, c0, s0)."""
-    n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-    c = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
-    s = s0 + tl.arange(0, BLOCK_S).to(tl.int64)
+    """Element offsets and the in-bounds mask of the tile starting at (n0, c0, s0). Offsets are
+    int32 unless the tensor spans 2**30 elements or more (``INDEX_64``): per-element int64 offsets
+    take twice the registers, and made the on-chip (fused) kernels spill."""
+    n = n0 + tl.arange(0, BLOCK_N)
+    c = c0 + tl.arange(0, BLOCK_C)
+    s = s0 + tl.arange(0, BLOCK_S)
+    mask = (n < N)[:, None, None] & (c < C)[None, :, None] & (s < S)[None, None, :]
+    if INDEX_64:
+        n = n.to(tl.int64)
+        c = c.to(tl.int64)
+        s = s.to(tl.int64)
     offsets = (
         (n * stride_n)[:, None, None]
         + (c * stride_c)[None, :, None]
         + (s * stride_s)[None, None, :]
     )
-    mask = (n < N)[:, None, None] & (c < C)[None, :, None] & (s < S)[None, None, :]
     return offsets, mask
+
+
+@triton.jit
+def load_tile(
+    ptr, n0, c0, s0, N, C, S,
+    stride_n, stride_c, stride_s,
+    dtype: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    INDEX_64: tl.constexpr,
+):  # fmt: skip
+    """The tile at (n0, c0, s0) converted to ``dtype`` (0 outside the tensor), with its offsets
+    and mask."""
+    offsets, mask = tile_offsets(
+        n0, c0, s0, N, C, S, stride_n, stride_c, stride_s, BLOCK_N, BLOCK_C, BLOCK_S, INDEX_64
+    )
+    values = tl.load(ptr + offsets, mask=mask, other=0.0).to(dtype)
+    return values, offsets, mask
 
 
 @triton.jit

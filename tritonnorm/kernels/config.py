@@ -12,7 +12,7 @@ import contextlib
 import functools
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
@@ -20,19 +20,31 @@ import triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# Elements of one streaming tile, and the most elements one program may hold in registers when a
-# whole reduction (an instance, or a small BN channel) is normalised on chip.
+# Elements of one streaming tile, and the most accumulator bytes one program may hold in
+# registers when a whole reduction (an instance, or a small BN channel) is normalised on chip.
+# Forward: 16384 fp32 values over 16 warps, 32 per thread. The gradient kernel holds two tiles
+# (x_hat, dy): half as many. Larger tiles spill on sm_90: `python -m perf.compile_check`.
 STREAM_TILES = (1024, 2048, 4096)
-FUSED_TILE_LIMIT = 32768
+FUSED_TILE_BYTES = 65536
+FUSED_GRAD_TILE_BYTES = 32768
+# Element offsets are int32 (half the registers of int64) while a tensor spans fewer elements
+# than this: tiles overhanging the tensor's end stay below 2**31 too.
+INT32_SPAN = 2**30
+# Warps per program at most: 32 warps leave 64 registers per thread, and fused tiles spill.
+MAX_WARPS = 16
 # Programs per SM the split reduction aims for: enough waves to hide DRAM latency.
 PROGRAMS_PER_SM = 4
 MAX_SPLIT = 1024
+# Compiler options of every launch, pinned rather than inherited: Triton 3.10 turns fused
+# multiply-add contraction off by default, which would change results between versions.
+LAUNCH_OPTIONS = {"enable_fp_fusion": True}
 
 
 @dataclass
 class _Overrides:
     fused: bool | None = None
     split: int | None = None
+    index_64: bool | None = None
 
 
 _overrides = _Overrides()
@@ -40,16 +52,25 @@ _chosen: dict[str, str] = {}
 
 
 @contextlib.contextmanager
-def forced(fused: bool | None = None, split: int | None = None) -> Iterator[None]:
+def forced(
+    fused: bool | None = None, split: int | None = None, index_64: bool | None = None
+) -> Iterator[None]:
     """Force the kernel path (for tests): ``fused=False`` always splits the reduction, ``split=k``
     uses k programs per channel/instance. ``fused=True`` fuses wherever the reduction fits a tile.
-    Forced configs bypass autotuning."""
-    previous = _Overrides(_overrides.fused, _overrides.split)
-    _overrides.fused, _overrides.split = fused, split
+    ``index_64=True`` uses int64 element offsets whatever the size. Forced configs bypass
+    autotuning."""
+    global _overrides
+    previous = _overrides
+    _overrides = _Overrides(fused, split, index_64)
     try:
         yield
     finally:
-        _overrides.fused, _overrides.split = previous.fused, previous.split
+        _overrides = previous
+
+
+def index_64(span: int) -> bool:
+    """Whether element offsets of a tensor spanning ``span`` elements need int64."""
+    return _overrides.index_64 if _overrides.index_64 is not None else span >= INT32_SPAN
 
 
 def chosen_configs() -> dict[str, str]:
@@ -64,13 +85,15 @@ def reset_chosen_configs() -> None:
 @dataclass(frozen=True)
 class Shape:
     """What classifies a launch: the (N, C, S) view, whether channels are the fast axis, and
-    whether statistics are per instance (IN) or per channel (BN)."""
+    whether statistics are per instance (IN) or per channel (BN), and the accumulator's bytes
+    (4, or 8 for float64 inputs): what a program can hold in registers depends on it."""
 
     N: int
     C: int
     S: int
     channels_fast: bool
     per_instance: bool
+    acc_bytes: int = 4
 
 
 def _pow2(n: int) -> int:
@@ -78,7 +101,7 @@ def _pow2(n: int) -> int:
 
 
 def _warps(tile: int) -> int:
-    return 4 if tile <= 2048 else 8 if tile <= 8192 else 16
+    return 4 if tile <= 2048 else 8 if tile <= 8192 else MAX_WARPS
 
 
 @functools.cache
@@ -106,18 +129,23 @@ def _blocks(shape: Shape, tile: int) -> tuple[int, int, int]:
     return min(_pow2(shape.N), rest), 1, block_s
 
 
-def fused_blocks(shape: Shape) -> tuple[int, int, int] | None:
-    """Blocks holding a whole reduction in one tile, or None when it does not fit."""
+def fused_blocks(shape: Shape, backward: bool = False) -> tuple[int, int, int] | None:
+    """Blocks holding a whole reduction in one tile (for the statistics kernel, or for the
+    gradient kernel when ``backward``), or None when it does not fit."""
     if _overrides.fused is False:
         return None
+    limit = (FUSED_GRAD_TILE_BYTES if backward else FUSED_TILE_BYTES) // shape.acc_bytes
     reduced_n = 1 if shape.per_instance else _pow2(shape.N)
     extent = reduced_n * _pow2(shape.S)
-    if extent > FUSED_TILE_LIMIT:
+    if extent > limit:
         return None
-    block_c = min(_pow2(shape.C), max(1, FUSED_TILE_LIMIT // extent), 64)
+    block_c = min(_pow2(shape.C), max(1, limit // extent), 64)
     if shape.channels_fast:
-        if block_c < min(_pow2(shape.C), 4):
-            return None  # under 16-byte channel runs, loads would not coalesce: split instead
+        # Each position's run of channels must be read whole (4 channels, 16 bytes in fp32, or
+        # all of them) or shared by two adjacent programs, which run together and meet in L2.
+        # Narrower slices would fetch each sector several times: split instead.
+        if block_c < min(_pow2(shape.C), 4) and 2 * block_c < _pow2(shape.C):
+            return None
     else:
         block_c = min(block_c, max(1, 4096 // extent))  # rows per program: keep some parallelism
     return reduced_n, block_c, _pow2(shape.S)
@@ -137,14 +165,15 @@ def _split_candidates(shape: Shape, blocks: tuple[int, int, int]) -> list[int]:
     return sorted({base, max(1, base // 2), min(tiles, MAX_SPLIT, base * 2)})
 
 
-def reduction_configs(shape: Shape, fused: bool) -> list[triton.Config]:
+def reduction_configs(shape: Shape, fused: bool, backward: bool = False) -> list[triton.Config]:
     """Candidates for the statistics / gradient-sum kernels, heuristic choice first."""
     if fused:
-        blocks = fused_blocks(shape)
+        blocks = fused_blocks(shape, backward)
         assert blocks is not None
-        tile = blocks[0] * blocks[1] * blocks[2]
+        words = blocks[0] * blocks[1] * blocks[2] * shape.acc_bytes // 4  # 32-bit registers
         kw = dict(zip(("BLOCK_N", "BLOCK_C", "BLOCK_S"), blocks, strict=True), SPLIT=1)
-        return [triton.Config(kw, num_warps=w) for w in sorted({_warps(tile), 2 * _warps(tile)})]
+        warps = sorted({_warps(words), min(2 * _warps(words), MAX_WARPS)})
+        return [triton.Config(kw, num_warps=w) for w in warps]
     configs = []
     for tile in (4096, *STREAM_TILES[:-1]) if not INTERPRET else (4096,):
         blocks = _blocks(shape, tile)
@@ -159,7 +188,7 @@ def apply_configs(shape: Shape) -> list[triton.Config]:
     tiles = (4096,) if INTERPRET else (2048, 4096, 1024)
     configs = []
     for tile in tiles:
-        blocks = _blocks(Shape(shape.N, shape.C, shape.S, shape.channels_fast, True), tile)
+        blocks = _blocks(replace(shape, per_instance=True), tile)
         kw = dict(zip(("BLOCK_N", "BLOCK_C", "BLOCK_S"), blocks, strict=True))
         configs.append(triton.Config(kw, num_warps=_warps(tile)))
     return _unique(configs)
@@ -211,9 +240,9 @@ class TunedKernel:
         self._candidates = candidates
         if INTERPRET or len(candidates) == 1 or _overrides != _Overrides():
             config = candidates[0]
-            self.fn[grid](*args, **kw, **config.all_kwargs())
+            self.fn[grid](*args, **kw, **config.all_kwargs(), **LAUNCH_OPTIONS)
         else:
-            self.tuned[grid](*args, **kw)
+            self.tuned[grid](*args, **kw, **LAUNCH_OPTIONS)
             config = self.tuned.best_config
         _chosen[self.name] = describe(config)
         return config

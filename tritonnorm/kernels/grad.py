@@ -4,7 +4,30 @@ second stage that combines them into dweight, dbias and the coefficients of the 
 import triton
 import triton.language as tl
 
-from .common import group_offsets, reduce_tile, tile_offsets
+from .common import group_offsets, load_tile, reduce_tile
+
+
+@triton.jit
+def _grad_tile(
+    x_ptr, dy_ptr, n0, c0, s0, N, C, S,
+    stride_n, stride_c, stride_s,
+    dy_stride_n, dy_stride_c, dy_stride_s,
+    mean, rstd,  # [G_ROWS, BLOCK_C, 1] statistics of the tile's groups
+    acc_dtype: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    INDEX_64: tl.constexpr,
+):  # fmt: skip
+    """x_hat and dy of the tile at (n0, c0, s0), 0 outside the tensor; x's offsets and mask."""
+    x, offsets, mask = load_tile(
+        x_ptr, n0, c0, s0, N, C, S, stride_n, stride_c, stride_s, acc_dtype,
+        BLOCK_N, BLOCK_C, BLOCK_S, INDEX_64,
+    )  # fmt: skip
+    dy, _, _ = load_tile(
+        dy_ptr, n0, c0, s0, N, C, S, dy_stride_n, dy_stride_c, dy_stride_s, acc_dtype,
+        BLOCK_N, BLOCK_C, BLOCK_S, INDEX_64,
+    )  # fmt: skip
+    x_hat = tl.where(mask, (x - mean) * rstd, 0.0)
+    return x_hat, dy, offsets, mask
 
 
 @triton.jit
@@ -23,6 +46,7 @@ def _norm_grad_partial_kernel(
     FUSED: tl.constexpr,  # whole reduction in this tile: write dx from registers
     SPLIT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    INDEX_64: tl.constexpr,  # int64 element offsets (a tensor spans 2**30 elements or more)
 ):  # fmt: skip
     acc_dtype = partial_ptr.dtype.element_ty
     G_ROWS: tl.constexpr = BLOCK_N if PER_INSTANCE else 1
@@ -37,26 +61,11 @@ def _norm_grad_partial_kernel(
     rstd = tl.load(rstd_ptr + stats, mask=stats_mask, other=0.0)[:, :, None]
 
     if FUSED:
-        offsets, mask = tile_offsets(
-            n_first, c0, 0, N, C, S, stride_n, stride_c, stride_s, BLOCK_N, BLOCK_C, BLOCK_S
-        )
-        dy_offsets, _ = tile_offsets(
-            n_first,
-            c0,
-            0,
-            N,
-            C,
-            S,
-            dy_stride_n,
-            dy_stride_c,
-            dy_stride_s,
-            BLOCK_N,
-            BLOCK_C,
-            BLOCK_S,
-        )
-        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(acc_dtype)
-        dy = tl.load(dy_ptr + dy_offsets, mask=mask, other=0.0).to(acc_dtype)
-        x_hat = tl.where(mask, (x - mean) * rstd, 0.0)
+        x_hat, dy, offsets, mask = _grad_tile(
+            x_ptr, dy_ptr, n_first, c0, 0, N, C, S, stride_n, stride_c, stride_s,
+            dy_stride_n, dy_stride_c, dy_stride_s, mean, rstd, acc_dtype,
+            BLOCK_N, BLOCK_C, BLOCK_S, INDEX_64,
+        )  # fmt: skip
         sum_dy = reduce_tile(dy, PER_INSTANCE)
         sum_dy_xhat = reduce_tile(dy * x_hat, PER_INSTANCE)
         count = tl.zeros([G_ROWS, BLOCK_C], acc_dtype) + (S if PER_INSTANCE else N * S)
@@ -78,26 +87,11 @@ def _norm_grad_partial_kernel(
         for t in range(t_begin, t_end):
             n0 = n_first + (t // num_s_tiles) * BLOCK_N
             s0 = (t % num_s_tiles) * BLOCK_S
-            offsets, mask = tile_offsets(
-                n0, c0, s0, N, C, S, stride_n, stride_c, stride_s, BLOCK_N, BLOCK_C, BLOCK_S
-            )
-            dy_offsets, _ = tile_offsets(
-                n0,
-                c0,
-                s0,
-                N,
-                C,
-                S,
-                dy_stride_n,
-                dy_stride_c,
-                dy_stride_s,
-                BLOCK_N,
-                BLOCK_C,
-                BLOCK_S,
-            )
-            x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(acc_dtype)
-            dy = tl.load(dy_ptr + dy_offsets, mask=mask, other=0.0).to(acc_dtype)
-            x_hat = tl.where(mask, (x - mean) * rstd, 0.0)
+            x_hat, dy, _, _ = _grad_tile(
+                x_ptr, dy_ptr, n0, c0, s0, N, C, S, stride_n, stride_c, stride_s,
+                dy_stride_n, dy_stride_c, dy_stride_s, mean, rstd, acc_dtype,
+                BLOCK_N, BLOCK_C, BLOCK_S, INDEX_64,
+            )  # fmt: skip
             sum_dy += reduce_tile(dy, PER_INSTANCE)
             sum_dy_xhat += reduce_tile(dy * x_hat, PER_INSTANCE)
 

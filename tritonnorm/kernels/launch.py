@@ -49,9 +49,16 @@ class View:
     def strides(self) -> tuple[int, int, int]:
         return self.stride_n, self.stride_c, self.stride_s
 
-    def shape(self, per_instance: bool) -> config.Shape:
+    @property
+    def span(self) -> int:
+        """Elements from the first to the last one addressed, plus one."""
+        sizes = (self.N, self.C, self.S)
+        return 1 + sum((n - 1) * abs(st) for n, st in zip(sizes, self.strides, strict=True))
+
+    def shape(self, per_instance: bool, dtype: torch.dtype) -> config.Shape:
         channels_fast = self.S == 1 or (self.stride_c == 1 and self.C > 1)
-        return config.Shape(self.N, self.C, self.S, channels_fast, per_instance)
+        acc_bytes = acc_dtype(dtype).itemsize
+        return config.Shape(self.N, self.C, self.S, channels_fast, per_instance, acc_bytes)
 
 
 def _flat_view(t: torch.Tensor) -> View | None:
@@ -112,8 +119,12 @@ def _kept_blocks(view: View, per_instance: bool, meta: dict) -> int:
     return blocks * triton.cdiv(view.N, meta["BLOCK_N"]) if per_instance else blocks
 
 
-def _fused(view: View, per_instance: bool) -> bool:
-    return config.fused_blocks(view.shape(per_instance)) is not None
+def _fused(view: View, per_instance: bool, dtype: torch.dtype, backward: bool = False) -> bool:
+    return config.fused_blocks(view.shape(per_instance, dtype), backward) is not None
+
+
+def _index_64(*views: View | None) -> bool:
+    return config.index_64(max(v.span for v in views if v is not None))
 
 
 def stats_partials(
@@ -121,7 +132,7 @@ def stats_partials(
 ) -> tuple[torch.Tensor, int]:
     """Partials (3, P, G, C) of (count, mean, M2) and P. With ``fused_out = (y, weight, bias,
     eps)`` the reduction must fit one tile and y is written too."""
-    shape = view.shape(per_instance)
+    shape = view.shape(per_instance, x.dtype)
     fused = fused_out is not None
     candidates = config.reduction_configs(shape, fused)
     max_split = max(c.kwargs["SPLIT"] for c in candidates)
@@ -137,7 +148,7 @@ def stats_partials(
         view.N, view.C, view.S, *view.strides,
         partials.stride(0), partials.stride(1),
         eps,
-        PER_INSTANCE=per_instance, FUSED=fused,
+        PER_INSTANCE=per_instance, FUSED=fused, INDEX_64=_index_64(view),
     )  # fmt: skip
     return partials, used.kwargs["SPLIT"]
 
@@ -175,7 +186,7 @@ def finalize_stats(
         combined, mean, rstd, coef, weight, bias,
         running_mean, running_var, new_mean, new_var,
         groups, C, momentum, eps,
-        FROM_RUNNING=from_running, BLOCK_C=_FINALIZE_BLOCK_C,
+        FROM_RUNNING=from_running, BLOCK_C=_FINALIZE_BLOCK_C, **config.LAUNCH_OPTIONS,
     )  # fmt: skip
     return mean, rstd, coef, combined
 
@@ -190,7 +201,7 @@ def apply(
     dy_view: View | None = None,
 ) -> None:
     """out = k_x * (x - mu) + k_dy * dy + k_c, out with x's strides."""
-    shape = view.shape(per_instance)
+    shape = view.shape(per_instance, out.dtype)
     dy_strides = dy_view.strides if dy_view is not None else (0, 0, 0)
     _apply.launch(
         lambda meta: (
@@ -202,6 +213,7 @@ def apply(
         x, dy, out, coef,
         view.N, view.C, view.S, *view.strides, *dy_strides,
         PER_INSTANCE=per_instance, HAS_X=x is not None, HAS_DY=dy is not None,
+        INDEX_64=_index_64(view, dy_view),
     )  # fmt: skip
 
 
@@ -240,7 +252,7 @@ def forward(
         )  # fmt: skip
         apply(y, view, coef, False, x)
         return y, mean, rstd
-    fused = _fused(view, per_instance)
+    fused = _fused(view, per_instance, x.dtype)
     partials, num_partials = stats_partials(
         x, view, per_instance, (y, weight, bias, eps) if fused else None
     )
@@ -265,9 +277,9 @@ def grad_partials(
 ) -> tuple[torch.Tensor, int]:
     """Partials (2, P, G, C) of sum(dy) and sum(dy * x_hat), and P. With ``fused_out = (dx,
     weight)`` the reduction must fit one tile and dx is written too."""
-    shape = view.shape(per_instance)
+    shape = view.shape(per_instance, x.dtype)
     fused = fused_out is not None
-    candidates = config.reduction_configs(shape, fused)
+    candidates = config.reduction_configs(shape, fused, backward=True)
     max_split = max(c.kwargs["SPLIT"] for c in candidates)
     groups = view.N if per_instance else 1
     partials = torch.empty((2, max_split, groups, view.C), dtype=mean.dtype, device=x.device)
@@ -278,7 +290,7 @@ def grad_partials(
         x, dy, dx, mean, rstd, weight, partials,
         view.N, view.C, view.S, *view.strides, *dy_view.strides,
         partials.stride(0), partials.stride(1),
-        PER_INSTANCE=per_instance, FUSED=fused,
+        PER_INSTANCE=per_instance, FUSED=fused, INDEX_64=_index_64(view, dy_view),
     )  # fmt: skip
     return partials, used.kwargs["SPLIT"]
 
@@ -309,7 +321,7 @@ def finalize_grad(
         partials.stride(1) if partials is not None else 0,
         mean, rstd, weight, dweight, dbias, coef,
         groups, C, max(count, 1),
-        USE_INPUT_STATS=use_input_stats, BLOCK_C=_FINALIZE_BLOCK_C,
+        USE_INPUT_STATS=use_input_stats, BLOCK_C=_FINALIZE_BLOCK_C, **config.LAUNCH_OPTIONS,
     )  # fmt: skip
     return dweight, dbias, coef
 
@@ -338,7 +350,7 @@ def backward(
         )
     dy, dy_view = grad_view(dy, x, view)
     count = view.S if per_instance else view.N * view.S
-    if use_input_stats and _fused(view, per_instance):
+    if use_input_stats and _fused(view, per_instance, x.dtype, backward=True):
         partials, num_partials = grad_partials(
             dy, dy_view, x, view, mean, rstd, per_instance, (dx, weight)
         )

@@ -5,7 +5,7 @@ per-group coefficients of the apply pass."""
 import triton
 import triton.language as tl
 
-from .common import chan_combine, group_offsets, inverse_std, tile_offsets, tile_summary
+from .common import chan_combine, group_offsets, inverse_std, load_tile, tile_summary
 
 
 @triton.jit
@@ -23,6 +23,7 @@ def _norm_stats_partial_kernel(
     FUSED: tl.constexpr,  # the whole reduction is this tile: normalise in registers, write y
     SPLIT: tl.constexpr,  # programs sharing one group's reduction
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    INDEX_64: tl.constexpr,  # int64 element offsets (the tensor spans 2**30 elements or more)
 ):  # fmt: skip
     acc_dtype = partial_ptr.dtype.element_ty
     G_ROWS: tl.constexpr = BLOCK_N if PER_INSTANCE else 1
@@ -34,10 +35,10 @@ def _norm_stats_partial_kernel(
     num_s_tiles = tl.cdiv(S, BLOCK_S)
 
     if FUSED:
-        offsets, mask = tile_offsets(
-            n_first, c0, 0, N, C, S, stride_n, stride_c, stride_s, BLOCK_N, BLOCK_C, BLOCK_S
-        )
-        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(acc_dtype)
+        x, offsets, mask = load_tile(
+            x_ptr, n_first, c0, 0, N, C, S, stride_n, stride_c, stride_s, acc_dtype,
+            BLOCK_N, BLOCK_C, BLOCK_S, INDEX_64,
+        )  # fmt: skip
         count = tl.zeros([G_ROWS, BLOCK_C], acc_dtype) + (S if PER_INSTANCE else N * S)
         mean, m2 = tile_summary(x, mask, count, PER_INSTANCE)
         scale = inverse_std(count, m2, eps)
@@ -59,10 +60,10 @@ def _norm_stats_partial_kernel(
         for t in range(t_begin, t_end):
             n0 = n_first + (t // num_s_tiles) * BLOCK_N
             s0 = (t % num_s_tiles) * BLOCK_S
-            offsets, mask = tile_offsets(
-                n0, c0, s0, N, C, S, stride_n, stride_c, stride_s, BLOCK_N, BLOCK_C, BLOCK_S
-            )
-            x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(acc_dtype)
+            x, _, mask = load_tile(
+                x_ptr, n0, c0, s0, N, C, S, stride_n, stride_c, stride_s, acc_dtype,
+                BLOCK_N, BLOCK_C, BLOCK_S, INDEX_64,
+            )  # fmt: skip
             valid_s = tl.minimum(S - s0, BLOCK_S)
             tile_count = valid_s if PER_INSTANCE else tl.minimum(N - n0, BLOCK_N) * valid_s
             tile_count = tl.zeros([G_ROWS, BLOCK_C], acc_dtype) + tile_count
