@@ -41,7 +41,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.driver import driver
 
-from perf.shapes import SETS, Shape
+from perf.ops import DTYPES
+from perf.shapes import SETS, Shape, shape_str
 
 # Hopper (H100/H200): SM count, and the per-SM limits that bound occupancy.
 TARGETS = {
@@ -238,7 +239,6 @@ EXTRA_SHAPES: dict[str, list[Shape]] = {
     "bn": [(8, 16, 32, 32), (64, 512), (16, 96, 127), (2, 3, 64, 128), (4, 40, 9, 9)],
     "in": [(4, 64, 64, 64), (8, 32, 127), (2, 8, 16, 16, 16), (2, 3, 5, 7), (2, 4, 160, 256)],
 }
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def scenarios(shape_set: str) -> Iterator[tuple[str, Callable[[], None]]]:
@@ -253,7 +253,7 @@ def scenarios(shape_set: str) -> Iterator[tuple[str, Callable[[], None]]]:
         for layout in layouts:
             for shape in bn_shapes:
                 x = _meta(shape, dtype, layout)
-                tag = f"{'x'.join(map(str, shape))} {layout} {dname}"
+                tag = f"{shape_str(shape)} {layout} {dname}"
                 yield (
                     f"bn train {tag}",
                     lambda x=x, d=dtype: _run_norm(x, False, True, True, True, d, True),
@@ -264,7 +264,7 @@ def scenarios(shape_set: str) -> Iterator[tuple[str, Callable[[], None]]]:
                 )
             for shape in in_shapes:
                 x = _meta(shape, dtype, layout)
-                tag = f"{'x'.join(map(str, shape))} {layout} {dname}"
+                tag = f"{shape_str(shape)} {layout} {dname}"
                 yield (
                     f"in {tag}",
                     lambda x=x, d=dtype: _run_norm(x, True, True, True, False, d, True),
@@ -276,7 +276,7 @@ def scenarios(shape_set: str) -> Iterator[tuple[str, Callable[[], None]]]:
         for dname, dtype in DTYPES.items():
             for layout in layouts:
                 x = _meta(shape, dtype, layout)
-                tag = f"{'x'.join(map(str, shape))} {layout} {dname}"
+                tag = f"{shape_str(shape)} {layout} {dname}"
                 for per_instance in (False, True):
                     kind = "in" if per_instance else "bn"
                     yield (
