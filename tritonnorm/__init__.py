@@ -1,45 +1,24 @@
-"""tritonnorm: BatchNorm and InstanceNorm as Triton kernels, drop-in for torch.
+"""tritonnorm: BatchNorm, InstanceNorm and GroupNorm as Triton kernels, drop-in for torch.
 
 Layers: ``tritonnorm.kernels`` (Triton kernels and launchers) -> ``tritonnorm.ops`` (custom ops,
 autograd) and ``tritonnorm.functional`` (torch.nn.functional signatures) -> ``tritonnorm.modules``
-(torch.nn subclasses).
+(torch.nn subclasses), ``tritonnorm.sync`` (SyncBatchNorm) and ``tritonnorm.conversion``
+(``convert``).
 """
 
-from .functional import batch_norm, instance_norm
-from .modules import (
-    BatchNorm1d,
-    BatchNorm2d,
-    BatchNorm3d,
-    InstanceNorm1d,
-    InstanceNorm2d,
-    InstanceNorm3d,
-    LazyBatchNorm1d,
-    LazyBatchNorm2d,
-    LazyBatchNorm3d,
-    LazyInstanceNorm1d,
-    LazyInstanceNorm2d,
-    LazyInstanceNorm3d,
-    convert,
-)
+from . import modules
+from .conversion import convert
+from .functional import batch_norm, group_norm, instance_norm
+from .modules import *  # noqa: F403 (the module classes, listed in modules.__all__)
 from .sync import SyncBatchNorm
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BatchNorm1d",
-    "BatchNorm2d",
-    "BatchNorm3d",
-    "InstanceNorm1d",
-    "InstanceNorm2d",
-    "InstanceNorm3d",
-    "LazyBatchNorm1d",
-    "LazyBatchNorm2d",
-    "LazyBatchNorm3d",
-    "LazyInstanceNorm1d",
-    "LazyInstanceNorm2d",
-    "LazyInstanceNorm3d",
+    *modules.__all__,
     "SyncBatchNorm",
     "batch_norm",
     "convert",
+    "group_norm",
     "instance_norm",
 ]

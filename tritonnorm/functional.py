@@ -32,11 +32,12 @@ def batch_norm(
     """Batch normalisation, as :func:`torch.nn.functional.batch_norm`: per-channel statistics
     over the batch and spatial axes (training), or the running statistics (eval)."""
     validation.check_batch_norm(input, running_mean, running_var, weight, bias, training, eps)
-    if not runs_triton(input):
+    if not runs_triton(input) or input.dim() == 1:  # 1-D: only an empty input passes the checks
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     return ops.normalize(
-        input, weight, bias, running_mean, running_var, training, False, float(momentum), float(eps)
-    )
+        input, weight, bias, running_mean, running_var, use_input_stats=training,
+        reduce_batch=True, momentum=momentum, eps=eps,
+    )  # fmt: skip
 
 
 def instance_norm(
@@ -60,6 +61,26 @@ def instance_norm(
             input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps
         )
     return ops.normalize(
-        input, weight, bias, running_mean, running_var, use_input_stats, True,
-        float(momentum), float(eps),
+        input, weight, bias, running_mean, running_var, use_input_stats=use_input_stats,
+        reduce_batch=False, momentum=momentum, eps=eps,
+    )  # fmt: skip
+
+
+def group_norm(
+    input: Tensor,
+    num_groups: int,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Group normalisation, as :func:`torch.nn.functional.group_norm`: statistics per (sample,
+    group of C / num_groups consecutive channels) over the group's channels and the spatial axes;
+    weight and bias per channel. ``num_groups=1`` is LayerNorm over (C, *spatial); ``num_groups=C``
+    is InstanceNorm without running statistics."""
+    validation.check_group_norm(input, num_groups, weight, bias, eps)
+    if not runs_triton(input):
+        return F.group_norm(input, num_groups, weight, bias, eps)
+    return ops.normalize(
+        input, weight, bias, use_input_stats=True, reduce_batch=False, num_groups=num_groups,
+        eps=eps,
     )  # fmt: skip

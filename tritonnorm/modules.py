@@ -1,7 +1,7 @@
 """Drop-in modules: subclasses of torch's norm modules whose ``forward`` runs tritonnorm.
 
 Constructor arguments, parameters, buffers, ``state_dict`` keys, ``repr`` and
-``reset_parameters`` are torch's own; one mixin supplies the forward of all twelve classes.
+``reset_parameters`` are torch's own; one mixin supplies the forward of all thirteen classes.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from . import validation
-from .functional import batch_norm, instance_norm
+from .functional import batch_norm, group_norm, instance_norm
 
 
 def count_batch(module: nn.Module) -> float:
@@ -32,6 +32,8 @@ class TritonNormMixin:
     semantics; inputs are checked before num_batches_tracked or running statistics change."""
 
     def forward(self, input: Tensor) -> Tensor:
+        if isinstance(self, nn.GroupNorm):
+            return group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
         self._check_input_dim(input)
         if isinstance(self, _InstanceNorm):
             return self._instance_norm_forward(input)
@@ -74,6 +76,10 @@ class TritonNormMixin:
             self.eps,
         )  # fmt: skip
         return y.squeeze(0) if unbatched else y
+
+
+class GroupNorm(TritonNormMixin, nn.GroupNorm):
+    pass
 
 
 class BatchNorm1d(TritonNormMixin, nn.BatchNorm1d):
@@ -125,48 +131,27 @@ class LazyInstanceNorm3d(TritonNormMixin, nn.LazyInstanceNorm3d):
     cls_to_become = InstanceNorm3d
 
 
-_REPLACEMENTS: dict[type, type] = {
+MODULES = (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    InstanceNorm1d,
+    InstanceNorm2d,
+    InstanceNorm3d,
+    LazyBatchNorm1d,
+    LazyBatchNorm2d,
+    LazyBatchNorm3d,
+    LazyInstanceNorm1d,
+    LazyInstanceNorm2d,
+    LazyInstanceNorm3d,
+    GroupNorm,
+)
+__all__ = [cls.__name__ for cls in MODULES]
+
+# torch class -> its tritonnorm subclass (what `tritonnorm.convert` swaps)
+REPLACEMENTS: dict[type, type] = {
     torch_cls: tn_cls
-    for tn_cls in (
-        BatchNorm1d,
-        BatchNorm2d,
-        BatchNorm3d,
-        InstanceNorm1d,
-        InstanceNorm2d,
-        InstanceNorm3d,
-        LazyBatchNorm1d,
-        LazyBatchNorm2d,
-        LazyBatchNorm3d,
-        LazyInstanceNorm1d,
-        LazyInstanceNorm2d,
-        LazyInstanceNorm3d,
-    )
+    for tn_cls in MODULES
     for torch_cls in tn_cls.__bases__
     if torch_cls is not TritonNormMixin
 }
-
-
-def convert(model: nn.Module, sync: bool = False) -> nn.Module:
-    """Swap every torch BatchNorm{1,2,3}d / InstanceNorm{1,2,3}d (and Lazy) module of ``model``
-    (``model`` itself included) for its tritonnorm class, in place. The module objects stay the
-    same, so parameters, buffers, hooks, device, dtype and train/eval state are kept; subclasses
-    of those classes and SyncBatchNorm are left alone (without ``sync``).
-
-    With ``sync=True``, BatchNorm layers instead become :class:`tritonnorm.SyncBatchNorm` through
-    :meth:`tritonnorm.SyncBatchNorm.convert_sync_batchnorm` (default process group): torch's or
-    tritonnorm's BatchNorm1d/2d/3d, their subclasses and torch's SyncBatchNorm, as torch's
-    ``convert_sync_batchnorm`` does. Those are NEW module objects sharing the old parameters and
-    buffers, with the same train/eval state (hooks are not carried over); InstanceNorm layers are
-    swapped in place as above.
-
-    Returns the model: ``model`` itself, or with ``sync=True`` a new module when ``model`` is a
-    BatchNorm layer, so always use the return value."""
-    if sync:
-        from .sync import SyncBatchNorm
-
-        model = SyncBatchNorm.convert_sync_batchnorm(model)
-    for module in model.modules():
-        replacement = _REPLACEMENTS.get(type(module))
-        if replacement is not None:
-            module.__class__ = replacement
-    return model

@@ -13,9 +13,8 @@ from torch import Tensor
 from .kernels import launch
 
 
-def _per_group(input: Tensor, use_input_stats: bool, per_instance: bool) -> tuple[int, int]:
-    groups = input.shape[0] if per_instance and use_input_stats else 1
-    return groups, input.shape[1]
+def _norm(use_input_stats: bool, reduce_batch: bool, num_groups: int) -> launch.Norm:
+    return launch.Norm(reduce_batch, num_groups, use_input_stats)
 
 
 @torch.library.custom_op("tritonnorm::norm_forward", mutates_args=())
@@ -26,14 +25,15 @@ def norm_forward(
     running_mean: Tensor | None,
     running_var: Tensor | None,
     use_input_stats: bool,
-    per_instance: bool,
+    reduce_batch: bool,
+    num_groups: int,
     momentum: float,
     eps: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Normalise (N, C, *spatial) input. Returns y; the (G, C) mean and 1/sqrt(var + eps) used
-    (G = N for per-instance input statistics, else 1); and the updated running mean and var
-    (empty when there is nothing to update). Functional, as autograd requires: the caller
-    copies the new running statistics into its buffers (:func:`normalize`)."""
+    """Normalise (N, C, *spatial) input (see :class:`launch.Norm` for the last five settings).
+    Returns y; the (rows, groups) mean and 1/sqrt(var + eps) used; and the updated running mean
+    and var (empty when there is nothing to update). Functional, as autograd requires: the
+    caller copies the new running statistics into its buffers (:func:`normalize`)."""
     weight = weight.contiguous() if weight is not None else None
     bias = bias.contiguous() if bias is not None else None
     new_mean, new_var = _new_running(input, running_mean, running_var, use_input_stats)
@@ -44,7 +44,8 @@ def norm_forward(
         input, weight, bias,
         running_mean.contiguous() if running_mean is not None else None,
         running_var.contiguous() if running_var is not None else None,
-        use_input_stats, per_instance, momentum, eps, running_out,
+        norm=_norm(use_input_stats, reduce_batch, num_groups), momentum=momentum, eps=eps,
+        running_out=running_out,
     )  # fmt: skip
     return y, mean, rstd, new_mean, new_var
 
@@ -58,15 +59,19 @@ def _new_running(input, running_mean, running_var, use_input_stats) -> tuple[Ten
     return input.new_empty(0), input.new_empty(0)
 
 
+def _output_like(input: Tensor) -> Tensor:
+    return torch.empty_like(input if launch.is_dense(input) else input.contiguous())
+
+
 @norm_forward.register_fake
 def _norm_forward_fake(
-    input, weight, bias, running_mean, running_var, use_input_stats, per_instance, momentum, eps
-):
-    y = torch.empty_like(input if launch.is_dense(input) else input.contiguous())
-    shape = _per_group(input, use_input_stats, per_instance)
+    input, weight, bias, running_mean, running_var, use_input_stats, reduce_batch, num_groups,
+    momentum, eps,
+):  # fmt: skip
+    shape = _norm(use_input_stats, reduce_batch, num_groups).stats_shape(input.shape)
     mean = input.new_empty(shape, dtype=launch.acc_dtype(input.dtype))
     return (
-        y,
+        _output_like(input),
         mean,
         torch.empty_like(mean),
         *_new_running(input, running_mean, running_var, use_input_stats),
@@ -75,19 +80,21 @@ def _norm_forward_fake(
 
 def normalize(
     input: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    *,
     use_input_stats: bool,
-    per_instance: bool,
-    momentum: float,
+    reduce_batch: bool,
+    num_groups: int = 0,
+    momentum: float = 0.0,
     eps: float,
 ) -> Tensor:
     """norm_forward, then the running statistics copied into their buffers (one launch)."""
     y, _, _, new_mean, new_var = norm_forward(
-        input, weight, bias, running_mean, running_var, use_input_stats, per_instance,
-        momentum, eps,
+        input, weight, bias, running_mean, running_var, use_input_stats, reduce_batch,
+        num_groups, float(momentum), float(eps),
     )  # fmt: skip
     if new_mean.numel():
         with torch.no_grad():
@@ -103,15 +110,17 @@ def norm_backward(
     mean: Tensor,
     rstd: Tensor,
     use_input_stats: bool,
-    per_instance: bool,
+    reduce_batch: bool,
+    num_groups: int,
     param_grads: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """grad_input (input's layout), and grad_weight, grad_bias ((C,) in weight's dtype, or empty
     when ``param_grads`` is False)."""
     weight = weight.contiguous() if weight is not None else None
     dx, dweight, dbias = launch.backward(
-        grad_output, input, weight, mean, rstd, use_input_stats, per_instance, param_grads
-    )
+        grad_output, input, weight, mean, rstd,
+        norm=_norm(use_input_stats, reduce_batch, num_groups), param_grads=param_grads,
+    )  # fmt: skip
     if not param_grads:
         dweight, dbias = mean.new_empty(0), mean.new_empty(0)
     return dx, dweight, dbias
@@ -119,20 +128,20 @@ def norm_backward(
 
 @norm_backward.register_fake
 def _norm_backward_fake(
-    grad_output, input, weight, mean, rstd, use_input_stats, per_instance, param_grads
-):
-    dx = torch.empty_like(input if launch.is_dense(input) else input.contiguous())
+    grad_output, input, weight, mean, rstd, use_input_stats, reduce_batch, num_groups,
+    param_grads,
+):  # fmt: skip
     numel = input.shape[1] if param_grads else 0
     dtype = weight.dtype if weight is not None and param_grads else mean.dtype
-    return dx, mean.new_empty(numel, dtype=dtype), mean.new_empty(numel, dtype=dtype)
+    grad_param = mean.new_empty(numel, dtype=dtype)
+    return _output_like(input), grad_param, torch.empty_like(grad_param)
 
 
 def _setup_context(ctx, inputs, output):
-    input, weight, bias, _, _, use_input_stats, per_instance, _, _ = inputs
+    input, weight, bias, _, _, use_input_stats, reduce_batch, num_groups, _, _ = inputs
     _, mean, rstd, new_mean, new_var = output
     ctx.save_for_backward(input, weight, mean, rstd)
-    ctx.use_input_stats = use_input_stats
-    ctx.per_instance = per_instance
+    ctx.settings = (use_input_stats, reduce_batch, num_groups)
     ctx.bias_dtype = bias.dtype if bias is not None else None
     ctx.mark_non_differentiable(mean, rstd, new_mean, new_var)
 
@@ -141,15 +150,14 @@ def _backward(ctx, grad_y, *_grad_statistics):
     input, weight, mean, rstd = ctx.saved_tensors
     needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
     dx, dweight, dbias = norm_backward(
-        grad_y, input, weight, mean, rstd, ctx.use_input_stats, ctx.per_instance,
-        needs_weight or needs_bias,
-    )  # fmt: skip
+        grad_y, input, weight, mean, rstd, *ctx.settings, needs_weight or needs_bias
+    )
     return (
         dx if needs_input else None,
         dweight if needs_weight else None,
         dbias.to(ctx.bias_dtype) if needs_bias else None,
-        None, None, None, None, None, None,
-    )  # fmt: skip
+        *([None] * 7),
+    )
 
 
 torch.library.register_autograd("tritonnorm::norm_forward", _backward, setup_context=_setup_context)
@@ -158,20 +166,25 @@ OPS = [torch.ops.tritonnorm.norm_forward.default, torch.ops.tritonnorm.norm_back
 
 
 def sample_opcheck_inputs(device: str | torch.device) -> list[tuple]:
-    """(op, args, kwargs) samples for ``torch.library.opcheck``: BN train/eval, IN, channels last."""
+    """(op, args, kwargs) samples for ``torch.library.opcheck``: BN train/eval, IN, GN,
+    channels last, and the backward."""
     make = lambda *shape: torch.randn(*shape, device=device)
     x = make(3, 4, 5, 6)
     x_cl = x.to(memory_format=torch.channels_last)
     w, b = make(4).requires_grad_(), make(4).requires_grad_()
     running = lambda: (torch.zeros(4, device=device), torch.ones(4, device=device))
     fwd = torch.ops.tritonnorm.norm_forward.default
+    bn, inst, gn = (True, 0), (False, 0), (False, 2)  # (reduce_batch, num_groups)
     samples = [
-        (fwd, (x.clone().requires_grad_(), w, b, *running(), True, False, 0.1, 1e-5), {}),
-        (fwd, (x_cl.clone().requires_grad_(), w, b, *running(), True, True, 0.1, 1e-5), {}),
-        (fwd, (x.clone().requires_grad_(), None, None, *running(), False, False, 0.1, 1e-5), {}),
-        (fwd, (make(2, 4, 7).requires_grad_(), None, None, None, None, True, True, 0.1, 1e-5), {}),
+        (fwd, (x.clone().requires_grad_(), w, b, *running(), True, *bn, 0.1, 1e-5), {}),
+        (fwd, (x_cl.clone().requires_grad_(), w, b, *running(), True, *inst, 0.1, 1e-5), {}),
+        (fwd, (x.clone().requires_grad_(), None, None, *running(), False, *bn, 0.1, 1e-5), {}),
+        (fwd, (make(2, 4, 7).requires_grad_(), None, None, None, None, True, *inst, 0.1, 1e-5), {}),
+        (fwd, (x_cl.clone().requires_grad_(), w, b, None, None, True, *gn, 0.0, 1e-5), {}),
     ]
-    y, mean, rstd, _, _ = fwd(x, w, b, None, None, True, False, 0.1, 1e-5)
+    y, mean, rstd, _, _ = fwd(x, w, b, None, None, True, *bn, 0.1, 1e-5)
     bwd = torch.ops.tritonnorm.norm_backward.default
-    samples.append((bwd, (torch.randn_like(y), x, w.detach(), mean, rstd, True, False, True), {}))
+    samples.append((bwd, (torch.randn_like(y), x, w.detach(), mean, rstd, True, *bn, True), {}))
+    y, mean, rstd, _, _ = fwd(x, w, b, None, None, True, *gn, 0.0, 1e-5)
+    samples.append((bwd, (torch.randn_like(y), x, w.detach(), mean, rstd, True, *gn, True), {}))
     return samples

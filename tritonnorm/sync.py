@@ -33,6 +33,7 @@ from .kernels import launch
 from .modules import count_batch
 
 _OP = "sync_batch_norm"
+_BATCH_NORM = launch.Norm(reduce_batch=True)
 
 
 class SyncBatchNorm(nn.SyncBatchNorm):
@@ -175,9 +176,16 @@ def _all_gather(t: Tensor, process_group, world_size: int, single: bool | None =
     return torch.stack(parts)
 
 
+def _global_count(gathered: Tensor) -> int:
+    """The global batch's values per channel, read on the host (a device sync, as torch's): the
+    dx pass takes it as a number."""
+    return round(gathered[:, 0, 0].double().sum().item())
+
+
 def _as_partials(gathered: Tensor) -> Tensor:
-    """(world, K, C) gathered summaries seen as the kernels' (K, P = world, G = 1, C) partials:
-    rank r is partial r, and each (G, C) block is contiguous as the finalize kernels require."""
+    """(world, K, C) gathered summaries seen as the kernels' (K, P = world, rows = 1, C)
+    partials: rank r is partial r, and each (rows, C) block is contiguous as the finalize kernels
+    require."""
     return gathered.permute(1, 0, 2).unsqueeze(2)
 
 
@@ -207,28 +215,23 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     ):
         weight = weight.contiguous() if weight is not None else None
         bias_c = bias.contiguous() if bias is not None else None
-        C = input.shape[1]
-        dtype = launch.acc_dtype(input.dtype)
-        device = input.device
-        x, view = launch.input_view(input, per_instance=False)
+        x, red = launch.plan(input, _BATCH_NORM)
         if x.numel() > 0:
-            partials, num_partials = launch.stats_partials(x, view, False)
+            partials, num_partials = launch.stats_partials(x, red)
             _, _, _, local = launch.finalize_stats(
-                partials, num_partials, C, 1, None, None, None, None, 0.0, eps, dtype, device,
-                want_combined=True,
-            )  # fmt: skip
+                red, partials, num_partials, weight=None, bias=None, eps=eps, want_combined=True
+            )
         else:  # an empty batch: count 0, neutral in Chan's combination; still gathered
-            local = torch.zeros((3, 1, C), dtype=dtype, device=device)
-        gathered = _all_gather(local.view(3, C), process_group, world_size)  # (world, 3, C)
-        # Host sync, as torch's: the dx pass needs the global count as a number.
-        global_count = round(gathered[:, 0, 0].double().sum().item())
+            local = torch.zeros((3, 1, red.view.C), dtype=red.acc_dtype, device=input.device)
+        gathered = _all_gather(local.view(3, -1), process_group, world_size)  # (world, 3, C)
+        global_count = _global_count(gathered)
 
         update = global_count > 0  # a globally empty batch changes no running statistic
         rm = _contiguous_or_none(running_mean if update else None)
         rv = _contiguous_or_none(running_var if update else None)
         mean, rstd, coef, _ = launch.finalize_stats(
-            _as_partials(gathered), world_size, C, 1, weight, bias_c, rm, rv, momentum, eps,
-            dtype, device,
+            red, _as_partials(gathered), world_size, weight=weight, bias=bias_c, eps=eps,
+            running=(rm, rv), momentum=momentum,
         )  # fmt: skip
         if rm is not None and rm is not running_mean:
             running_mean.copy_(rm)
@@ -237,9 +240,9 @@ class _SyncBatchNormFunction(torch.autograd.Function):
 
         y = torch.empty_like(x)
         if x.numel() > 0:
-            launch.apply(y, view, coef, False, x)
+            launch.apply(y, red, coef, x=x)
         ctx.save_for_backward(x, weight, mean, rstd)
-        ctx.view = view
+        ctx.reduction = red
         ctx.process_group = process_group
         ctx.world_size = world_size
         ctx.global_count = global_count
@@ -250,18 +253,18 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         x, weight, mean, rstd = ctx.saved_tensors
         needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
-        view = ctx.view
-        C = x.shape[1]
+        red = ctx.reduction
         if x.numel() > 0:
-            dy, dy_view = launch.grad_view(grad_output, x, view)
-            partials, num_partials = launch.grad_partials(dy, dy_view, x, view, mean, rstd, False)
+            dy, dy_view = launch.grad_view(grad_output, x, red.view)
+            partials, num_partials = launch.grad_partials(dy, dy_view, x, red, mean, rstd)
             # weight=None: the local sums in the statistics' dtype, summed in a fixed order.
             sum_dy_xhat, sum_dy, _ = launch.finalize_grad(
-                partials, num_partials, mean, rstd, None, view.N * view.S, True, False, True
-            )
+                red, partials, num_partials, mean, rstd, weight=None, want_dx_coef=False,
+                want_param_grads=True,
+            )  # fmt: skip
         else:  # still takes part in the collective, or the other ranks would wait forever
             dy = dy_view = None
-            sum_dy_xhat = sum_dy = torch.zeros(C, dtype=mean.dtype, device=x.device)
+            sum_dy_xhat = sum_dy = torch.zeros(red.view.C, dtype=mean.dtype, device=x.device)
 
         grad_input = None
         if needs_input:  # as torch: the collective only when the input gradient is wanted
@@ -270,10 +273,10 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             grad_input = torch.empty_like(x)
             if x.numel() > 0:
                 _, _, coef = launch.finalize_grad(
-                    _as_partials(gathered), ctx.world_size, mean, rstd, weight, ctx.global_count,
-                    True, want_dx_coef=True, want_param_grads=False,
+                    red, _as_partials(gathered), ctx.world_size, mean, rstd, weight=weight,
+                    want_dx_coef=True, want_param_grads=False, count=ctx.global_count,
                 )  # fmt: skip
-                launch.apply(grad_input, view, coef, False, x, dy, dy_view)
+                launch.apply(grad_input, red, coef, x=x, dy=dy, dy_view=dy_view)
         # Parameter gradients from the local sums (torch's semantics; DDP averages them).
         grad_weight = sum_dy_xhat.to(weight.dtype) if needs_weight and weight is not None else None
         grad_bias = sum_dy.to(ctx.bias_dtype) if needs_bias and ctx.bias_dtype is not None else None

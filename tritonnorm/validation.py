@@ -18,11 +18,16 @@ class UnsupportedDtypeError(TypeError, NotImplementedError):
     """Not a floating-point input. torch raises NotImplementedError; TypeError is what it means."""
 
 
-def check_input(op: str, input: Tensor) -> None:
+class GroupCountError(ValueError, RuntimeError, ZeroDivisionError):
+    """num_groups not a positive divisor of the channels. torch raises RuntimeError, or
+    ZeroDivisionError for 0; ValueError is what it means."""
+
+
+def check_input(op: str, input: Tensor, dim_error: type[Exception] = InputDimensionError) -> None:
     if not isinstance(input, Tensor):
         raise TypeError(f"{op}: expected input to be a torch.Tensor, got {type(input).__name__}")
     if input.dim() < 2:
-        raise InputDimensionError(
+        raise dim_error(
             f"{op}: expected input of shape (N, C, *spatial) with at least 2 dimensions, "
             f"got {input.dim()}D input of shape {tuple(input.shape)}"
         )
@@ -83,6 +88,8 @@ def check_batch_norm(
     eps: float,
 ) -> None:
     op = "batch_norm"
+    if isinstance(input, Tensor) and input.dim() == 1 and input.numel() == 0:
+        return  # torch returns an empty tensor (with any running statistics): F.batch_norm runs
     check_input(op, input)
     check_running_pair(running_mean, running_var)
     if training:
@@ -134,3 +141,27 @@ def check_instance_norm(
     check_per_channel(
         op, input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias
     )
+
+
+def check_group_norm(
+    input: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> None:
+    op = "group_norm"
+    check_input(op, input, dim_error=RuntimeError)  # torch's type here
+    channels = input.shape[1]
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0:
+        raise GroupCountError(f"{op}: num_groups must be a positive integer, got {num_groups!r}")
+    if channels % num_groups:
+        raise GroupCountError(
+            f"{op}: expected the number of channels ({channels}, dimension 1 of input "
+            f"{tuple(input.shape)}) to be divisible by num_groups, got num_groups={num_groups}"
+        )
+    if not eps >= 0:
+        raise ValueError(f"{op}: eps must be non-negative, but got {eps}")
+    for name, vector in (("weight", weight), ("bias", bias)):
+        if vector is not None and vector.dim() != 1:
+            raise RuntimeError(
+                f"{op}: expected {name} to be a vector of {channels} elements (one per channel), "
+                f"got shape {tuple(vector.shape)}"
+            )
+    check_per_channel(op, input, weight=weight, bias=bias)

@@ -1,11 +1,23 @@
-"""The elementwise pass: out = k_x * (x - mu) + k_dy * dy + k_c with per-group coefficients.
-It writes y in the forward (k_x = rstd * w, k_c = b) and dx in the backward, so forward and
-backward share one streaming kernel. Centring x before scaling keeps large offsets exact."""
+"""The elementwise pass: out = k_x * (x - mu) + k_dy * dy + k_c with per-(sample, channel)
+coefficients. It writes y in the forward (k_x = rstd * w, k_c = b) and dx in the backward, so
+forward and backward share one streaming kernel, and it knows nothing of how the statistics were
+grouped: the coefficients' sample stride is 0 when one row serves the whole batch (BatchNorm,
+running statistics) and C when each sample has its own (InstanceNorm, GroupNorm)."""
 
 import triton
 import triton.language as tl
 
-from .common import group_offsets, load_tile, tile_offsets
+from .common import (
+    K_C,
+    K_DY,
+    K_X,
+    MU,
+    epilogue,
+    epilogue_grad,
+    load_coefficient,
+    load_tile,
+    tile_offsets,
+)
 
 
 @triton.jit
@@ -13,43 +25,48 @@ def _norm_apply_kernel(
     x_ptr,  # input, viewed as (N, C, S); read when HAS_X
     dy_ptr,  # output gradient with its own strides; read when HAS_DY
     out_ptr,  # y or dx, same strides as x
-    coef_ptr,  # (4, G, C) mu, k_x, k_dy, k_c; G = N if PER_INSTANCE else 1
+    coef_ptr,  # (4, rows, C) coefficients (named slots, common.py)
     N, C, S,
     stride_n, stride_c, stride_s,  # strides of x and out
     dy_stride_n, dy_stride_c, dy_stride_s,
-    PER_INSTANCE: tl.constexpr,
+    coef_stride_n,  # 0 (one row of coefficients for every sample) or C
+    coef_stride_slot,  # rows * C
     HAS_X: tl.constexpr,
     HAS_DY: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     INDEX_64: tl.constexpr,  # int64 element offsets (a tensor spans 2**30 elements or more)
 ):  # fmt: skip
+    # Tiles are the reductions' 4-D tiles with one channel per group: [BLOCK_N, BLOCK_C, 1, S].
     pid = tl.program_id(0)
     num_s_blocks = tl.cdiv(S, BLOCK_S)
     num_c_blocks = tl.cdiv(C, BLOCK_C)
     s0 = (pid % num_s_blocks) * BLOCK_S
     c0 = ((pid // num_s_blocks) % num_c_blocks) * BLOCK_C
     n0 = (pid // (num_s_blocks * num_c_blocks)) * BLOCK_N
-    G_ROWS: tl.constexpr = BLOCK_N if PER_INSTANCE else 1
-    GC = (N if PER_INSTANCE else 1) * C
-    coefs, coef_mask = group_offsets(
-        n0 if PER_INSTANCE else 0, c0, N if PER_INSTANCE else 1, C, G_ROWS, BLOCK_C
-    )
-    coef_dtype = coef_ptr.dtype.element_ty
-    k_c = tl.load(coef_ptr + 3 * GC + coefs, mask=coef_mask, other=0.0)[:, :, None]
+    n = n0 + tl.arange(0, BLOCK_N)
+    c = c0 + tl.arange(0, BLOCK_C)
+    coefs = ((n * coef_stride_n)[:, None] + c[None, :])[:, :, None, None]
+    coefs_mask = ((n < N)[:, None] & (c < C)[None, :])[:, :, None, None]
+    dtype = coef_ptr.dtype.element_ty
+    k_c = load_coefficient(coef_ptr, K_C, coefs, coefs_mask, coef_stride_slot)
     offsets, mask = tile_offsets(
-        n0, c0, s0, N, C, S, stride_n, stride_c, stride_s, BLOCK_N, BLOCK_C, BLOCK_S, INDEX_64
-    )
-    out = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_S], coef_dtype) + k_c
-    if HAS_X:
-        mu = tl.load(coef_ptr + coefs, mask=coef_mask, other=0.0)[:, :, None]
-        k_x = tl.load(coef_ptr + GC + coefs, mask=coef_mask, other=0.0)[:, :, None]
-        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(coef_dtype)  # x's offsets: out's
-        out += k_x * (x - mu)
+        n0, c0, s0, N, C, S, 1, stride_n, stride_c, stride_s,
+        BLOCK_N, BLOCK_C, 1, BLOCK_S, INDEX_64,
+    )  # fmt: skip
     if HAS_DY:
-        k_dy = tl.load(coef_ptr + 2 * GC + coefs, mask=coef_mask, other=0.0)[:, :, None]
         dy, _, _ = load_tile(
-            dy_ptr, n0, c0, s0, N, C, S, dy_stride_n, dy_stride_c, dy_stride_s, coef_dtype,
-            BLOCK_N, BLOCK_C, BLOCK_S, INDEX_64,
+            dy_ptr, n0, c0, s0, N, C, S, 1, dy_stride_n, dy_stride_c, dy_stride_s, dtype,
+            BLOCK_N, BLOCK_C, 1, BLOCK_S, INDEX_64,
         )  # fmt: skip
-        out += k_dy * dy
+        k_dy = load_coefficient(coef_ptr, K_DY, coefs, coefs_mask, coef_stride_slot)
+    if HAS_X:
+        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(dtype)  # x's offsets are out's
+        mu = load_coefficient(coef_ptr, MU, coefs, coefs_mask, coef_stride_slot)
+        k_x = load_coefficient(coef_ptr, K_X, coefs, coefs_mask, coef_stride_slot)
+        if HAS_DY:  # noqa: SIM108 (a constexpr branch, not a value choice)
+            out = epilogue_grad(x, dy, mu, k_x, k_dy, k_c)
+        else:
+            out = epilogue(x, mu, k_x, k_c)
+    else:  # dx with constant (running) statistics: k_x = 0, so x is not read
+        out = k_dy * dy + k_c
     tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=mask)

@@ -1,75 +1,134 @@
 """Small ``@triton.jit`` helpers shared by the kernels: tile addressing, reductions over the
-normalised axes, Chan's combination of (count, mean, M2) and the inverse standard deviation.
+normalised axes, Chan's combination of (count, mean, M2), and the one home of each formula
+(forward coefficients, gradient coefficients, the elementwise epilogue) that the on-chip (fused)
+and the streamed paths both use.
 
-Every kernel sees its tensor as a strided (N, C, S) view (S = flattened spatial axes). Tiles are
-[BLOCK_N, BLOCK_C, BLOCK_S]; statistics are kept per channel (BN: reduce N and S) or per
-(instance, channel) (IN, ``PER_INSTANCE``: reduce S only).
+Every reduction kernel sees its tensor as a strided (N, C, S) view (S = flattened spatial axes)
+whose C channels form groups of K consecutive channels that share a statistic: K = 1 for
+BatchNorm and InstanceNorm, C / num_groups for GroupNorm. Tiles are 4-D,
+[BLOCK_N, BLOCK_G, BLOCK_K, BLOCK_S] = (samples, groups, channels of a group, positions), so a
+program always holds whole groups. A reduction sums over (K, S), and over N too when the batch
+axis is reduced (BatchNorm). The elementwise apply pass needs no groups: it reads per-(n, c)
+coefficients.
 """
 
 import triton
 import triton.language as tl
 
+# Slots of the (4, rows, C) coefficient block: out = K_X * (x - MU) + K_DY * dy + K_C.
+MU = tl.constexpr(0)
+K_X = tl.constexpr(1)
+K_DY = tl.constexpr(2)
+K_C = tl.constexpr(3)
+
+
+@triton.jit
+def group_channels(g0, K, C, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[BLOCK_G, BLOCK_K] channel indices c = g * K + k of the groups starting at g0, and their
+    mask (k < K pads a group to a power of two; c < C ends the last block)."""
+    g = g0 + tl.arange(0, BLOCK_G)
+    k = tl.arange(0, BLOCK_K)
+    c = g[:, None] * K + k[None, :]
+    return c, (k < K)[None, :] & (c < C)
+
 
 @triton.jit
 def tile_offsets(
-    n0, c0, s0, N, C, S,
+    n0, g0, s0, N, C, S, K,
     stride_n, stride_c, stride_s,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
     INDEX_64: tl.constexpr,
 ):  # fmt: skip
-    """Element offsets and the in-bounds mask of the tile starting at (n0, c0, s0). Offsets are
-    int32 unless the tensor spans 2**30 elements or more (``INDEX_64``): per-element int64 offsets
-    take twice the registers, and made the on-chip (fused) kernels spill."""
+    """Element offsets and in-bounds mask of the [BLOCK_N, BLOCK_G, BLOCK_K, BLOCK_S] tile at
+    sample n0, group g0, position s0. Offsets are int32 unless the tensor spans 2**30 elements
+    or more (``INDEX_64``): per-element int64 offsets take twice the registers, and made the
+    on-chip (fused) kernels spill."""
     n = n0 + tl.arange(0, BLOCK_N)
-    c = c0 + tl.arange(0, BLOCK_C)
+    c, c_mask = group_channels(g0, K, C, BLOCK_G, BLOCK_K)
     s = s0 + tl.arange(0, BLOCK_S)
-    mask = (n < N)[:, None, None] & (c < C)[None, :, None] & (s < S)[None, None, :]
+    mask = (n < N)[:, None, None, None] & c_mask[None, :, :, None] & (s < S)[None, None, None, :]
     if INDEX_64:
         n = n.to(tl.int64)
         c = c.to(tl.int64)
         s = s.to(tl.int64)
     offsets = (
-        (n * stride_n)[:, None, None]
-        + (c * stride_c)[None, :, None]
-        + (s * stride_s)[None, None, :]
+        (n * stride_n)[:, None, None, None]
+        + (c * stride_c)[None, :, :, None]
+        + (s * stride_s)[None, None, None, :]
     )
     return offsets, mask
 
 
 @triton.jit
 def load_tile(
-    ptr, n0, c0, s0, N, C, S,
+    ptr, n0, g0, s0, N, C, S, K,
     stride_n, stride_c, stride_s,
     dtype: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
     INDEX_64: tl.constexpr,
 ):  # fmt: skip
-    """The tile at (n0, c0, s0) converted to ``dtype`` (0 outside the tensor), with its offsets
-    and mask."""
+    """The tile at (n0, g0, s0) converted to ``dtype`` (0 outside the tensor), its offsets and
+    mask."""
     offsets, mask = tile_offsets(
-        n0, c0, s0, N, C, S, stride_n, stride_c, stride_s, BLOCK_N, BLOCK_C, BLOCK_S, INDEX_64
-    )
+        n0, g0, s0, N, C, S, K, stride_n, stride_c, stride_s,
+        BLOCK_N, BLOCK_G, BLOCK_K, BLOCK_S, INDEX_64,
+    )  # fmt: skip
     values = tl.load(ptr + offsets, mask=mask, other=0.0).to(dtype)
     return values, offsets, mask
 
 
 @triton.jit
-def group_offsets(n0, c0, N, C, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Offsets and mask of a [BLOCK_G, BLOCK_C] block of a (G, C) per-group vector."""
-    g = n0 + tl.arange(0, BLOCK_G)
-    c = c0 + tl.arange(0, BLOCK_C)
-    return g[:, None] * C + c[None, :], (g < N)[:, None] & (c < C)[None, :]
+def channel_values(ptr, g0, K, C, default, dtype: tl.constexpr, BLOCK_G: tl.constexpr,
+                   BLOCK_K: tl.constexpr):  # fmt: skip
+    """A per-channel vector (weight, bias) as [1, BLOCK_G, BLOCK_K]; ``default`` when ptr is
+    None or outside C."""
+    c, c_mask = group_channels(g0, K, C, BLOCK_G, BLOCK_K)
+    if ptr is None:
+        values = tl.zeros([BLOCK_G, BLOCK_K], dtype) + default
+    else:
+        values = tl.load(ptr + c, mask=c_mask, other=default).to(dtype)
+    return values[None, :, :]
 
 
 @triton.jit
-def reduce_tile(values, PER_INSTANCE: tl.constexpr):
-    """Sum a [BLOCK_N, BLOCK_C, BLOCK_S] tile over the normalised axes: S for IN (-> [BLOCK_N,
-    BLOCK_C]); N and S for BN (-> [1, BLOCK_C])."""
-    per_row = tl.sum(values, axis=2)
-    if PER_INSTANCE:
-        return per_row
+def stat_offsets(r0, g0, rows, groups, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Offsets and mask of a [BLOCK_R, BLOCK_G] block of a (rows, groups) statistics array."""
+    r = r0 + tl.arange(0, BLOCK_R)
+    g = g0 + tl.arange(0, BLOCK_G)
+    return r[:, None] * groups + g[None, :], (r < rows)[:, None] & (g < groups)[None, :]
+
+
+@triton.jit
+def channel_offsets(r0, g0, rows, K, C, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr,
+                    BLOCK_K: tl.constexpr):  # fmt: skip
+    """Offsets and mask of a [BLOCK_R, BLOCK_G, BLOCK_K] block of a (rows, C) per-channel array
+    (coefficients, gradient sums), channels grouped as the tiles are."""
+    r = r0 + tl.arange(0, BLOCK_R)
+    c, c_mask = group_channels(g0, K, C, BLOCK_G, BLOCK_K)
+    return r[:, None, None] * C + c[None, :, :], (r < rows)[:, None, None] & c_mask[None, :, :]
+
+
+@triton.jit
+def reduce_tile(values, REDUCE_BATCH: tl.constexpr):
+    """Sum a [BLOCK_N, BLOCK_G, BLOCK_K, BLOCK_S] tile over its positions and a group's channels
+    (-> [BLOCK_N, BLOCK_G]), and over the samples too when the batch axis is reduced
+    (-> [1, BLOCK_G])."""
+    per_group = tl.sum(tl.sum(values, axis=3), axis=2)
+    if REDUCE_BATCH:
+        return tl.sum(per_group, axis=0, keep_dims=True)
     else:
-        return tl.sum(per_row, axis=0, keep_dims=True)
+        return per_group
+
+
+@triton.jit
+def reduce_positions(values, REDUCE_BATCH: tl.constexpr):
+    """Per-channel sums of a tile: over positions (and samples when the batch axis is reduced),
+    -> [BLOCK_N or 1, BLOCK_G, BLOCK_K]."""
+    per_channel = tl.sum(values, axis=3)
+    if REDUCE_BATCH:
+        return tl.sum(per_channel, axis=0, keep_dims=True)
+    else:
+        return per_channel
 
 
 @triton.jit
@@ -85,12 +144,12 @@ def chan_combine(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
 
 
 @triton.jit
-def tile_summary(x, mask, count, PER_INSTANCE: tl.constexpr):
-    """(mean, M2) of a tile's valid elements over the normalised axes, given their count.
-    Two passes over registers, one over memory."""
-    mean = reduce_tile(x, PER_INSTANCE) / tl.maximum(count, 1.0)
-    centred = tl.where(mask, x - mean[:, :, None], 0.0)
-    return mean, reduce_tile(centred * centred, PER_INSTANCE)
+def tile_summary(x, mask, count, REDUCE_BATCH: tl.constexpr):
+    """(mean, M2) of a tile's valid elements per statistic, given their count. Two passes over
+    registers, one over memory."""
+    mean = reduce_tile(x, REDUCE_BATCH) / tl.maximum(count, 1.0)
+    centred = tl.where(mask, x - mean[:, :, None, None], 0.0)
+    return mean, reduce_tile(centred * centred, REDUCE_BATCH)
 
 
 @triton.jit
@@ -102,3 +161,58 @@ def inverse_std(count, m2, eps):
         return 1.0 / tl.sqrt(var + eps)
     else:
         return tl.div_rn(tl.full(var.shape, 1.0, var.dtype), tl.sqrt_rn(var + eps))
+
+
+@triton.jit
+def forward_coefficients(mean, rstd, weight, bias):
+    """Per-channel coefficients of y = k_x * (x - mu) + k_c from a group's statistics ([R, G, 1])
+    and the channels' affine parameters ([1, G, K]): mu = mean, k_x = rstd * weight, k_c = bias."""
+    k_x = rstd * weight
+    return mean + tl.zeros_like(k_x), k_x, bias + tl.zeros_like(k_x)
+
+
+@triton.jit
+def grad_coefficients(rstd, weight, sum_dy, sum_dy_xhat, count, USE_INPUT_STATS: tl.constexpr):
+    """Per-channel coefficients of dx = k_x * (x - mu) + k_dy * dy + k_c.
+
+    With y = x_hat * w + b and x_hat = (x - mu) * rstd over a group of ``count`` elements:
+    dx = rstd * (w dy - mean(w dy) - x_hat * mean(w dy x_hat)), the means over the group. The
+    per-channel sums of dy and dy * x_hat ([R, G, K]) are weighted and summed over the group's
+    channels here. Without input statistics (eval), mu and rstd are constants: dx = w rstd dy."""
+    k_dy = weight * rstd
+    k_x = tl.zeros_like(k_dy)
+    k_c = tl.zeros_like(k_dy)
+    if USE_INPUT_STATS:
+        inv_count = 1.0 / (tl.zeros_like(rstd) + count)  # in the statistics' dtype
+        mean_wdy = tl.sum(weight * sum_dy, axis=2, keep_dims=True) * inv_count
+        mean_wdy_xhat = tl.sum(weight * sum_dy_xhat, axis=2, keep_dims=True) * inv_count
+        k_x += -rstd * rstd * mean_wdy_xhat
+        k_c += -rstd * mean_wdy
+    return k_x, k_dy, k_c
+
+
+@triton.jit
+def epilogue(x, mu, k_x, k_c):
+    """The normalised output: k_x * (x - mu) + k_c. Centring before scaling keeps data with a
+    large common offset exact."""
+    return k_x * (x - mu) + k_c
+
+
+@triton.jit
+def epilogue_grad(x, dy, mu, k_x, k_dy, k_c):
+    """The input gradient: k_x * (x - mu) + k_dy * dy + k_c."""
+    return k_x * (x - mu) + k_dy * dy + k_c
+
+
+@triton.jit
+def store_coefficients(ptr, offsets, mask, slot_stride, mu, k_x, k_dy, k_c):
+    """Write the four named slots of a (4, rows, C) coefficient block."""
+    tl.store(ptr + MU * slot_stride + offsets, mu, mask=mask)
+    tl.store(ptr + K_X * slot_stride + offsets, k_x, mask=mask)
+    tl.store(ptr + K_DY * slot_stride + offsets, k_dy, mask=mask)
+    tl.store(ptr + K_C * slot_stride + offsets, k_c, mask=mask)
+
+
+@triton.jit
+def load_coefficient(ptr, slot: tl.constexpr, offsets, mask, slot_stride):
+    return tl.load(ptr + slot * slot_stride + offsets, mask=mask, other=0.0)

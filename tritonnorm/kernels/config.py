@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -19,6 +20,29 @@ import torch
 import triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _index_loop_bounds_as_scalars() -> None:
+    """Triton < 3.9's interpreter turns a runtime loop bound (``range(t_begin, t_end)``) into an
+    int with ``int(array of shape (1,))``, which NumPy 2.4 made an error. Convert it as Triton
+    3.9 does (``int(array.squeeze())``). Only the interpreter is touched; compiled kernels are
+    not affected."""
+    from triton.runtime import interpreter
+
+    patch_tensor = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch_tensor is None or getattr(patch_tensor, "_tritonnorm_fixed", False):
+        return
+
+    def patched(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patched._tritonnorm_fixed = True
+    interpreter._patch_lang_tensor = patched
+
+
+if INTERPRET and tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 9):
+    _index_loop_bounds_as_scalars()
 
 # Elements of one streaming tile, and the most accumulator bytes one program may hold in
 # registers when a whole reduction (an instance, or a small BN channel) is normalised on chip.
@@ -84,16 +108,22 @@ def reset_chosen_configs() -> None:
 
 @dataclass(frozen=True)
 class Shape:
-    """What classifies a launch: the (N, C, S) view, whether channels are the fast axis, and
-    whether statistics are per instance (IN) or per channel (BN), and the accumulator's bytes
-    (4, or 8 for float64 inputs): what a program can hold in registers depends on it."""
+    """What classifies a launch: the (N, C, S) view, how many consecutive channels share a
+    statistic (``group_size``), whether the batch axis is reduced too, whether channels are the
+    fast axis, and the accumulator's bytes (4, or 8 for float64 inputs): what a program can hold
+    in registers depends on it."""
 
     N: int
     C: int
     S: int
+    group_size: int
+    reduce_batch: bool
     channels_fast: bool
-    per_instance: bool
     acc_bytes: int = 4
+
+    @property
+    def groups(self) -> int:
+        return self.C // self.group_size
 
 
 def _pow2(n: int) -> int:
@@ -116,53 +146,61 @@ def target_programs() -> int:
     return PROGRAMS_PER_SM * _sm_count(torch.cuda.current_device())
 
 
-def _blocks(shape: Shape, tile: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_C, BLOCK_S) streaming over a tile of about `tile` elements, laid out so
-    the memory-contiguous axis is the tile's long axis."""
+Blocks = tuple[int, int, int, int]  # (BLOCK_N, BLOCK_G, BLOCK_K, BLOCK_S)
+
+
+def _blocks(shape: Shape, tile: int) -> Blocks:
+    """Blocks streaming over a tile of about ``tile`` elements (whole groups of channels), laid
+    out so the memory-contiguous axis is the tile's long axis."""
+    block_k = _pow2(shape.group_size)
     if shape.channels_fast:
-        block_c = min(_pow2(shape.C), 64)
-        return 1, block_c, max(1, min(_pow2(shape.S), tile // block_c))
-    block_s = min(_pow2(shape.S), tile)
-    rest = max(1, tile // block_s)
-    if shape.per_instance:  # several instances (adjacent rows) per program when S is short
-        return 1, min(_pow2(shape.C), rest), block_s
-    return min(_pow2(shape.N), rest), 1, block_s
+        block_g = max(1, min(_pow2(shape.groups), 64 // block_k))
+        return 1, block_g, block_k, max(1, min(_pow2(shape.S), tile // (block_g * block_k)))
+    block_s = min(_pow2(shape.S), max(1, tile // block_k))
+    rest = max(1, tile // (block_s * block_k))
+    if shape.reduce_batch:
+        return min(_pow2(shape.N), rest), 1, block_k, block_s
+    # several statistics (adjacent groups) per program when groups are short
+    return 1, min(_pow2(shape.groups), rest), block_k, block_s
 
 
-def fused_blocks(shape: Shape, backward: bool = False) -> tuple[int, int, int] | None:
-    """Blocks holding a whole reduction in one tile (for the statistics kernel, or for the
-    gradient kernel when ``backward``), or None when it does not fit."""
+def fused_blocks(shape: Shape, backward: bool = False) -> Blocks | None:
+    """Blocks holding whole reductions in one tile (for the statistics kernel, or for the
+    gradient kernel when ``backward``), or None when one does not fit."""
     if _overrides.fused is False:
         return None
     limit = (FUSED_GRAD_TILE_BYTES if backward else FUSED_TILE_BYTES) // shape.acc_bytes
-    reduced_n = 1 if shape.per_instance else _pow2(shape.N)
-    extent = reduced_n * _pow2(shape.S)
+    block_k = _pow2(shape.group_size)
+    reduced_n = _pow2(shape.N) if shape.reduce_batch else 1
+    extent = reduced_n * block_k * _pow2(shape.S)  # one statistic's elements, padded
     if extent > limit:
         return None
-    block_c = min(_pow2(shape.C), max(1, limit // extent), 64)
+    block_g = min(_pow2(shape.groups), max(1, limit // extent), max(1, 64 // block_k))
     if shape.channels_fast:
         # Each position's run of channels must be read whole (4 channels, 16 bytes in fp32, or
         # all of them) or shared by two adjacent programs, which run together and meet in L2.
         # Narrower slices would fetch each sector several times: split instead.
+        block_c = block_g * block_k
         if block_c < min(_pow2(shape.C), 4) and 2 * block_c < _pow2(shape.C):
             return None
     else:
-        block_c = min(block_c, max(1, 4096 // extent))  # rows per program: keep some parallelism
-    return reduced_n, block_c, _pow2(shape.S)
+        block_g = min(block_g, max(1, 4096 // extent))  # statistics per program: keep parallelism
+    return reduced_n, block_g, block_k, _pow2(shape.S)
 
 
-def _split_candidates(shape: Shape, blocks: tuple[int, int, int]) -> list[int]:
-    block_n, block_c, block_s = blocks
-    kept = triton.cdiv(shape.C, block_c) * (
-        triton.cdiv(shape.N, block_n) if shape.per_instance else 1
-    )
-    tiles = triton.cdiv(shape.S, block_s) * (
-        1 if shape.per_instance else triton.cdiv(shape.N, block_n)
-    )
+def _split_candidates(shape: Shape, blocks: Blocks) -> list[int]:
+    block_n, block_g, _, block_s = blocks
+    s_tiles = triton.cdiv(shape.S, block_s)
+    n_blocks = triton.cdiv(shape.N, block_n)
+    kept = triton.cdiv(shape.groups, block_g) * (1 if shape.reduce_batch else n_blocks)
+    tiles = s_tiles * (n_blocks if shape.reduce_batch else 1)
     if _overrides.split is not None:
         return [max(1, _overrides.split)]
     base = max(1, min(tiles, MAX_SPLIT, triton.cdiv(target_programs(), kept)))
     return sorted({base, max(1, base // 2), min(tiles, MAX_SPLIT, base * 2)})
+
+
+_BLOCK_NAMES = ("BLOCK_N", "BLOCK_G", "BLOCK_K", "BLOCK_S")
 
 
 def reduction_configs(shape: Shape, fused: bool, backward: bool = False) -> list[triton.Config]:
@@ -170,28 +208,43 @@ def reduction_configs(shape: Shape, fused: bool, backward: bool = False) -> list
     if fused:
         blocks = fused_blocks(shape, backward)
         assert blocks is not None
-        words = blocks[0] * blocks[1] * blocks[2] * shape.acc_bytes // 4  # 32-bit registers
-        kw = dict(zip(("BLOCK_N", "BLOCK_C", "BLOCK_S"), blocks, strict=True), SPLIT=1)
+        words = math.prod(blocks) * shape.acc_bytes // 4  # 32-bit registers
+        kw = dict(zip(_BLOCK_NAMES, blocks, strict=True), SPLIT=1)
         warps = sorted({_warps(words), min(2 * _warps(words), MAX_WARPS)})
         return [triton.Config(kw, num_warps=w) for w in warps]
     configs = []
     for tile in (4096, *STREAM_TILES[:-1]) if not INTERPRET else (4096,):
         blocks = _blocks(shape, tile)
+        warps = _warps(math.prod(blocks))
         for split in _split_candidates(shape, blocks):
-            kw = dict(zip(("BLOCK_N", "BLOCK_C", "BLOCK_S"), blocks, strict=True), SPLIT=split)
-            configs.append(triton.Config(kw, num_warps=_warps(tile)))
+            kw = dict(zip(_BLOCK_NAMES, blocks, strict=True), SPLIT=split)
+            configs.append(triton.Config(kw, num_warps=warps))
     return _unique(configs)
 
 
 def apply_configs(shape: Shape) -> list[triton.Config]:
-    """Candidates for the elementwise apply kernel (y or dx), heuristic choice first."""
-    tiles = (4096,) if INTERPRET else (2048, 4096, 1024)
+    """Candidates for the elementwise apply kernel (y or dx), heuristic choice first. It reads
+    per-(sample, channel) coefficients: tiles as for one-channel statistics of each sample."""
+    per_channel = replace(shape, group_size=1, reduce_batch=False)
     configs = []
-    for tile in tiles:
-        blocks = _blocks(replace(shape, per_instance=True), tile)
-        kw = dict(zip(("BLOCK_N", "BLOCK_C", "BLOCK_S"), blocks, strict=True))
+    for tile in (4096,) if INTERPRET else (2048, 4096, 1024):
+        block_n, block_c, _, block_s = _blocks(per_channel, tile)
+        kw = {"BLOCK_N": block_n, "BLOCK_C": block_c, "BLOCK_S": block_s}
         configs.append(triton.Config(kw, num_warps=_warps(tile)))
     return _unique(configs)
+
+
+# The finalize kernels: one small tile of (rows, groups, channels of a group) per program.
+FINALIZE_TILE = 1024
+FINALIZE_CHANNELS = 128
+
+
+def finalize_blocks(rows: int, groups: int, group_size: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_G, BLOCK_K) of the finalize kernels."""
+    block_k = _pow2(group_size)
+    block_g = min(_pow2(groups), max(1, FINALIZE_CHANNELS // block_k))
+    block_r = min(_pow2(rows), max(1, FINALIZE_TILE // (block_g * block_k)))
+    return block_r, block_g, block_k
 
 
 def _unique(configs: list[triton.Config]) -> list[triton.Config]:

@@ -1,16 +1,21 @@
 """Launchers: canonical (N, C, S) views, grids, buffers, and the composition of the kernels into
 the forward and backward of a normalisation. No autograd here (see tritonnorm/ops.py).
 
-Forward: statistics partials (split over a (groups x SPLIT) grid) -> finalize (combine in a fixed
-order, update running statistics, per-group coefficients) -> apply (write y). When a whole
-reduction fits one tile, the first kernel normalises in registers and writes y itself.
-Backward: gradient-sum partials -> finalize (dweight, dbias, dx coefficients) -> apply (write dx),
-or the fused single-tile kernel.
+A normalisation is described by a :class:`Norm` (which axes are reduced, how many channels share
+a statistic); :func:`plan` turns it and an input into a :class:`Reduction`, the one record every
+launch reads its counts, groups and views from.
+
+Forward: statistics partials (split over a (statistics x SPLIT) grid) -> finalize (combine in a
+fixed order, update running statistics, per-channel coefficients) -> apply (write y). When a
+whole reduction fits one tile, the first kernel normalises in registers and writes y itself.
+Backward: per-channel gradient-sum partials -> finalize (dweight, dbias, dx coefficients) ->
+apply (write dx), or the fused single-tile kernel.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,17 +26,17 @@ from .apply import _norm_apply_kernel
 from .grad import _norm_grad_finalize_kernel, _norm_grad_partial_kernel
 from .stats import _norm_stats_finalize_kernel, _norm_stats_partial_kernel
 
-_SHAPE_KEY = ["N", "C", "S", "stride_n", "stride_c", "stride_s", "PER_INSTANCE"]
-_stats_partial = config.TunedKernel(_norm_stats_partial_kernel, key=[*_SHAPE_KEY, "FUSED"])
+_VIEW_KEY = ["N", "C", "S", "stride_n", "stride_c", "stride_s"]
+_DY_KEY = ["dy_stride_n", "dy_stride_c", "dy_stride_s"]
+_stats_partial = config.TunedKernel(
+    _norm_stats_partial_kernel, key=[*_VIEW_KEY, "K", "REDUCE_BATCH", "FUSED"]
+)
 _grad_partial = config.TunedKernel(
-    _norm_grad_partial_kernel,
-    key=[*_SHAPE_KEY, "dy_stride_n", "dy_stride_c", "dy_stride_s", "FUSED"],
+    _norm_grad_partial_kernel, key=[*_VIEW_KEY, *_DY_KEY, "K", "REDUCE_BATCH", "FUSED"]
 )
 _apply = config.TunedKernel(
-    _norm_apply_kernel,
-    key=[*_SHAPE_KEY, "dy_stride_n", "dy_stride_c", "dy_stride_s", "HAS_X", "HAS_DY"],
+    _norm_apply_kernel, key=[*_VIEW_KEY, *_DY_KEY, "coef_stride_n", "HAS_X", "HAS_DY"]
 )
-_FINALIZE_BLOCK_C = 128
 
 
 @dataclass(frozen=True)
@@ -55,10 +60,91 @@ class View:
         sizes = (self.N, self.C, self.S)
         return 1 + sum((n - 1) * abs(st) for n, st in zip(sizes, self.strides, strict=True))
 
-    def shape(self, per_instance: bool, dtype: torch.dtype) -> config.Shape:
-        channels_fast = self.S == 1 or (self.stride_c == 1 and self.C > 1)
-        acc_bytes = acc_dtype(dtype).itemsize
-        return config.Shape(self.N, self.C, self.S, channels_fast, per_instance, acc_bytes)
+    @property
+    def channels_fast(self) -> bool:
+        return self.S == 1 or (self.stride_c == 1 and self.C > 1)
+
+
+@dataclass(frozen=True)
+class Norm:
+    """Which statistics a normalisation uses: BatchNorm reduces the batch and spatial axes per
+    channel (``Norm(reduce_batch=True)``), InstanceNorm the spatial axes per sample and channel
+    (``Norm(reduce_batch=False)``), GroupNorm the spatial axes and C / ``num_groups`` channels per
+    sample (``Norm(reduce_batch=False, num_groups=G)``; LayerNorm over (C, *spatial) is G = 1).
+    ``num_groups=0`` means one statistic per channel. Without input statistics the running
+    statistics are used: per channel, shared by the whole batch."""
+
+    reduce_batch: bool
+    num_groups: int = 0
+    use_input_stats: bool = True
+
+    @property
+    def batch_reduced(self) -> bool:
+        """Whether one statistic serves every sample."""
+        return self.reduce_batch or not self.use_input_stats
+
+    def stats_shape(self, input_shape: Sequence[int]) -> tuple[int, int]:
+        """(rows, groups) of the saved mean and rstd for an input of ``input_shape``."""
+        groups = self.num_groups if self.num_groups and self.use_input_stats else input_shape[1]
+        return (1 if self.batch_reduced else input_shape[0], groups)
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """One normalisation of one tensor, as every launch sees it: the (N, C, S) view (for a
+    reduced batch axis possibly folded into S), ``group_size`` consecutive channels per
+    statistic, and statistics arrays of ``rows`` x ``groups``."""
+
+    view: View
+    group_size: int
+    reduce_batch: bool
+    dtype: torch.dtype  # the input's
+
+    @property
+    def rows(self) -> int:
+        return 1 if self.reduce_batch else self.view.N
+
+    @property
+    def groups(self) -> int:
+        return self.view.C // self.group_size
+
+    @property
+    def count(self) -> int:
+        """Elements per statistic."""
+        return (self.view.N if self.reduce_batch else 1) * self.group_size * self.view.S
+
+    @property
+    def acc_dtype(self) -> torch.dtype:
+        return acc_dtype(self.dtype)
+
+    @property
+    def shape(self) -> config.Shape:
+        v = self.view
+        return config.Shape(
+            v.N, v.C, v.S, self.group_size, self.reduce_batch, v.channels_fast,
+            self.acc_dtype.itemsize,
+        )  # fmt: skip
+
+    def kernel_args(self) -> dict:
+        """The view's sizes and strides and the group size, as the reduction kernels name them."""
+        v = self.view
+        return dict(
+            N=v.N, C=v.C, S=v.S, K=self.group_size,
+            stride_n=v.stride_n, stride_c=v.stride_c, stride_s=v.stride_s,
+        )  # fmt: skip
+
+    def stats_programs(self, meta: dict) -> int:
+        """Programs along the kept axes of a reduction launched with blocks ``meta``."""
+        blocks = triton.cdiv(self.groups, meta["BLOCK_G"])
+        return blocks if self.reduce_batch else blocks * triton.cdiv(self.view.N, meta["BLOCK_N"])
+
+    def finalize_grid(self, ordered_rows: bool) -> tuple[tuple[int, int], dict]:
+        """Grid and blocks of a finalize kernel. ``ordered_rows``: the kernel sums over rows
+        (running statistics, parameter gradients), so one program walks all rows of its groups."""
+        block_r, block_g, block_k = config.finalize_blocks(self.rows, self.groups, self.group_size)
+        row_programs = 1 if ordered_rows else triton.cdiv(self.rows, block_r)
+        grid = (triton.cdiv(self.groups, block_g), row_programs)
+        return grid, dict(BLOCK_R=block_r, BLOCK_G=block_g, BLOCK_K=block_k)
 
 
 def _flat_view(t: torch.Tensor) -> View | None:
@@ -80,18 +166,25 @@ def is_dense(t: torch.Tensor) -> bool:
     return t.is_contiguous() or t.movedim(1, -1).is_contiguous()
 
 
-def input_view(x: torch.Tensor, per_instance: bool) -> tuple[torch.Tensor, View]:
-    """x (densified if needed: one copy, documented) and its kernel view. For BN, a layout where
-    the batch axis continues the spatial one (channels last, or S == 1) is seen as one long
-    spatial axis (N = 1), so tiles never straddle samples."""
+def input_view(x: torch.Tensor, fold_batch: bool) -> tuple[torch.Tensor, View]:
+    """x (densified if needed: one copy, documented) and its kernel view. When the batch axis is
+    reduced (``fold_batch``), a layout where it continues the spatial one (channels last, or
+    S == 1) is seen as one long spatial axis (N = 1), so tiles never straddle samples."""
     if not is_dense(x):
         x = x.contiguous()
     view = _flat_view(x)
     assert view is not None
-    if not per_instance and view.N > 1 and (view.S == 1 or view.stride_n == view.S * view.stride_s):
+    if fold_batch and view.N > 1 and (view.S == 1 or view.stride_n == view.S * view.stride_s):
         stride_s = view.stride_n if view.S == 1 else view.stride_s
         view = View(1, view.C, view.N * view.S, view.N * view.S * stride_s, view.stride_c, stride_s)
     return x, view
+
+
+def plan(x: torch.Tensor, norm: Norm) -> tuple[torch.Tensor, Reduction]:
+    """x (densified if needed) and the :class:`Reduction` of ``norm`` over it."""
+    x, view = input_view(x, fold_batch=norm.batch_reduced)
+    groups = norm.stats_shape(x.shape)[1]
+    return x, Reduction(view, view.C // max(groups, 1), norm.batch_reduced, x.dtype)
 
 
 def grad_view(dy: torch.Tensor, x: torch.Tensor, x_view: View) -> tuple[torch.Tensor, View]:
@@ -114,112 +207,115 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _kept_blocks(view: View, per_instance: bool, meta: dict) -> int:
-    blocks = triton.cdiv(view.C, meta["BLOCK_C"])
-    return blocks * triton.cdiv(view.N, meta["BLOCK_N"]) if per_instance else blocks
-
-
-def _fused(view: View, per_instance: bool, dtype: torch.dtype, backward: bool = False) -> bool:
-    return config.fused_blocks(view.shape(per_instance, dtype), backward) is not None
-
-
 def _index_64(*views: View | None) -> bool:
     return config.index_64(max(v.span for v in views if v is not None))
 
 
 def stats_partials(
-    x: torch.Tensor, view: View, per_instance: bool, fused_out: tuple | None = None
+    x: torch.Tensor,
+    red: Reduction,
+    *,
+    fused_y: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 0.0,
 ) -> tuple[torch.Tensor, int]:
-    """Partials (3, P, G, C) of (count, mean, M2) and P. With ``fused_out = (y, weight, bias,
-    eps)`` the reduction must fit one tile and y is written too."""
-    shape = view.shape(per_instance, x.dtype)
-    fused = fused_out is not None
-    candidates = config.reduction_configs(shape, fused)
+    """Partials (3, P, rows, groups) of (count, mean, M2), and P. With ``fused_y`` the reduction
+    must fit one tile, and y (normalised with weight, bias, eps) is written there too."""
+    fused = fused_y is not None
+    candidates = config.reduction_configs(red.shape, fused)
     max_split = max(c.kwargs["SPLIT"] for c in candidates)
-    groups = view.N if per_instance else 1
     partials = torch.empty(
-        (3, max_split, groups, view.C), dtype=acc_dtype(x.dtype), device=x.device
+        (3, max_split, red.rows, red.groups), dtype=red.acc_dtype, device=x.device
     )
-    y, weight, bias, eps = fused_out if fused else (None, None, None, 0.0)
     used = _stats_partial.launch(
-        lambda meta: (_kept_blocks(view, per_instance, meta), meta["SPLIT"]),
+        lambda meta: (red.stats_programs(meta), meta["SPLIT"]),
         candidates,
-        x, y, weight, bias, partials,
-        view.N, view.C, view.S, *view.strides,
-        partials.stride(0), partials.stride(1),
-        eps,
-        PER_INSTANCE=per_instance, FUSED=fused, INDEX_64=_index_64(view),
+        x_ptr=x, y_ptr=fused_y, weight_ptr=weight, bias_ptr=bias, partial_ptr=partials,
+        **red.kernel_args(),
+        partial_stride_k=partials.stride(0), partial_stride_p=partials.stride(1), eps=eps,
+        REDUCE_BATCH=red.reduce_batch, FUSED=fused, INDEX_64=_index_64(red.view),
     )  # fmt: skip
     return partials, used.kwargs["SPLIT"]
 
 
 def finalize_stats(
+    red: Reduction,
     partials: torch.Tensor | None,
     num_partials: int,
-    C: int,
-    groups: int,
+    *,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
-    running_mean: torch.Tensor | None,
-    running_var: torch.Tensor | None,
-    momentum: float,
     eps: float,
-    dtype: torch.dtype,
-    device: torch.device,
-    want_combined: bool = False,
+    running: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
     running_out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    momentum: float = 0.0,
+    want_combined: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Combine partials (or read the running statistics when ``partials is None``): returns
-    mean, rstd (G, C), apply coefficients (4, G, C), and the combined (3, G, C) if asked.
-    With partials, writes the updated running statistics into ``running_out`` (default: the
-    running buffers themselves, in place)."""
-    new_mean, new_var = running_out if running_out is not None else (running_mean, running_var)
-    mean = torch.empty((groups, C), dtype=dtype, device=device)
-    rstd = torch.empty_like(mean)
-    coef = torch.empty((4, groups, C), dtype=dtype, device=device)
-    combined = torch.empty((3, groups, C), dtype=dtype, device=device) if want_combined else None
+    """Combine partials (or, with ``partials=None``, read the ``running`` statistics): returns
+    mean and rstd (rows, groups), apply coefficients (4, rows, C), and the combined (3, rows,
+    groups) if asked. With partials and running statistics, the updated running statistics are
+    written into ``running_out`` (default: the running buffers themselves, in place)."""
     from_running = partials is None
-    _norm_stats_finalize_kernel[(triton.cdiv(C, _FINALIZE_BLOCK_C),)](
-        partials, num_partials,
-        partials.stride(0) if partials is not None else 0,
-        partials.stride(1) if partials is not None else 0,
-        combined, mean, rstd, coef, weight, bias,
-        running_mean, running_var, new_mean, new_var,
-        groups, C, momentum, eps,
-        FROM_RUNNING=from_running, BLOCK_C=_FINALIZE_BLOCK_C, **config.LAUNCH_OPTIONS,
+    running_mean, running_var = running
+    update = not from_running and running_mean is not None
+    new_mean, new_var = (running_out or running) if update else (None, None)
+    device = running_mean.device if from_running else partials.device
+    dtype = red.acc_dtype
+    mean = torch.empty((red.rows, red.groups), dtype=dtype, device=device)
+    rstd = torch.empty_like(mean)
+    coef = torch.empty((4, red.rows, red.view.C), dtype=dtype, device=device)
+    combined = torch.empty((3, *mean.shape), dtype=dtype, device=device) if want_combined else None
+    grid, blocks = red.finalize_grid(ordered_rows=update)
+    _norm_stats_finalize_kernel[grid](
+        partial_ptr=partials, num_partials=num_partials,
+        partial_stride_k=partials.stride(0) if partials is not None else 0,
+        partial_stride_p=partials.stride(1) if partials is not None else 0,
+        combined_ptr=combined, mean_ptr=mean, rstd_ptr=rstd, coef_ptr=coef,
+        weight_ptr=weight, bias_ptr=bias,
+        running_mean_ptr=running_mean, running_var_ptr=running_var,
+        new_running_mean_ptr=new_mean, new_running_var_ptr=new_var,
+        rows=red.rows, C=red.view.C, K=red.group_size, momentum=momentum, eps=eps,
+        FROM_RUNNING=from_running, **blocks, **config.LAUNCH_OPTIONS,
     )  # fmt: skip
     return mean, rstd, coef, combined
 
 
 def apply(
     out: torch.Tensor,
-    view: View,
+    red: Reduction,
     coef: torch.Tensor,
-    per_instance: bool,
+    *,
     x: torch.Tensor | None,
     dy: torch.Tensor | None = None,
     dy_view: View | None = None,
 ) -> None:
-    """out = k_x * (x - mu) + k_dy * dy + k_c, out with x's strides."""
-    shape = view.shape(per_instance, out.dtype)
-    dy_strides = dy_view.strides if dy_view is not None else (0, 0, 0)
+    """out = k_x * (x - mu) + k_dy * dy + k_c with (4, rows, C) coefficients; out has x's
+    strides."""
+    view = red.view
     _apply.launch(
         lambda meta: (
             triton.cdiv(view.N, meta["BLOCK_N"])
             * triton.cdiv(view.C, meta["BLOCK_C"])
             * triton.cdiv(view.S, meta["BLOCK_S"]),
         ),
-        config.apply_configs(shape),
-        x, dy, out, coef,
-        view.N, view.C, view.S, *view.strides, *dy_strides,
-        PER_INSTANCE=per_instance, HAS_X=x is not None, HAS_DY=dy is not None,
-        INDEX_64=_index_64(view, dy_view),
+        config.apply_configs(red.shape),
+        x_ptr=x, dy_ptr=dy, out_ptr=out, coef_ptr=coef,
+        N=view.N, C=view.C, S=view.S,
+        stride_n=view.stride_n, stride_c=view.stride_c, stride_s=view.stride_s,
+        **dict(zip(_DY_KEY, dy_view.strides if dy_view is not None else (0, 0, 0), strict=True)),
+        coef_stride_n=0 if red.rows == 1 else view.C, coef_stride_slot=coef.stride(0),
+        HAS_X=x is not None, HAS_DY=dy is not None, INDEX_64=_index_64(view, dy_view),
     )  # fmt: skip
 
 
-def _per_instance_view(per_instance: bool, use_input_stats: bool) -> bool:
-    # Without input statistics IN normalises with per-channel running statistics, like BN.
-    return per_instance and use_input_stats
+def _fused(red: Reduction, backward: bool = False) -> bool:
+    return config.fused_blocks(red.shape, backward) is not None
+
+
+def _nan_stats(x: torch.Tensor, norm: Norm) -> torch.Tensor:
+    shape = norm.stats_shape(x.shape)
+    return torch.full(shape, float("nan"), dtype=acc_dtype(x.dtype), device=x.device)
 
 
 def forward(
@@ -228,40 +324,36 @@ def forward(
     bias: torch.Tensor | None,
     running_mean: torch.Tensor | None,
     running_var: torch.Tensor | None,
-    use_input_stats: bool,
-    per_instance: bool,
+    *,
+    norm: Norm,
     momentum: float,
     eps: float,
     running_out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """y, mean, rstd for x of shape (N, C, *spatial). mean/rstd are (G, C) in the statistics'
-    dtype, G = N for IN with input statistics, else 1. With input statistics, the updated
-    running statistics go to ``running_out`` (default: in place)."""
-    per_instance = _per_instance_view(per_instance, use_input_stats)
-    x, view = input_view(x, per_instance)
+    """y, mean, rstd for x of shape (N, C, *spatial); mean and rstd are ``norm.stats_shape``
+    in the statistics' dtype. With input statistics, the updated running statistics go to
+    ``running_out`` (default: in place)."""
+    x, red = plan(x, norm)
     y = torch.empty_like(x)
-    stats_dtype = acc_dtype(x.dtype)
-    groups = x.shape[0] if per_instance else 1
     if x.numel() == 0:
-        nan = torch.full((groups, x.shape[1]), float("nan"), dtype=stats_dtype, device=x.device)
-        return y, nan, nan.clone()
-    if not use_input_stats:
+        return y, _nan_stats(x, norm), _nan_stats(x, norm)
+    running = (running_mean, running_var)
+    if not norm.use_input_stats:
         mean, rstd, coef, _ = finalize_stats(
-            None, 0, view.C, 1, weight, bias, running_mean, running_var, 0.0, eps,
-            stats_dtype, x.device,
-        )  # fmt: skip
-        apply(y, view, coef, False, x)
+            red, None, 0, weight=weight, bias=bias, eps=eps, running=running
+        )
+        apply(y, red, coef, x=x)
         return y, mean, rstd
-    fused = _fused(view, per_instance, x.dtype)
+    fused = _fused(red)
     partials, num_partials = stats_partials(
-        x, view, per_instance, (y, weight, bias, eps) if fused else None
+        x, red, **(dict(fused_y=y, weight=weight, bias=bias, eps=eps) if fused else {})
     )
     mean, rstd, coef, _ = finalize_stats(
-        partials, num_partials, view.C, groups, weight, bias, running_mean, running_var,
-        momentum, eps, stats_dtype, x.device, running_out=running_out,
+        red, partials, num_partials, weight=weight, bias=bias, eps=eps, running=running,
+        running_out=running_out, momentum=momentum,
     )  # fmt: skip
     if not fused:
-        apply(y, view, coef, per_instance, x)
+        apply(y, red, coef, x=x)
     return y, mean, rstd
 
 
@@ -269,59 +361,66 @@ def grad_partials(
     dy: torch.Tensor,
     dy_view: View,
     x: torch.Tensor,
-    view: View,
+    red: Reduction,
     mean: torch.Tensor,
     rstd: torch.Tensor,
-    per_instance: bool,
-    fused_out: tuple | None = None,
+    *,
+    fused_dx: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
-    """Partials (2, P, G, C) of sum(dy) and sum(dy * x_hat), and P. With ``fused_out = (dx,
-    weight)`` the reduction must fit one tile and dx is written too."""
-    shape = view.shape(per_instance, x.dtype)
-    fused = fused_out is not None
-    candidates = config.reduction_configs(shape, fused, backward=True)
+    """Per-channel partials (2, P, rows, C) of sum(dy) and sum(dy * x_hat), and P. With
+    ``fused_dx`` the reduction must fit one tile and dx is written there too."""
+    fused = fused_dx is not None
+    candidates = config.reduction_configs(red.shape, fused, backward=True)
     max_split = max(c.kwargs["SPLIT"] for c in candidates)
-    groups = view.N if per_instance else 1
-    partials = torch.empty((2, max_split, groups, view.C), dtype=mean.dtype, device=x.device)
-    dx, weight = fused_out if fused else (None, None)
+    partials = torch.empty((2, max_split, red.rows, red.view.C), dtype=mean.dtype, device=x.device)
     used = _grad_partial.launch(
-        lambda meta: (_kept_blocks(view, per_instance, meta), meta["SPLIT"]),
+        lambda meta: (red.stats_programs(meta), meta["SPLIT"]),
         candidates,
-        x, dy, dx, mean, rstd, weight, partials,
-        view.N, view.C, view.S, *view.strides, *dy_view.strides,
-        partials.stride(0), partials.stride(1),
-        PER_INSTANCE=per_instance, FUSED=fused, INDEX_64=_index_64(view, dy_view),
+        x_ptr=x, dy_ptr=dy, dx_ptr=fused_dx, mean_ptr=mean, rstd_ptr=rstd, weight_ptr=weight,
+        partial_ptr=partials, **red.kernel_args(),
+        **dict(zip(_DY_KEY, dy_view.strides, strict=True)),
+        partial_stride_k=partials.stride(0), partial_stride_p=partials.stride(1),
+        REDUCE_BATCH=red.reduce_batch, FUSED=fused, INDEX_64=_index_64(red.view, dy_view),
     )  # fmt: skip
     return partials, used.kwargs["SPLIT"]
 
 
 def finalize_grad(
+    red: Reduction,
     partials: torch.Tensor | None,
     num_partials: int,
     mean: torch.Tensor,
     rstd: torch.Tensor,
+    *,
     weight: torch.Tensor | None,
-    count: int,
-    use_input_stats: bool,
+    use_input_stats: bool = True,
     want_dx_coef: bool,
     want_param_grads: bool,
+    count: int | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """dweight, dbias (C,) and the dx coefficients (4, G, C) from gradient-sum partials."""
-    groups, C = mean.shape
+    """dweight, dbias (C,) and the dx coefficients (4, rows, C) from gradient-sum partials.
+    ``count``: elements per statistic, if not this reduction's own (SyncBatchNorm's global
+    batch)."""
+    C = red.view.C
     device = mean.device
-    coef = torch.empty((4, groups, C), dtype=mean.dtype, device=device) if want_dx_coef else None
+    coef = None
+    if want_dx_coef:
+        coef = torch.empty((4, red.rows, C), dtype=mean.dtype, device=device)
     param_dtype = weight.dtype if weight is not None else mean.dtype
     dweight = dbias = None
     if want_param_grads:
         dweight = torch.empty(C, dtype=param_dtype, device=device)
         dbias = torch.empty(C, dtype=param_dtype, device=device)
-    _norm_grad_finalize_kernel[(triton.cdiv(C, _FINALIZE_BLOCK_C),)](
-        partials, num_partials,
-        partials.stride(0) if partials is not None else 0,
-        partials.stride(1) if partials is not None else 0,
-        mean, rstd, weight, dweight, dbias, coef,
-        groups, C, max(count, 1),
-        USE_INPUT_STATS=use_input_stats, BLOCK_C=_FINALIZE_BLOCK_C, **config.LAUNCH_OPTIONS,
+    grid, blocks = red.finalize_grid(ordered_rows=want_param_grads)
+    _norm_grad_finalize_kernel[grid](
+        partial_ptr=partials, num_partials=num_partials,
+        partial_stride_k=partials.stride(0) if partials is not None else 0,
+        partial_stride_p=partials.stride(1) if partials is not None else 0,
+        mean_ptr=mean, rstd_ptr=rstd, weight_ptr=weight,
+        dweight_ptr=dweight, dbias_ptr=dbias, coef_ptr=coef,
+        rows=red.rows, C=C, K=red.group_size, count=max(count or red.count, 1),
+        USE_INPUT_STATS=use_input_stats, **blocks, **config.LAUNCH_OPTIONS,
     )  # fmt: skip
     return dweight, dbias, coef
 
@@ -332,37 +431,35 @@ def backward(
     weight: torch.Tensor | None,
     mean: torch.Tensor,
     rstd: torch.Tensor,
-    use_input_stats: bool,
-    per_instance: bool,
-    want_param_grads: bool,
+    *,
+    norm: Norm,
+    param_grads: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """dx (x's layout), and dweight/dbias (weight's dtype; None unless asked)."""
-    per_instance = _per_instance_view(per_instance, use_input_stats)
-    x, view = input_view(x, per_instance)
+    """dx (x's layout), and dweight/dbias (weight's dtype; None unless ``param_grads``)."""
+    x, red = plan(x, norm)
     dx = torch.empty_like(x)
     if x.numel() == 0:
-        zeros = torch.zeros(x.shape[1], dtype=weight.dtype if weight is not None else mean.dtype,
-                            device=x.device)  # fmt: skip
-        return (
-            dx,
-            (zeros if want_param_grads else None),
-            (zeros.clone() if want_param_grads else None),
-        )
-    dy, dy_view = grad_view(dy, x, view)
-    count = view.S if per_instance else view.N * view.S
-    if use_input_stats and _fused(view, per_instance, x.dtype, backward=True):
+        zeros = None
+        if param_grads:
+            dtype = weight.dtype if weight is not None else mean.dtype
+            zeros = torch.zeros(x.shape[1], dtype=dtype, device=x.device)
+        return dx, zeros, (zeros.clone() if zeros is not None else None)
+    dy, dy_view = grad_view(dy, x, red.view)
+    if norm.use_input_stats and _fused(red, backward=True):
         partials, num_partials = grad_partials(
-            dy, dy_view, x, view, mean, rstd, per_instance, (dx, weight)
+            dy, dy_view, x, red, mean, rstd, fused_dx=dx, weight=weight
         )
         dweight, dbias, _ = finalize_grad(
-            partials, num_partials, mean, rstd, weight, count, True, False, want_param_grads
-        )
+            red, partials, num_partials, mean, rstd, weight=weight, want_dx_coef=False,
+            want_param_grads=param_grads,
+        )  # fmt: skip
         return dx, dweight, dbias
     partials, num_partials = None, 0
-    if use_input_stats or want_param_grads:
-        partials, num_partials = grad_partials(dy, dy_view, x, view, mean, rstd, per_instance)
+    if norm.use_input_stats or param_grads:
+        partials, num_partials = grad_partials(dy, dy_view, x, red, mean, rstd)
     dweight, dbias, coef = finalize_grad(
-        partials, num_partials, mean, rstd, weight, count, use_input_stats, True, want_param_grads
-    )
-    apply(dx, view, coef, per_instance, x if use_input_stats else None, dy, dy_view)
+        red, partials, num_partials, mean, rstd, weight=weight,
+        use_input_stats=norm.use_input_stats, want_dx_coef=True, want_param_grads=param_grads,
+    )  # fmt: skip
+    apply(dx, red, coef, x=x if norm.use_input_stats else None, dy=dy, dy_view=dy_view)
     return dx, dweight, dbias
