@@ -9,16 +9,17 @@ the address falls in::
         y = tn.batch_norm(x, ...)
     traffic.passes(x.numel() * x.element_size())
 
-It hooks the narrowest entry points the interpreter has (Triton 3.9):
+It hooks the narrowest entry points the interpreter has, whose signatures differ by version
+(Triton 3.6 and 3.8: ``cache_modifier, eviction_policy``; 3.9: ``cache_policy``):
 
 - ``InterpreterBuilder.create_masked_load`` / ``create_masked_store``: every ``tl.load`` and
-  ``tl.store`` ends there (unmasked loads/stores, atomic loads/stores and tensor-descriptor
+  ``tl.store`` ends there (unmasked, block-pointer, tensor-descriptor and, from 3.9, atomic
   loads/stores are routed through them);
 - ``InterpreterBuilder.create_atomic_rmw`` / ``create_atomic_cas``: one read and one write each;
 - ``GridExecutor.__call__`` / ``_init_args_hst``: which kernel is running and which tensors it got.
 
-If one of them is missing or has another signature, entering the context raises
-``UnsupportedTritonError`` rather than report a wrong number.
+If one of them is missing or has a signature not listed in ``_HOOKS``, entering the context
+raises ``UnsupportedTritonError`` rather than report a wrong number.
 
 With ``audit_min_numel`` set it also watches the torch side (a ``TorchDispatchMode``): any aten op
 outside a kernel launch that touches a tensor of at least that many elements and is not an
@@ -46,16 +47,21 @@ class UnsupportedTritonError(RuntimeError):
     """The interpreter internals the counter hooks are not there (another Triton version)."""
 
 
-# hooked attribute -> the parameter names it must have (after self)
-_BUILDER_HOOKS: dict[str, tuple[str, ...]] = {
-    "create_masked_load": ("ptrs", "mask", "other", "cache_policy", "is_volatile"),
-    "create_masked_store": ("ptrs", "value", "mask", "cache_policy"),
-    "create_atomic_rmw": ("rmwOp", "ptr", "val", "mask", "sem", "scope"),
-    "create_atomic_cas": ("ptr", "cmp", "val", "sem", "scope"),
-}
-_EXECUTOR_HOOKS: dict[str, tuple[str, ...]] = {
-    "__call__": ("args_dev", "kwargs"),
-    "_init_args_hst": ("args_dev", "kwargs"),
+# (class, attribute) -> the parameter lists (after self) it may have; the hooks find their
+# arguments by name, so any listed signature is counted the same way.
+_HOOKS: dict[tuple[str, str], tuple[tuple[str, ...], ...]] = {
+    ("InterpreterBuilder", "create_masked_load"): (
+        ("ptrs", "mask", "other", "cache_policy", "is_volatile"),  # 3.9
+        ("ptrs", "mask", "other", "cache_modifier", "eviction_policy", "is_volatile"),  # 3.6-3.8
+    ),
+    ("InterpreterBuilder", "create_masked_store"): (
+        ("ptrs", "value", "mask", "cache_policy"),
+        ("ptrs", "value", "mask", "cache_modifier", "eviction_policy"),
+    ),
+    ("InterpreterBuilder", "create_atomic_rmw"): (("rmwOp", "ptr", "val", "mask", "sem", "scope"),),
+    ("InterpreterBuilder", "create_atomic_cas"): (("ptr", "cmp", "val", "sem", "scope"),),
+    ("GridExecutor", "__call__"): (("args_dev", "kwargs"),),
+    ("GridExecutor", "_init_args_hst"): (("args_dev", "kwargs"),),
 }
 
 
@@ -142,26 +148,26 @@ class Traffic:
         return "\n".join(lines)
 
 
-def _interpreter_classes():
+def _interpreter_classes() -> dict[str, type]:
     """The hooked interpreter classes, checked; raises UnsupportedTritonError otherwise."""
     import triton
 
     why = f"cannot count bytes with this Triton version ({triton.__version__})"
     try:
-        from triton.runtime.interpreter import GridExecutor, InterpreterBuilder
+        from triton.runtime import interpreter
     except ImportError as e:
         raise UnsupportedTritonError(f"{why}: {e}") from e
-    for cls, hooks in ((InterpreterBuilder, _BUILDER_HOOKS), (GridExecutor, _EXECUTOR_HOOKS)):
-        for attr, params in hooks.items():
-            fn = cls.__dict__.get(attr)
-            if fn is None:
-                raise UnsupportedTritonError(f"{why}: {cls.__name__}.{attr} not found")
-            got = tuple(inspect.signature(fn).parameters)[1:]
-            if got != params:
-                raise UnsupportedTritonError(
-                    f"{why}: {cls.__name__}.{attr}{got} is not {cls.__name__}.{attr}{params}"
-                )
-    return InterpreterBuilder, GridExecutor
+    classes = {
+        name: getattr(interpreter, name, None) for name in ("InterpreterBuilder", "GridExecutor")
+    }
+    for (cls, attr), known in _HOOKS.items():
+        fn = classes[cls].__dict__.get(attr) if classes[cls] else None
+        if fn is None:
+            raise UnsupportedTritonError(f"{why}: {cls}.{attr} not found")
+        got = tuple(inspect.signature(fn).parameters)[1:]
+        if got not in known:
+            raise UnsupportedTritonError(f"{why}: {cls}.{attr}{got} is none of {known}")
+    return classes
 
 
 def interpreter_active() -> bool:
@@ -214,29 +220,27 @@ class _Recorder:
 _ACTIVE: list[_Recorder] = []
 
 
-def _install(builder_cls, executor_cls, rec: _Recorder) -> list[tuple[type, str, object]]:
-    saved = [
-        (c, a, c.__dict__[a])
-        for c, hooks in ((builder_cls, _BUILDER_HOOKS), (executor_cls, _EXECUTOR_HOOKS))
-        for a in hooks
-    ]
+def _install(classes: dict[str, type], rec: _Recorder) -> list[tuple[type, str, object]]:
+    saved = [(classes[c], a, classes[c].__dict__[a]) for c, a in _HOOKS]
     orig = {a: f for _, a, f in saved}
 
-    def masked_load(self, ptrs, mask, other, cache_policy, is_volatile):
-        rec.record(ptrs, mask, load=True, store=False)
-        return orig["create_masked_load"](self, ptrs, mask, other, cache_policy, is_volatile)
+    def counting(attr: str, load: bool, store: bool, mask: str | None):
+        fn, ptr = orig[attr], "ptr" if "ptr" in _HOOKS["InterpreterBuilder", attr][0] else "ptrs"
+        sig = inspect.signature(fn)
 
-    def masked_store(self, ptrs, value, mask, cache_policy):
-        rec.record(ptrs, mask, load=False, store=True)
-        return orig["create_masked_store"](self, ptrs, value, mask, cache_policy)
+        def hook(self, *args, **kwargs):
+            bound = sig.bind(self, *args, **kwargs).arguments
+            rec.record(bound[ptr], bound.get(mask) if mask else None, load, store)
+            return fn(self, *args, **kwargs)
 
-    def atomic_rmw(self, rmwOp, ptr, val, mask, sem, scope):
-        rec.record(ptr, mask, load=True, store=True)
-        return orig["create_atomic_rmw"](self, rmwOp, ptr, val, mask, sem, scope)
+        return hook
 
-    def atomic_cas(self, ptr, cmp, val, sem, scope):
-        rec.record(ptr, None, load=True, store=True)
-        return orig["create_atomic_cas"](self, ptr, cmp, val, sem, scope)
+    hooks = {
+        "create_masked_load": counting("create_masked_load", True, False, "mask"),
+        "create_masked_store": counting("create_masked_store", False, True, "mask"),
+        "create_atomic_rmw": counting("create_atomic_rmw", True, True, "mask"),
+        "create_atomic_cas": counting("create_atomic_cas", True, True, None),
+    }
 
     def executor_call(self, *args_dev, **kwargs):
         outer = rec.launch
@@ -249,29 +253,18 @@ def _install(builder_cls, executor_cls, rec: _Recorder) -> list[tuple[type, str,
 
     def init_args_hst(self, args_dev, kwargs):
         args_hst, kwargs_hst = orig["_init_args_hst"](self, args_dev, kwargs)
-        if rec.launch is not None:
-            named = list(zip(self.arg_names, args_hst, strict=False)) + list(kwargs_hst.items())
-            for name, arg in named:
-                if isinstance(arg, torch.Tensor):
-                    storage = arg.untyped_storage()
-                    lo = storage.data_ptr()
-                    rec.launch.ranges.append(
-                        _TensorRange(
-                            name,
-                            lo,
-                            lo + storage.nbytes(),
-                            arg.numel(),
-                            str(arg.dtype).removeprefix("torch."),
-                        )
-                    )
+        named = list(zip(self.arg_names, args_hst, strict=False)) + list(kwargs_hst.items())
+        for name, arg in named if rec.launch is not None else ():
+            if isinstance(arg, torch.Tensor):
+                lo = arg.untyped_storage().data_ptr()
+                hi = lo + arg.untyped_storage().nbytes()
+                dtype = str(arg.dtype).removeprefix("torch.")
+                rec.launch.ranges.append(_TensorRange(name, lo, hi, arg.numel(), dtype))
         return args_hst, kwargs_hst
 
-    builder_cls.create_masked_load = masked_load
-    builder_cls.create_masked_store = masked_store
-    builder_cls.create_atomic_rmw = atomic_rmw
-    builder_cls.create_atomic_cas = atomic_cas
-    executor_cls.__call__ = executor_call
-    executor_cls._init_args_hst = init_args_hst
+    hooks.update(__call__=executor_call, _init_args_hst=init_args_hst)
+    for cls, attr, _ in saved:
+        setattr(cls, attr, hooks[attr])
     return saved
 
 
@@ -350,7 +343,7 @@ class _TorchAudit(TorchDispatchMode):
 @contextmanager
 def count_bytes(audit_min_numel: int | None = None) -> Iterator[Traffic]:
     """Count Triton kernel traffic (and, optionally, audit torch ops) in the ``with`` block."""
-    builder_cls, executor_cls = _interpreter_classes()
+    classes = _interpreter_classes()
     if not interpreter_active():
         raise RuntimeError(
             "count_bytes needs Triton's interpreter: set TRITON_INTERPRET=1 before the kernels "
@@ -360,7 +353,7 @@ def count_bytes(audit_min_numel: int | None = None) -> Iterator[Traffic]:
         raise RuntimeError("count_bytes regions cannot be nested")
     traffic = Traffic()
     rec = _Recorder(traffic)
-    saved = _install(builder_cls, executor_cls, rec)
+    saved = _install(classes, rec)
     _ACTIVE.append(rec)
     audit = _TorchAudit(rec, audit_min_numel) if audit_min_numel is not None else None
     try:

@@ -52,20 +52,3 @@ def within_floor(big_bytes: int, small_bytes: int, pass_bytes: int, floor: int) 
     """Whether counted traffic meets a floor: input-sized traffic at most ``floor`` passes, the
     rest at most NEGLIGIBLE_PASSES."""
     return big_bytes <= floor * pass_bytes and small_bytes <= NEGLIGIBLE_PASSES * pass_bytes
-
-
-def floor_table_markdown() -> str:
-    """The floor table as markdown, for the summary."""
-    lines = [
-        "| stage | passes, group on chip | passes, streamed | meaning |",
-        "|---|---|---|---|",
-        "| fwd | 2 | 3 | read x for statistics, [read x again,] write y |",
-        "| bwd | 3 | 5 | read x, dy for the two sums, [read x, dy again,] write dx |",
-        "| eval | 2 | 2 | read x, write y |",
-    ]
-    lines.append(
-        f"\nA group is on chip when it has at most {ON_CHIP_MAX_ELEMENTS} elements "
-        "(instance_norm instances); batch_norm channels are always streamed. A fwd+bwd op's "
-        "floor is the sum of its stages' floors (batch_norm training: 3 + 5 = 8)."
-    )
-    return "\n".join(lines)

@@ -1,230 +1,398 @@
 """The report: every op x shape x layout x dtype x provider, checked, then timed.
 
-Each provider's result is first checked against torch eager run in float32 on a contiguous copy
-of the same inputs; a mismatch is recorded (in the row's config column and on the console) and
-not timed. Rows go to results.csv, PNGs, summary.md and env.json.
+Providers: tritonnorm, torch eager, torch.compile of the same torch function (one compiled
+function per op, ``dynamic=False``, recompiled per shape), FlagGems when installed. Each
+provider's outputs, gradients and running statistics are first checked against torch in float64
+by the test suite's rule (tests/tolerances.py); a mismatch is recorded and not timed.
 
-On a GPU it times with ``triton.testing.do_bench``. ``--dry-run`` runs the same orchestration on
-the CPU (tritonnorm through Triton's interpreter) with a ``time.perf_counter`` timer and tiny
-shapes, to exercise the plumbing: its numbers are NOT GPU measurements and are labelled so.
+GPU mode: median of ``triton.testing.do_bench``, input sets rotated so the working set is several
+times L2. CPU mode (no GPU, ``--cpu``, and ``python -m perf.gpu --dry-run``): tritonnorm through
+Triton's interpreter, a perf_counter timer, small shapes: NOT a GPU measurement. It also counts
+the bytes each tritonnorm stage moves (perf/bytecount.py) against its floor (PERF.md).
 """
 
 from __future__ import annotations
 
-import argparse
+import csv
+import dataclasses
+import functools
+import importlib.util
+import itertools
 import math
+import platform
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from perf import bench, plots, providers, results
-from perf.ops import DTYPES, LAYOUTS, Inputs, OpSpec, select
-from perf.progress import Progress
-from perf.shapes import Shape, shape_str, shapes_for
+from perf.ops import OpSpec
+from perf.shapes import shape_str
 
-DRY_RUN_BANNER = (
-    "DRY RUN on the CPU (tritonnorm through the Triton interpreter, perf_counter timer, tiny "
-    "shapes): NOT A GPU MEASUREMENT"
-)
-PLOT_BANNER = "DRY RUN (CPU): NOT A GPU MEASUREMENT"
-RESULTS_ROOT = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+CPU_BANNER = "CPU MODE (Triton interpreter, perf_counter timer): NOT A GPU MEASUREMENT"
+L2_ROTATE_BYTES = 4 * 50 * 2**20  # several times an H100's L2 (50 MB)
+
+
+@functools.cache
+def tolerances():
+    """tests/tolerances.py, the suite's one tolerance table, imported by path."""
+    spec = importlib.util.spec_from_file_location("tolerances", ROOT / "tests" / "tolerances.py")
+    module = sys.modules.setdefault("tolerances", importlib.util.module_from_spec(spec))
+    spec.loader.exec_module(module)
+    return module
+
+
+def check(got: tuple, ref: tuple, same: tuple) -> str | None:
+    """None when ``got`` is as close to the float64 ``ref`` as the suite allows (``same``: torch
+    in the input dtype, the half-precision yardstick), else why not."""
+    if len(got) != len(ref):
+        return f"{len(got)} outputs, expected {len(ref)}"
+    for i, (g, r, s) in enumerate(zip(got, ref, same, strict=True)):
+        try:
+            tolerances().assert_close_to_reference(g, r.to(g.device), torch_same_dtype=s,
+                                                   name=f"output {i}")  # fmt: skip
+        except AssertionError as e:
+            return str(e).splitlines()[0][:200]
+    return None
+
+
+def error(e: BaseException) -> str:
+    return f"ERROR: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"
+
+
+# --- providers, timers, environment ----------------------------------------------------------
+
+
+@functools.cache
+def _compiled(op: OpSpec) -> Callable:
+    # One compiled function per op: Dynamo recompiles per shape/dtype/layout (dynamic=False);
+    # the recompile limit is raised so that it never silently falls back to eager.
+    for knob in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 512))
+    return torch.compile(op.torch_fn, dynamic=False)
+
+
+def providers(names: list[str] | None = None) -> dict[str, Callable]:
+    """name -> (op -> (function, context manager factory)); FlagGems only when installed (aten
+    ops routed through ``flag_gems.use_gems()``; Liger-Kernel has no BN/IN kernels)."""
+    import contextlib
+
+    provs = {
+        "tritonnorm": lambda op: (op.tn_fn, contextlib.nullcontext),
+        "eager": lambda op: (op.torch_fn, contextlib.nullcontext),
+        "compile": lambda op: (_compiled(op), contextlib.nullcontext),
+    }
+    if importlib.util.find_spec("flag_gems") is not None:
+        provs["flag_gems"] = lambda op: (op.torch_fn, __import__("flag_gems").use_gems)
+    return {k: v for k, v in provs.items() if not names or k in names}
+
+
+def gpu_timer(step: Callable) -> float:
+    """Median milliseconds of ``triton.testing.do_bench`` (warm-up excluded, L2 flushed)."""
+    import triton.testing
+
+    return float(triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median"))
+
+
+def cpu_timer(step: Callable) -> float:
+    """Milliseconds of one CPU run (after the checked one): plumbing only, not a GPU timing."""
+    t0 = time.perf_counter()
+    step()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def copy_gbps(device: str, timer: Callable) -> float:
+    """GB/s of a large device-to-device ``copy_``, counting the bytes read and written."""
+    src = torch.randn((2**28 if device == "cuda" else 2**22), device=device)
+    dst = src.clone()
+    return 2 * src.numel() * 4 / (timer(lambda: dst.copy_(src)) * 1e-3) / 1e9
+
+
+def environment(device: str) -> dict:
+    import triton
+
+    env = {"device": device, "torch": torch.__version__, "triton": triton.__version__,
+           "cuda": torch.version.cuda, "python": platform.python_version()}  # fmt: skip
+    if device == "cuda":
+        p = torch.cuda.get_device_properties(0)
+        try:
+            smi = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
+            driver = subprocess.run(smi, capture_output=True, text=True, timeout=20).stdout
+        except (OSError, subprocess.SubprocessError):
+            driver = ""
+        env.update(gpu=p.name, sm_count=p.multi_processor_count, capability=f"{p.major}.{p.minor}",
+                   memory_gib=round(p.total_memory / 2**30, 1), driver=driver.strip() or None,
+                   l2_bytes=getattr(p, "L2_cache_size", None), cudnn=torch.backends.cudnn.version())  # fmt: skip
+    else:
+        env["cpu"] = platform.processor() or platform.machine()
+    return env
+
+
+def gpu_slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "gpu"
+
+
+# --- one case --------------------------------------------------------------------------------
 
 
 @dataclass
-class Case:
-    """One op x shape x layout x dtype."""
-
-    op: OpSpec
-    shape_class: str
-    shape: Shape
+class Row:
+    op: str
     layout: str
-    dtype_name: str
-    device: str
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype_name]
-
-    @property
-    def label(self) -> str:
-        return f"{self.op.name} {self.layout} {self.dtype_name} {shape_str(self.shape)}"
-
-    def inputs(self, seed: int = 0) -> Inputs:
-        return self.op.inputs(self.shape, self.layout, self.dtype, self.device, seed=seed)
+    dtype: str
+    shape: str
+    shape_class: str
+    provider: str
+    ms: float | None = None  # None: not timed (mismatch, error, or out of budget)
+    gbps: float | None = None  # floor bytes / time
+    frac_of_copy: float | None = None
+    first_call_s: float | None = None  # includes torch.compile's compilation / autotuning
+    passes: str = ""  # CPU mode, tritonnorm: passes counted per stage / floor
+    over_floor: bool = False
+    note: str = ""  # tritonnorm's chosen configs; or why the row was not timed
 
 
-def chosen_configs() -> str:
-    """tritonnorm's configs of the latest launch of each kernel, joined compactly."""
-    try:
-        from tritonnorm.kernels import config
-    except ImportError:
-        return ""
-    return "; ".join(f"{k}: {v}" for k, v in sorted(config.chosen_configs().items()))
+def _counted(op: OpSpec, shape, inp) -> tuple[tuple, str, bool]:
+    """The tritonnorm run of the CPU mode, with each stage's bytes counted (the backward alone)."""
+    from perf.bytecount import count_bytes
+    from perf.floors import within_floor
+
+    numel = math.prod(shape)
+    pass_bytes = numel * inp.args[0].element_size()
+    found, over, grads = [], False, ()
+    with torch.set_grad_enabled(op.backward), count_bytes(audit_min_numel=numel) as fwd:
+        y = op.tn_fn(*inp.args)
+    counted = [(next(s for s in op.stages if s != "bwd"), fwd)]
+    if op.backward:
+        with count_bytes(audit_min_numel=numel) as bwd:
+            grads = torch.autograd.grad(y, inp.grad_inputs, inp.dy)
+        counted.append(("bwd", bwd))
+    for stage, t in counted:
+        floor = op.stage_floor(stage, shape)
+        big, small = t.split(numel)
+        bad = not within_floor(big, small, pass_bytes, floor) or bool(t.torch_ops)
+        over |= bad
+        found.append(f"{stage} {t.passes(pass_bytes):.3f}/{floor}{' OVER' if bad else ''}")
+    return (y, *grads, *inp.state), " ".join(found), over
 
 
-def _reset_configs() -> None:
-    try:
-        from tritonnorm.kernels import config
-    except ImportError:
-        return
-    config.reset_chosen_configs()
+def run_case(op: OpSpec, cls: str, shape, layout: str, dtype_name: str, device: str, provs: dict,
+             copy: float, deadline: float = math.inf) -> list[Row]:  # fmt: skip
+    """Check, then time, every provider on one case; none starts after ``deadline``."""
+    from perf.ops import DTYPES
 
-
-def _run_once(fn, inp: Inputs, op: OpSpec) -> tuple:
-    """Outputs (and gradients) of one step, plus the state it updated (running statistics)."""
-    return (*bench.make_step(fn, inp, op.backward)(), *inp.state)
-
-
-def _error(e: BaseException) -> str:
-    text = (str(e).strip().splitlines() or [""])[0][:160]
-    return f"ERROR: {type(e).__name__}: {text}"
-
-
-def _measure(case: Case, prov, fn, sets, ref, timer) -> tuple[float | None, str]:
-    """(ms, config) for a provider; ms is None and config says why when it was not timed."""
-    try:
-        with prov.context():
-            if prov.name == "tritonnorm":
-                _reset_configs()
-            got = _run_once(fn, case.inputs(seed=0), case.op)  # fresh state: seed 0 = ref's
-            bad = bench.compare(got, ref, case.dtype)
-            del got
-            if bad:
-                return None, f"MISMATCH vs eager fp32 reference: {bad}"
-            ms = timer(bench.rotating([bench.make_step(fn, s, case.op.backward) for s in sets]))
-        return ms, chosen_configs() if prov.name == "tritonnorm" else ""
-    except Exception as e:  # one failing provider must not stop the report
-        if case.device == "cuda":
-            torch.cuda.empty_cache()
-        return None, _error(e)
-
-
-def run_case(case: Case, provs, timer, copy_gbps: float, progress: Progress) -> list[results.Row]:
-    """Check and time every provider on one case."""
-    floor = case.op.floor_bytes(case.shape, case.dtype)
-    pass_bytes = math.prod(case.shape) * case.dtype.itemsize
-    n_sets = 1
-    if case.device == "cuda":
-        n_sets = bench.buffers_needed(pass_bytes * (4 if case.op.backward else 2))
-    try:
-        sets = [case.inputs(seed=i) for i in range(n_sets)]
-        ref = _run_once(case.op.torch_fn, case.inputs(seed=0).reference(), case.op)
-        setup_error = None
-    except Exception as e:
-        sets, ref, setup_error = [], (), _error(e)
+    dtype, timer = DTYPES[dtype_name], gpu_timer if device == "cuda" else cpu_timer
+    floor_bytes = op.floor_passes(shape) * math.prod(shape) * dtype.itemsize
+    base = op.inputs(shape, layout, dtype, device)
     rows = []
-    for prov in provs:
-        progress.step(f"{case.label} {prov.name}")
-        fn = None
-        ms, config = None, setup_error
-        if not setup_error:
-            try:
-                fn = prov.prepare(case.op)
-            except Exception as e:
-                config = _error(e)
-            else:
-                if fn is None:
-                    progress.note(f"{prov.name}: no kernel for {case.op.name} ({prov.note})")
+    try:
+        ref = base.copy(torch.float64, contiguous=True).step(op.torch_fn, op.backward)()
+        same = base.copy(contiguous=True).step(op.torch_fn, op.backward)()
+        n_sets = 1 if device != "cuda" else max(1, min(8, math.ceil(L2_ROTATE_BYTES / floor_bytes)))
+        sets = [base] + [op.inputs(shape, layout, dtype, device, seed=i) for i in range(1, n_sets)]
+    except Exception as e:
+        return [Row(op.name, layout, dtype_name, shape_str(shape), cls, p, note=error(e))
+                for p in provs]  # fmt: skip
+    for name, prepare in provs.items():
+        row = Row(op.name, layout, dtype_name, shape_str(shape), cls, name)
+        rows.append(row)
+        if time.monotonic() > deadline:
+            row.note = "not run: out of budget"
+            continue
+        try:
+            fn, context = prepare(op)
+            with context():
+                if name == "tritonnorm":
+                    __import__("tritonnorm.kernels.config").kernels.config.reset_chosen_configs()
+                t0 = time.perf_counter()
+                inp = base.copy()  # fresh running statistics: the reference's
+                if name == "tritonnorm" and device == "cpu":
+                    got, row.passes, row.over_floor = _counted(op, shape, inp)
+                else:
+                    got = inp.step(fn, op.backward)()
+                row.first_call_s = time.perf_counter() - t0
+                bad = check(got, ref, same)
+                if bad:
+                    row.note = f"MISMATCH vs float64 torch: {bad}"
                     continue
-                ms, config = _measure(case, prov, fn, sets, ref, timer)
-        gbps = floor / (ms * 1e-3) / 1e9 if ms else None
-        rows.append(
-            results.Row(
-                op=case.op.name,
-                layout=case.layout,
-                dtype=case.dtype_name,
-                shape=shape_str(case.shape),
-                provider=prov.name,
-                ms=ms,
-                gbps=gbps,
-                floor_bytes=floor,
-                copy_gbps=copy_gbps,
-                frac_of_copy=gbps / copy_gbps if gbps else None,
-                config=config,
-                shape_class=case.shape_class,
-            )
-        )
-        if ms is None:
-            progress.note(f"NOT TIMED: {config}")
-        else:
-            progress.note(f"{ms:.4f} ms, {gbps:.1f} GB/s = {gbps / copy_gbps:.1%} of copy")
-    del sets, ref
-    if case.device == "cuda":
-        torch.cuda.empty_cache()
+                steps = [s.copy().step(fn, op.backward) for s in sets]
+                turn = itertools.count()  # rotate through the input sets
+                row.ms = timer(lambda s=steps, t=turn: s[next(t) % len(s)]())
+        except Exception as e:
+            row.note = error(e)
+            continue
+        row.gbps = floor_bytes / (row.ms * 1e-3) / 1e9
+        row.frac_of_copy = row.gbps / copy
+        if name == "tritonnorm":
+            from tritonnorm.kernels import config
+
+            row.note = "; ".join(f"{k}: {v}" for k, v in sorted(config.chosen_configs().items()))
     return rows
 
 
-def floors_markdown(ops: list[OpSpec], shape_set: str) -> str:
-    """The floor each op is judged by, per shape class (one table)."""
-    lines = ["| op | shape class | floor, passes over the input |", "|---|---|---|"]
-    for op in ops:
-        by_class: dict[str, set[str]] = {}
-        for cls, shape in shapes_for(shape_set, op.shape_classes):
-            stages = " + ".join(f"{op.stage_floor(s, shape)} {s}" for s in op.stages)
-            by_class.setdefault(cls, set()).add(f"{op.floor_passes(shape)} ({stages})")
-        for cls, floors in by_class.items():
-            lines.append(f"| {op.name} | {cls} | {'; '.join(sorted(floors))} |")
-    return "\n".join(lines)
+# --- outputs ---------------------------------------------------------------------------------
 
 
-def run(args: argparse.Namespace) -> int:
-    dry = args.dry_run
-    device = "cpu" if dry else "cuda"
-    timer = bench.cpu_timer if dry else bench.gpu_timer
-    shape_set = "dry-run" if dry else ("full" if args.full else "quick")
-    ops = select(args.ops)
-    layouts = args.layouts.split(",") if args.layouts else list(LAYOUTS)
-    dtypes = args.dtypes.split(",") if args.dtypes else (["float32"] if dry else list(DTYPES))
-    banner = DRY_RUN_BANNER if dry else ""
-    if banner:
-        print(banner)
-    skipped: list[str] = []
+def write_csv(rows: list, path: Path) -> None:
+    """Dataclass rows as CSV (floats to 6 significant digits)."""
+    with path.open("w", newline="") as f:
+        names = [fl.name for fl in dataclasses.fields(rows[0])] if rows else ["empty"]
+        w = csv.DictWriter(f, fieldnames=names)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: f"{v:.6g}" if isinstance(v, float) else v
+                        for k, v in dataclasses.asdict(r).items()})  # fmt: skip
 
-    def log(line: str) -> None:
-        skipped.append(line)
-        print(line)
 
-    provs = providers.available(args.providers.split(",") if args.providers else None, log)
-    if args.out:
-        out = Path(args.out)
-    elif dry:
-        out = RESULTS_ROOT / "interpreter" / "dry-run"
-    else:
-        out = RESULTS_ROOT / results.gpu_slug(torch.cuda.get_device_name())
+def speedups(rows: list[Row]) -> dict[tuple[str, str], list[float]]:
+    """(op, provider) -> its time / tritonnorm's time, per case where both were timed."""
+    ours = {(r.op, r.layout, r.dtype, r.shape): r.ms for r in rows
+            if r.provider == "tritonnorm" and r.ms}  # fmt: skip
+    out: dict[tuple[str, str], list[float]] = {}
+    for r in rows:
+        mine = ours.get((r.op, r.layout, r.dtype, r.shape))
+        if r.provider != "tritonnorm" and r.ms and mine:
+            out.setdefault((r.op, r.provider), []).append(r.ms / mine)
+    return out
+
+
+def headline(rows: list[Row]) -> dict[str, float | None]:
+    """Worst fraction of copy bandwidth (tritonnorm), slowest speedup vs eager and vs compile."""
+    fracs = [r.frac_of_copy for r in rows if r.provider == "tritonnorm" and r.frac_of_copy]
+    sp = speedups(rows)
+    slowest = {p: min((x for (_, q), xs in sp.items() if q == p for x in xs), default=None)
+               for p in ("eager", "compile")}  # fmt: skip
+    return {"worst_frac_of_copy": min(fracs, default=None), "min_vs_eager": slowest["eager"],
+            "min_vs_compile": slowest["compile"]}  # fmt: skip
+
+
+def summary_lines(rows: list[Row]) -> list[str]:
+    """Per op: tritonnorm's fraction of copy bandwidth, speedups, byte counts, failures."""
+    med = lambda xs: sorted(xs)[len(xs) // 2] if xs else float("nan")
+    lines = ["| op | tritonnorm: worst / median fraction of copy | vs provider | n | min | "
+             "median speedup |", "|---|---|---|---|---|---|"]  # fmt: skip
+    sp = speedups(rows)
+    for op in dict.fromkeys(r.op for r in rows):
+        fr = [r.frac_of_copy for r in rows if r.op == op and r.provider == "tritonnorm" and r.ms]
+        frac = f"{min(fr):.1%} / {med(fr):.1%}" if fr else "-"
+        for prov, xs in [(p, xs) for (o, p), xs in sp.items() if o == op] or [("-", [])]:
+            lines.append(f"| {op} | {frac} | {prov} | {len(xs)} | "
+                         f"{min(xs, default=float('nan')):.3g}x | {med(xs):.3g}x |")  # fmt: skip
+    counted = [r for r in rows if r.passes]
+    if counted:
+        over = [r for r in counted if r.over_floor]
+        lines += ["", f"Bytes counted under the interpreter (passes counted/floor per stage): "
+                  f"{len(counted)} cases, {len(over)} over the floor."]  # fmt: skip
+        lines += [f"- {r.op} {r.layout} {r.dtype} {r.shape}: {r.passes}" for r in counted]
+    bad = [r for r in rows if r.ms is None]
+    lines += ["", f"Not timed (mismatch, error or budget): {len(bad)}"]
+    lines += [f"- {r.op} {r.layout} {r.dtype} {r.shape} {r.provider}: {r.note}" for r in bad]
+    return lines
+
+
+def write_plots(rows: list[Row], out: Path, banner: str = "") -> list[Path]:
+    """fraction_of_copy.png (per op, against floor bytes) and speedup.png; none without
+    matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    ops = list(dict.fromkeys(r.op for r in rows if r.ms))
+    if not ops:
+        return []
+    fig, axes = plt.subplots(1, len(ops), figsize=(3.2 * len(ops), 3.4), squeeze=False)
+    for ax, op in zip(axes[0], ops, strict=True):
+        for prov in dict.fromkeys(r.provider for r in rows):
+            pts = [(math.prod(map(int, r.shape.split("x"))), r.frac_of_copy)
+                   for r in rows if r.op == op and r.provider == prov and r.ms]  # fmt: skip
+            if pts:
+                ax.scatter(*zip(*pts, strict=True), label=prov, s=14)
+        ax.axhline(0.9, color="grey", linestyle=":", linewidth=1)
+        ax.set(xscale="log", title=op, xlabel="elements")
+    axes[0][0].set_ylabel("fraction of copy bandwidth")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(banner or "effective bandwidth at the byte floor / measured copy bandwidth")
+    fig.tight_layout()
+    paths = [out / "fraction_of_copy.png", out / "speedup.png"]
+    fig.savefig(paths[0], dpi=100)
+    plt.close(fig)
+    sp = speedups(rows)
+    fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(sp), 3.6))
+    for i, xs in enumerate(sp.values()):
+        ax.scatter([i] * len(xs), xs, s=12)
+    ax.axhline(1.0, color="k", linewidth=1)
+    ax.set_xticks(range(len(sp)), [f"{o}\nvs {p}" for o, p in sp], fontsize=6)
+    ax.set(yscale="log", ylabel="speedup of tritonnorm (x)", title=banner or "speedup per case")
+    fig.tight_layout()
+    fig.savefig(paths[1], dpi=100)
+    plt.close(fig)
+    return paths
+
+
+def cases(ops: list[OpSpec], shape_set: str, layouts, dtypes) -> list[tuple]:
+    from perf.shapes import shapes_for
+
+    return [(op, cls, shape, layout, dt) for op in ops
+            for cls, shape in shapes_for(shape_set, op.shape_classes)
+            for layout in layouts for dt in dtypes]  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+    import os
+
+    p = argparse.ArgumentParser(prog="python -m perf", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--full", action="store_true", help="every shape of every class (GPU mode)")
+    p.add_argument("--cpu", action="store_true", help="the CPU mode even when a GPU is present")
+    p.add_argument("--out", help="output directory (default perf/results/<gpu>/ or cpu/)")
+    p.add_argument("--ops", help="comma-separated op names or globs, e.g. 'bn_*,in_fwd'")
+    p.add_argument("--layouts", default="contiguous,channels_last")
+    p.add_argument("--dtypes", default="float32,bfloat16,float16")
+    p.add_argument("--providers", help="subset of tritonnorm,eager,compile,flag_gems "
+                   "(CPU mode default: tritonnorm,eager)")  # fmt: skip
+    args = p.parse_args(argv)
+    cpu = args.cpu or not torch.cuda.is_available()
+    if cpu:  # before tritonnorm is imported: kernels are bound to the interpreter when defined
+        if "tritonnorm" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+            raise SystemExit("tritonnorm was imported before TRITON_INTERPRET=1 could be set")
+        os.environ["TRITON_INTERPRET"] = "1"
+        print(CPU_BANNER)
+    from perf.ops import select
+
+    device = "cpu" if cpu else "cuda"
+    names = args.providers or ("tritonnorm,eager" if cpu else None)
+    provs = providers(names.split(",") if names else None)
+    env = environment(device)
+    out = Path(args.out or ROOT / "perf" / "results" / ("cpu" if cpu else gpu_slug(env["gpu"])))
     out.mkdir(parents=True, exist_ok=True)
-
-    copy_bytes = 64 * 2**20 if dry else 2**30
-    copy_gbps = bench.copy_bandwidth(timer, device, copy_bytes)
-    print(f"copy bandwidth ({device}, copy_ of {copy_bytes >> 20} MiB, read + write): "
-          f"{copy_gbps:.1f} GB/s")  # fmt: skip
-
-    cases = [
-        Case(op, cls, shape, layout, dt, device)
-        for op in ops
-        for cls, shape in shapes_for(shape_set, op.shape_classes)
-        for layout in layouts
-        for dt in dtypes
-    ]
-    print(f"{len(cases)} op/shape/layout/dtype cases x {len(provs)} providers "
-          f"({', '.join(p.name for p in provs)}); shapes: {shape_set}")  # fmt: skip
-    progress = Progress(len(cases) * len(provs))
-    rows = [row for case in cases for row in run_case(case, provs, timer, copy_gbps, progress)]
-
-    env = results.environment(
-        "dry-run (CPU, not a GPU measurement)" if dry else "gpu",
-        device,
-        {"copy_gbps": copy_gbps, "shape_set": shape_set, "providers": [p.name for p in provs],
-         "providers_skipped": skipped},
-    )  # fmt: skip
-    results.write_csv(rows, out / "results.csv")
-    results.write_env(env, out / "env.json")
-    results.write_summary(rows, env, out / "summary.md", banner, floors_markdown(ops, shape_set))
-    pngs = plots.write_plots(rows, out, PLOT_BANNER if dry else "")
-    bad = [r for r in rows if not r.ok]
-    print(f"\nwrote {out / 'results.csv'} ({len(rows)} rows), summary.md, env.json, "
-          f"{len(pngs)} PNGs")  # fmt: skip
-    print(f"{len(bad)} rows not timed (mismatch or error)" if bad else "all rows checked and timed")
-    if banner:
-        print(banner)
+    env["copy_gbps"] = copy = copy_gbps(device, cpu_timer if cpu else gpu_timer)
+    todo = cases(select(args.ops), "cpu" if cpu else "full" if args.full else "quick",
+                 args.layouts.split(","), args.dtypes.split(","))  # fmt: skip
+    print(f"{len(todo)} cases x {len(provs)} providers ({', '.join(provs)}); "
+          f"copy bandwidth {copy:.1f} GB/s")  # fmt: skip
+    rows = []
+    for i, case in enumerate(todo):
+        rows += run_case(*case, device, provs, copy)
+        for r in rows[-len(provs) :]:
+            shown = f"{r.ms:.4f} ms {r.frac_of_copy:6.1%} of copy" if r.ms else r.note
+            print(f"[{i + 1}/{len(todo)}] {r.op} {r.layout} {r.dtype} {r.shape} {r.provider}: "
+                  f"{shown} {r.passes}")  # fmt: skip
+    write_csv(rows, out / "results.csv")
+    (out / "env.json").write_text(json.dumps(env, indent=2) + "\n")
+    head = [f"# tritonnorm performance report ({CPU_BANNER if cpu else env['gpu']})", "",
+            f"`{json.dumps(env)}`", ""]  # fmt: skip
+    (out / "summary.md").write_text("\n".join(head + summary_lines(rows)) + "\n")
+    write_plots(rows, out, CPU_BANNER if cpu else "")
+    print(f"wrote {out}: results.csv, summary.md, env.json, PNGs")
     return 0

@@ -1,7 +1,8 @@
 """Shape classes (PERF.md "Shapes that matter"), as (N, C, *spatial) tuples.
 
-Each class has a full list and a quick subset (``--quick``); ``DRY_RUN`` holds tiny stand-ins
-that keep ``--dry-run`` on a CPU short. A shape's class is found by ``class_of``.
+Each class has a full list and a quick subset (``--quick``). The CPU mode runs the Triton
+interpreter: ``CPU`` holds shapes on both sides of the on-chip limits (what the byte count is
+about), ``DRY_RUN`` tiny stand-ins that keep ``python -m perf.gpu --dry-run`` short.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ FULL: dict[str, list[Shape]] = {
         (1, 128, 1024, 1024),
     ],
     "medical3d_in": [(2, 32, 128, 128, 128), (2, 128, 128, 128, 128), (2, 320, 128, 128, 128)],
+    # GAN / diffusion GroupNorm, 32 groups
+    "diffusion_gn": [(8, 128, 128, 128), (16, 320, 64, 64), (32, 640, 32, 32), (64, 1280, 8, 8)],
 }
 
 QUICK: dict[str, list[Shape]] = {
@@ -41,17 +44,28 @@ QUICK: dict[str, list[Shape]] = {
     "small_c_bn": [(32, 6, 512, 512)],
     "style_in": [(4, 64, 512, 512)],
     "medical3d_in": [(2, 32, 128, 128, 128)],
+    "diffusion_gn": [(16, 320, 64, 64)],
 }
 
-# Tiny stand-ins: they exercise the report's plumbing on a CPU, they measure nothing.
+# BN: channels of 16384 elements (can be normalised on chip), then 40960 (above the on-chip
+# limit: the split reduction). IN: instances of 4096 elements (on chip in both kernels and
+# layouts), then 40960 (streamed, floors 3/5).
+CPU: dict[str, list[Shape]] = {
+    "resnet50_bn": [(2, 3, 64, 128), (5, 3, 64, 128)],
+    "style_in": [(2, 3, 64, 64), (2, 3, 160, 256)],
+    "diffusion_gn": [(2, 64, 32, 32), (2, 32, 64, 160)],  # groups of 2 x 1024, 1 x 10240
+}
+
+# Tiny stand-ins: they exercise the plumbing on a CPU, they measure nothing.
 DRY_RUN: dict[str, list[Shape]] = {
     "resnet50_bn": [(2, 16, 8, 8)],
     "small_c_bn": [(2, 3, 32, 32)],
     "style_in": [(1, 4, 16, 16)],
     "medical3d_in": [(1, 4, 8, 8, 8)],
+    "diffusion_gn": [(2, 64, 4, 4)],
 }
 
-SETS = {"full": FULL, "quick": QUICK, "dry-run": DRY_RUN}
+SETS = {"full": FULL, "quick": QUICK, "cpu": CPU, "dry-run": DRY_RUN}
 
 
 def shapes_for(shape_set: str, classes: tuple[str, ...]) -> list[tuple[str, Shape]]:
@@ -60,18 +74,5 @@ def shapes_for(shape_set: str, classes: tuple[str, ...]) -> list[tuple[str, Shap
     return [(cls, s) for cls in classes for s in table.get(cls, [])]
 
 
-def class_of(shape: Shape) -> str:
-    """The class a shape was listed under (first match), or "other"."""
-    for table in (FULL, QUICK, DRY_RUN):
-        for cls, shapes in table.items():
-            if tuple(shape) in shapes:
-                return cls
-    return "other"
-
-
 def shape_str(shape: Shape) -> str:
     return "x".join(str(d) for d in shape)
-
-
-def parse_shape(text: str) -> Shape:
-    return tuple(int(d) for d in text.split("x"))

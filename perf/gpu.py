@@ -1,0 +1,348 @@
+"""``python -m perf.gpu``: one budgeted command that turns a short GPU loan into verified results.
+
+Written for a lent machine (one H100 or H200, no network, its own python3 with torch and triton,
+10 minutes per command), from a plain checkout::
+
+    PYTHONPATH=. python3 -m perf.gpu --out perf/results/gpu-run      # --budget 480 (seconds)
+
+Stages, in priority order; each gets at most its share of the budget plus what earlier ones left,
+stops cleanly at its deadline, and writes its files as soon as it ends (a later crash loses
+nothing). Every case's exception is recorded as a failure.
+
+1. env: GPU, SM count, L2, driver, torch, triton; device-to-device copy bandwidth (read + write).
+2. correctness: every kernel path (BN train / eval, IN with and without running statistics;
+   fused and split forced both ways; forward + backward) x contiguous / channels_last / strided x
+   float32 / bfloat16 / float16 / float64 x odd shapes, the large-offset and long-reduction
+   numerics, and (GPU only) one bf16 tensor of more than 2**31 elements; against torch in float64
+   by the suite's tolerances, outputs poisoned with NaN first, a second call bitwise equal.
+3. timing: the report's quick set (perf/report.py): tritonnorm vs eager vs torch.compile.
+4. pytest: the suite natively with what is left (SyncBatchNorm's multi-process tests and the
+   CPU-side tools excluded), in a subprocess with a wall-clock limit.
+
+Output under --out (at most 8 files): env.json, correctness.csv, results.csv, pytest.txt,
+fraction_of_copy.png, speedup.png, summary.md. The last lines printed are the stage table.
+``--dry-run`` runs every stage on the CPU through Triton's interpreter with tiny shapes and a CPU
+timer: NOT a GPU measurement (CI runs it: tests/test_perf_gpu.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SHARES = {"env": 0.05, "correctness": 0.3, "timing": 0.5, "pytest": 1.0}  # of the budget, at most
+MARGIN_S = 10  # kept back for writing the outputs
+DRY_BANNER = (
+    "DRY RUN on the CPU (Triton interpreter, tiny shapes, CPU timer): NOT A GPU MEASUREMENT"
+)
+
+
+@dataclasses.dataclass
+class Check:
+    case: str
+    path: str
+    layout: str
+    dtype: str
+    shape: str
+    status: str = "ok"  # ok / FAIL / ERROR
+    detail: str = ""
+    seconds: float = 0.0
+
+
+class Run:
+    def __init__(self, args: argparse.Namespace):
+        import torch
+
+        self.args, self.dry, self.out = args, args.dry_run, Path(args.out)
+        self.device = "cpu" if self.dry else "cuda"
+        self.end = time.monotonic() + args.budget - MARGIN_S
+        self.status: dict[str, tuple[str, float]] = {}
+        self.env: dict = {"mode": DRY_BANNER if self.dry else "gpu", "budget_s": args.budget}
+        self.checks: list[Check] = []
+        self.rows: list = []
+        self.pytest_tail = ""
+        self.torch = torch
+
+    # --- stage 1 ----------------------------------------------------------------------------
+    def env_stage(self, deadline: float) -> str:
+        from perf import report
+
+        self.env.update(report.environment(self.device))
+        timer = report.cpu_timer if self.dry else report.gpu_timer
+        self.env["copy_gbps"] = report.copy_gbps(self.device, timer)
+        self.write("env.json", json.dumps(self.env, indent=2) + "\n")
+        return f"ok, copy {self.env['copy_gbps']:.1f} GB/s"
+
+    # --- stage 2 ----------------------------------------------------------------------------
+    def cases(self):
+        """(case, path, layout, dtype, shape, offset), most important first."""
+        from perf.ops import NORMS
+
+        dtypes = ("float32", "bfloat16", "float16", "float64")
+        layouts = ("contiguous", "channels_last", "strided")
+        main = (2, 3, 5, 7) if self.dry else (8, 64, 32, 32)
+        for dt in dtypes[:1] if self.dry else dtypes:
+            for i, (norm, path) in enumerate(itertools.product(NORMS, ("auto", "fused", "split"))):
+                for layout in layouts[i % 3 :][:1] if self.dry else layouts:  # dry: one each
+                    yield norm, path, layout, dt, main, 0.5
+        # primes; N=1; C=1; spatial 1; (N, C, L); 5-D; (N, C); an instance above on-chip limits
+        odd = [(3, 7, 13, 17), (1, 5, 11, 7), (4, 1, 9, 9), (16, 24, 1, 1), (8, 12, 37),
+               (2, 4, 6, 10, 14), (64, 96), (2, 3, 160, 256)]  # fmt: skip
+        for shape in odd[:2] if self.dry else odd:
+            for norm in ("bn_train", "gn") if self.dry else NORMS:
+                for dt in ("float32", "bfloat16"):
+                    for path in ("auto", "split"):
+                        yield norm, path, "channels_last", dt, shape, 0.5
+        # numerics: a large common offset (cancellation); long reductions (~1e6 values)
+        for norm in ("bn_train", "in", "gn"):
+            for path in ("fused", "split"):
+                yield norm, path, "contiguous", "float32", (4, 3, 16, 32), 1e4
+            yield norm, "auto", "contiguous", "float32", (2, 2, 64, 64) if self.dry else (
+                4, 2, 512, 512), 0.5  # fmt: skip
+
+    def check_one(self, norm, path, layout, dtype_name, shape, offset) -> str | None:
+        from perf import report
+        from perf.ops import DTYPES, NORMS, make_inputs, norm_fn
+        from tritonnorm.kernels import config
+
+        dtype = {**DTYPES, "float64": self.torch.float64}[dtype_name]
+        inp = make_inputs(shape, layout, dtype, self.device, running_stats=NORMS[norm][2],
+                          backward=True, offset=offset)  # fmt: skip
+        ref = inp.copy(self.torch.float64, contiguous=True).step(norm_fn(norm, False), True)()
+        same = inp.copy(contiguous=True).step(norm_fn(norm, False), True)()
+        forced = {"auto": {}, "fused": {"fused": True}, "split": {"fused": False, "split": 3}}
+        runs = []
+        with config.forced(**forced[path]):
+            for _ in range(2):
+                mine = inp.copy()
+                self.poison(3 * math.prod(shape) * dtype.itemsize)
+                runs.append(mine.step(norm_fn(norm, True), True)())
+        if offset > 1 or math.prod(shape) > 10**6:  # tests/test_accuracy.py's numerics rules
+            tol = report.tolerances()
+            atol = 8 * 2.0**-10 if offset > 1 else 2e-4  # 8 float32 ulps at 1e4; LONG_Y_ATOL
+            for i, (g, r, s) in enumerate(zip(runs[0], ref, same, strict=True)):
+                err, theirs = tol._max_abs_err(g, r), tol._max_abs_err(s, r)
+                if not err <= max(2 * theirs, atol * tol._scale(r)):
+                    return f"output {i}: max abs err {err:.3g} (torch's {theirs:.3g})"
+        elif bad := report.check(runs[0], ref, same):
+            return bad
+        for i, (a, b) in enumerate(zip(*runs, strict=True)):
+            try:
+                report.tolerances().assert_bitwise_equal(a, b, f"output {i}")
+            except AssertionError as e:
+                return f"not deterministic: {e}"
+        return None
+
+    def poison(self, nbytes: int) -> None:
+        """Fill free blocks of CUDA's caching allocator with NaN bits, so outputs allocated next
+        start as NaN: an element the kernels do not write shows up in the comparison."""
+        if self.device == "cuda":
+            blocks = [self.torch.full((nbytes // 3,), 255, dtype=self.torch.uint8, device="cuda")
+                      for _ in range(3)] + [self.torch.full((2**20,), 255, dtype=self.torch.uint8,
+                                                            device="cuda") for _ in range(8)]  # fmt: skip
+            del blocks
+
+    def big_tensor(self) -> Check:
+        """BN training forward and IN forward on a bf16 tensor of more than 2**31 elements,
+        checked on each channel's last 2**20 elements against float64 statistics summed in
+        chunks (an fp64 copy would not fit)."""
+        import tritonnorm as tn
+        from perf.report import check
+
+        torch = self.torch
+        shape = (1, 3, 32768, 22000)  # 2.16e9 elements, 4.3 GB
+        row = Check("bn_train+in big", "auto", "contiguous", "bfloat16", "x".join(map(str, shape)))
+        x = torch.randn(shape, dtype=torch.bfloat16, device="cuda")
+        w, b = torch.rand(3, device="cuda") + 0.5, torch.randn(3, device="cuda")
+        rows = x[0].flatten(1)  # (C, S), a view
+        n = rows.shape[1]
+        s1 = sum(c.double().sum(1) for c in rows.split(2**22, 1))
+        mean = s1 / n
+        s2 = sum(((c.double() - mean[:, None]) ** 2).sum(1) for c in rows.split(2**22, 1))
+        rstd = (s2 / n + 1e-5).rsqrt()
+        tail = slice(n - 2**20, n)
+        ref = (rows[:, tail].double() - mean[:, None]) * rstd[:, None] * w[:, None] + b[:, None]
+        same = ((rows[:, tail].float() - mean[:, None].float()) * rstd[:, None].float()
+                * w[:, None] + b[:, None]).bfloat16()  # fmt: skip
+        for fn in (lambda: tn.batch_norm(x, None, None, w, b, training=True),
+                   lambda: tn.instance_norm(x, None, None, w, b)):  # fmt: skip
+            self.poison(x.numel() * 2)
+            y = fn()
+            got = y[0].flatten(1)[:, tail]
+            if bad := check((got,), (ref,), (same,)):
+                row.status, row.detail = "FAIL", bad
+            elif torch.isnan(y).any():
+                row.status, row.detail = "FAIL", "NaN in the output (an element not written?)"
+            del y, got
+        return row
+
+    def correctness_stage(self, deadline: float) -> str:
+        todo = list(self.cases())
+        for case in todo:
+            if time.monotonic() > deadline:
+                break
+            t0 = time.perf_counter()
+            row = Check(case[0], case[1], case[2], case[3], "x".join(map(str, case[4])))
+            row.case += "" if case[5] < 1 else " offset 1e4"
+            try:
+                bad = self.check_one(*case)
+                row.status, row.detail = ("FAIL", bad) if bad else ("ok", "")
+            except Exception as e:
+                row.status, row.detail = "ERROR", f"{type(e).__name__}: {str(e)[:200]}"
+            row.seconds = time.perf_counter() - t0
+            self.checks.append(row)
+        done = len(self.checks)
+        if not self.dry and done == len(todo) and deadline - time.monotonic() > 30:
+            try:
+                self.checks.append(self.big_tensor())
+            except Exception as e:
+                big = Check("big tensor", "auto", "contiguous", "bfloat16", "2.16e9 elements")
+                big.status, big.detail = "ERROR", f"{type(e).__name__}: {str(e)[:200]}"
+                self.checks.append(big)
+            self.torch.cuda.empty_cache()
+        from perf.report import write_csv
+
+        write_csv(self.checks, self.out / "correctness.csv")
+        failed = sum(r.status != "ok" for r in self.checks)
+        cut = f", stopped at budget after {done}/{len(todo)}" if done < len(todo) else ""
+        big = "" if self.dry else " (+ >2**31 tensor)" if done == len(todo) else ""
+        return f"{'FAIL' if failed else 'ok'}: {failed} of {len(self.checks)} failed{big}{cut}"
+
+    # --- stage 3 ----------------------------------------------------------------------------
+    def timing_stage(self, deadline: float) -> str:
+        from perf import report
+        from perf.ops import OPS
+
+        layouts = ("contiguous", "channels_last")
+        dtypes = ("float32",) if self.dry else ("bfloat16", "float32", "float16")
+        todo = [c for dt in dtypes
+                for c in report.cases(list(OPS.values()), "dry-run" if self.dry else "quick",
+                                      layouts, (dt,))]  # fmt: skip
+        if self.dry:  # one shape class per op: the plumbing, and what each part costs
+            todo = [c for c in todo if c[1] in ("resnet50_bn", "style_in", "diffusion_gn")]
+        provs = report.providers()
+        for case in todo:
+            if time.monotonic() > deadline:
+                break
+            self.rows += report.run_case(*case, self.device, provs, self.env["copy_gbps"], deadline)
+        report.write_csv(self.rows, self.out / "results.csv")
+        report.write_plots(self.rows, self.out, DRY_BANNER if self.dry else "")
+        first = {p: sum(r.first_call_s or 0 for r in self.rows if r.provider == p) for p in provs}
+        self.env["first_call_s"] = {p: round(s, 1) for p, s in first.items()}
+        timed = sum(r.ms is not None for r in self.rows)
+        bad = [r.provider for r in self.rows if r.note.startswith(("MISMATCH", "ERROR"))]
+        ours = bad.count("tritonnorm")
+        return (f"{'FAIL' if ours else 'ok'}: {timed}/{len(todo) * len(provs)} timed; mismatch/"
+                f"error: {ours} tritonnorm, {len(bad) - ours} others; first calls (s): "
+                f"{self.env['first_call_s']}")  # fmt: skip
+
+    # --- stage 4 ----------------------------------------------------------------------------
+    def pytest_stage(self, deadline: float) -> str:
+        import importlib.util
+
+        if importlib.util.find_spec("pytest") is None:
+            return "skipped: pytest is not installed"
+        root = Path(__file__).resolve().parents[1]
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests",
+               "--ignore=tests/test_sync_batch_norm.py", "--ignore=tests/test_gpu_compile.py",
+               "--ignore=tests/test_perf_gpu.py"]  # fmt: skip
+        if self.dry:  # the plumbing only: the suite itself runs in CI on the CPU
+            cmd[-4:] = ["tests/test_byte_budget.py", "-k", "floor_table or masked_copy"]
+        limit = max(1.0, deadline - time.monotonic())
+        try:
+            p = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=limit)
+            text, code = p.stdout + p.stderr, p.returncode
+        except subprocess.TimeoutExpired as e:
+            text, code = (e.stdout or b"").decode(errors="replace"), None
+        self.pytest_tail = "\n".join(text.strip().splitlines()[-40:])
+        self.write("pytest.txt", text)
+        last = (text.strip().splitlines() or ["no output"])[-1].strip("= ")
+        if code is None:
+            return f"stopped at budget ({limit:.0f} s): {last[:80]}"
+        return f"{'ok' if code == 0 else 'FAIL'}: {last[:100]}{' (subset: dry run)' * self.dry}"
+
+    # --- driver -----------------------------------------------------------------------------
+    def write(self, name: str, text: str) -> None:
+        (self.out / name).write_text(text)
+
+    def summary(self) -> None:
+        from perf.report import headline, summary_lines
+
+        head = headline(self.rows)
+        lines = ["# perf.gpu", "", f"**{DRY_BANNER}**" if self.dry else "", "",
+                 f"`{json.dumps(self.env)}`", "", "| stage | status | seconds |", "|---|---|---|"]  # fmt: skip
+        lines += [f"| {s} | {st} | {sec:.1f} |" for s, (st, sec) in self.status.items()]
+        lines += ["", f"Headline: `{json.dumps(head)}`", "", "## Correctness failures", ""]
+        lines += [f"- {c.case} {c.path} {c.layout} {c.dtype} {c.shape}: {c.detail}"
+                  for c in self.checks if c.status != "ok"] or ["none"]  # fmt: skip
+        lines += ["", "## Timing", "", *summary_lines(self.rows), "", "## pytest (tail)", "",
+                  "```", self.pytest_tail, "```"]  # fmt: skip
+        self.write("summary.md", "\n".join(lines) + "\n")
+
+    def run(self) -> int:
+        self.out.mkdir(parents=True, exist_ok=True)
+        start = time.monotonic()
+        budget = self.end - start
+        stages = {"env": self.env_stage, "correctness": self.correctness_stage,
+                  "timing": self.timing_stage, "pytest": self.pytest_stage}  # fmt: skip
+        only = self.args.stages.split(",") if self.args.stages else list(stages)
+        for name, fn in stages.items():
+            t0 = time.monotonic()
+            if name not in only:
+                self.status[name] = ("skipped (--stages)", 0.0)
+                continue
+            deadline = min(self.end, t0 + SHARES[name] * budget)
+            print(f"== {name}: up to {deadline - t0:.0f} s", flush=True)
+            try:
+                status = fn(deadline) if deadline > t0 else "skipped: out of budget"
+            except Exception as e:
+                status = f"CRASHED: {type(e).__name__}: {str(e)[:150]}"
+            self.status[name] = (status, time.monotonic() - t0)
+            self.env["stages"] = {k: {"status": v, "seconds": round(s, 1)}
+                                  for k, (v, s) in self.status.items()}  # fmt: skip
+            self.summary()
+            print(f"   {status} ({self.status[name][1]:.1f} s)", flush=True)
+        if "copy_gbps" in self.env:  # the stage table and timings, alongside the environment
+            self.write("env.json", json.dumps(self.env, indent=2) + "\n")
+        from perf.report import headline
+
+        head = {k: f"{v:.3g}" if v is not None else "-" for k, v in headline(self.rows).items()}
+        print(f"\n{DRY_BANNER}" if self.dry else "")
+        print(f"{'stage':<12} {'seconds':>7}  status")
+        for name, (status, sec) in self.status.items():
+            print(f"{name:<12} {sec:>7.1f}  {status[:110]}")
+        print(f"worst fraction of copy {head['worst_frac_of_copy']}; slowest speedup vs eager "
+              f"{head['min_vs_eager']}x, vs compile {head['min_vs_compile']}x; out: {self.out}")  # fmt: skip
+        return 1 if any(s.startswith(("FAIL", "CRASHED")) for s, _ in self.status.values()) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m perf.gpu", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--out", default="perf/results/gpu-run")
+    p.add_argument("--budget", type=float, default=480.0, help="seconds for all stages")
+    p.add_argument("--dry-run", action="store_true", help="on the CPU: NOT a GPU measurement")
+    p.add_argument("--stages", help="comma-separated subset of env,correctness,timing,pytest")
+    args = p.parse_args(argv)
+    import torch
+
+    if args.dry_run:  # before tritonnorm is imported: kernels bind to the interpreter then
+        if "tritonnorm" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+            raise SystemExit("tritonnorm was imported before TRITON_INTERPRET=1 could be set")
+        os.environ["TRITON_INTERPRET"] = "1"
+        print(DRY_BANNER)
+    elif not torch.cuda.is_available():
+        raise SystemExit("no CUDA GPU: run with --dry-run (CPU, not a measurement)")
+    return Run(args).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
