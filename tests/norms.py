@@ -1,0 +1,181 @@
+"""The norms the shared tests run over, one row each, the way tolerances.py tabulates dtypes.
+
+A row knows how to call tritonnorm's function and torch's with the same arguments, whether it takes
+running statistics and whether they must move (batch statistics with a momentum) or stay bitwise
+unchanged (eval), and which input shapes are legal for it. tests/test_norms.py runs every shared
+check (shapes, kernel paths, dtypes, layouts, strides, affine variants, ...) over these rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tritonnorm as tn
+
+
+def _prod(sizes) -> int:
+    out = 1
+    for s in sizes:
+        out *= s
+    return out
+
+
+@dataclass(frozen=True)
+class Norm:
+    id: str
+    # fn(lib, x, *, running_mean, running_var, weight, bias, momentum, eps): lib is tn or F
+    call: Callable
+    # Running statistics are passed (running_mean / running_var tensors, else None).
+    buffers: bool
+    # With buffers: True when the call updates them (batch statistics + momentum); False when it
+    # only reads them (eval), in which case they must come back bitwise unchanged.
+    updates_buffers: bool
+    # Number of values each statistic is computed from, for an input shape (0: no statistics
+    # from the input, e.g. eval). Shapes where it is 1 are illegal (torch raises) except for GN.
+    values_per_stat: Callable[[tuple[int, ...]], int]
+    # Channels -> whether the row can run at all (GN: the group count must divide C).
+    accepts_channels: Callable[[int], bool] = field(default=lambda c: True)
+    # Torch raises when a statistic is computed from a single value (BN, IN; not GN).
+    needs_two_values: bool = True
+
+    def legal(self, shape: tuple[int, ...]) -> bool:
+        if not self.accepts_channels(shape[1]):
+            return False
+        n = self.values_per_stat(shape)
+        return not (self.needs_two_values and n == 1)
+
+    def ours(self, x, **kw):
+        return self.call(tn, x, **kw)
+
+    def torch(self, x, **kw):
+        return self.call(F, x, **kw)
+
+
+def _bn(training: bool):
+    def call(lib, x, *, running_mean, running_var, weight, bias, momentum, eps):
+        return lib.batch_norm(
+            x, running_mean, running_var, weight, bias, training=training, momentum=momentum,
+            eps=eps,
+        )  # fmt: skip
+
+    return call
+
+
+def _in(use_input_stats: bool):
+    def call(lib, x, *, running_mean, running_var, weight, bias, momentum, eps):
+        return lib.instance_norm(
+            x, running_mean, running_var, weight, bias, use_input_stats=use_input_stats,
+            momentum=momentum, eps=eps,
+        )  # fmt: skip
+
+    return call
+
+
+def _gn(groups: Callable[[int], int]):
+    def call(lib, x, *, running_mean, running_var, weight, bias, momentum, eps):
+        assert running_mean is None and running_var is None, "GroupNorm has no running statistics"
+        if lib is F and weight is None and bias is not None:
+            # torch's CPU group_norm backward fails with a bias but no weight ("tensor does not
+            # have a device", torch 2.x): give torch the identical weight of ones instead.
+            weight = torch.ones_like(bias)
+        return lib.group_norm(x, groups(x.shape[1]), weight, bias, eps)
+
+    return call
+
+
+def _gn_row(id: str, groups: Callable[[int], int], accepts: Callable[[int], bool]) -> Norm:
+    return Norm(
+        id,
+        _gn(groups),
+        buffers=False,
+        updates_buffers=False,
+        values_per_stat=lambda s: s[1] // groups(s[1]) * _prod(s[2:]),
+        accepts_channels=accepts,
+        needs_two_values=False,
+    )
+
+
+def _bn_values(shape):
+    return shape[0] * _prod(shape[2:])
+
+
+def _in_values(shape):
+    return _prod(shape[2:])
+
+
+NORMS: dict[str, Norm] = {
+    n.id: n
+    for n in [
+        # BatchNorm, training: batch statistics over (N, *spatial) per channel, buffers updated.
+        Norm("bn-train", _bn(True), buffers=True, updates_buffers=True, values_per_stat=_bn_values),
+        # BatchNorm, training with no buffers (torch's track_running_stats=False): batch statistics
+        # and nothing to update.
+        Norm(
+            "bn-train-nobuf",
+            _bn(True),
+            buffers=False,
+            updates_buffers=False,
+            values_per_stat=_bn_values,
+        ),
+        # BatchNorm, eval: normalises with the running statistics; any shape, even one value.
+        Norm(
+            "bn-eval", _bn(False), buffers=True, updates_buffers=False, values_per_stat=lambda s: 0
+        ),
+        # InstanceNorm: statistics per (sample, channel), no running statistics.
+        Norm("in", _in(True), buffers=False, updates_buffers=False, values_per_stat=_in_values),
+        # InstanceNorm with track_running_stats: buffers get the batch average of the instances'
+        # means and unbiased variances.
+        Norm(
+            "in-running", _in(True), buffers=True, updates_buffers=True, values_per_stat=_in_values
+        ),
+        # InstanceNorm, use_input_stats=False: normalises with the running statistics (like BN eval).
+        Norm(
+            "in-running-eval",
+            _in(False),
+            buffers=True,
+            updates_buffers=False,
+            values_per_stat=lambda s: 0,
+        ),
+        # GroupNorm, one group: LayerNorm over (C, *spatial).
+        _gn_row("gn-1", lambda c: 1, lambda c: True),
+        # GroupNorm, C/2 groups of 2 channels.
+        _gn_row("gn-half", lambda c: c // 2, lambda c: c % 2 == 0),
+        # GroupNorm, C groups: InstanceNorm without running statistics.
+        _gn_row("gn-C", lambda c: c, lambda c: True),
+        # GroupNorm, 3 channels per group: a non-power-of-two group width (C=6, 2 groups -> 3).
+        _gn_row("gn-3per", lambda c: c // 3, lambda c: c % 3 == 0),
+    ]
+}
+
+GN = ("gn-1", "gn-half", "gn-C", "gn-3per")
+
+
+def norm_params(ids=None, *, shapes=None, extra=None):
+    """pytest params: one per (norm, shape) where the shape is legal for the norm.
+
+    ``ids``: row ids (default: all rows). ``shapes``: list of ``(id, shape)`` (None: norm only).
+    ``extra``: a function ``norm -> bool`` filtering rows further.
+    """
+    out = []
+    for nid in ids or NORMS:
+        norm = NORMS[nid]
+        if extra is not None and not extra(norm):
+            continue
+        if shapes is None:
+            out.append(pytest.param(norm, id=nid))
+            continue
+        for sid, shape in shapes:
+            if norm.legal(shape):
+                out.append(pytest.param(norm, shape, id=f"{nid}-{sid}"))
+    return out
+
+
+def make_buffers(C, device, dtype):
+    rm = (torch.randn(C, device=device) * 0.3).to(dtype)
+    rv = (torch.rand(C, device=device) + 0.5).to(dtype)
+    return rm, rv
