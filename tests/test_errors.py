@@ -22,9 +22,11 @@ from torch import nn
 import tritonnorm as tn
 
 MODULE_NAMES = [f"{kind}Norm{d}d" for kind in ("Batch", "Instance") for d in (1, 2, 3)]
+MODULE_NAMES.append("GroupNorm")
 TORCH = SimpleNamespace(
     batch_norm=F.batch_norm,
     instance_norm=F.instance_norm,
+    group_norm=F.group_norm,
     **{n: getattr(nn, n) for n in MODULE_NAMES},
 )
 C = 3
@@ -83,6 +85,21 @@ def in_call(shape, *, rm_n=None, rv_n=None, w_n=None, b_n=None, dtype=None, **kw
     return build
 
 
+def gn_call(shape, num_groups, *, w_shape=None, b_shape=None, dtype=None, param_dtype=None, **kw):
+    """A functional group_norm call (GN has no running statistics: nothing to keep unchanged)."""
+
+    def build(lib, device):
+        x = torch.randn(shape, device=device)
+        if dtype is not None:
+            x = torch.randint(0, 5, shape, device=device, dtype=dtype)
+        pdt = param_dtype or torch.float32
+        w = torch.rand(w_shape, device=device, dtype=pdt) if w_shape else None
+        b = torch.rand(b_shape, device=device, dtype=pdt) if b_shape else None
+        return (lambda: lib.group_norm(x, num_groups, w, b, **kw)), []
+
+    return build
+
+
 def custom(fn):
     """fn(lib, device) -> (call, state), for the cases that do not fit bn_call/in_call."""
     return fn
@@ -90,6 +107,7 @@ def custom(fn):
 
 def module_call(name, shape, *, training=True, dtype=None, **kwargs):
     def build(lib, device):
+        # GroupNorm(num_groups=C, num_channels=...) for GN; (num_features=C, ...) otherwise.
         m = getattr(lib, name)(C, **kwargs).to(device)
         m.train(training)
         x = torch.randn(shape, device=device)
@@ -112,6 +130,12 @@ def _bn_buffers_device(lib, device):
     rm = torch.zeros(C, device=other_device(device))
     rv = torch.rand(C, device=device) + 0.5
     return (lambda: lib.batch_norm(x, rm, rv, training=True)), [rv]
+
+
+def _gn_weight_device(lib, device):
+    x = torch.randn(2, 6, 4, device=device)
+    w = torch.ones(6, device=other_device(device))
+    return (lambda: lib.group_norm(x, 2, w)), []
 
 
 def _in_buffers_device(lib, device):
@@ -170,6 +194,22 @@ CASES = [
     Case("in-only-running_mean", in_call((2, C, 4), rm_n=C), r"(?i)both|running_var"),
     Case("in-1d-input", in_call((C,)), r"(?i)\bdim|\b\dD\b|ndim|spatial"),
     Case("in-running-stats-device", custom(_in_buffers_device), r"(?i)device"),
+    # -- group_norm, functional (6 channels) --
+    Case("gn-C-not-divisible", gn_call((2, 6, 4), 4), r"(?i)divisible"),
+    Case("gn-zero-groups", gn_call((2, 6, 4), 0), r"(?i)num_groups|groups"),
+    Case("gn-negative-groups", gn_call((2, 6, 4), -2), r"(?i)num_groups|groups"),
+    Case("gn-float-num_groups", gn_call((2, 6, 4), 2.0), r"(?i)num_groups"),
+    Case("gn-weight-size", gn_call((2, 6, 4), 2, w_shape=7), "weight"),
+    Case("gn-bias-size", gn_call((2, 6, 4), 2, b_shape=5), "bias"),
+    Case("gn-2d-weight", gn_call((2, 6, 4), 2, w_shape=(2, 3)), "weight"),
+    Case("gn-int64-input", gn_call((2, 6, 4), 2, dtype=torch.int64), DTYPE, (TypeError,)),
+    Case("gn-1d-input", gn_call((6,), 2), NDIM, (ValueError,)),
+    Case(
+        "gn-mixed-param-dtype",
+        gn_call((2, 6, 4), 2, w_shape=6, b_shape=6, param_dtype=torch.float64),
+        r"(?i)dtype|type",
+    ),
+    Case("gn-weight-device", custom(_gn_weight_device), r"(?i)device"),
     # -- modules --
     Case("BatchNorm1d-train-1xC", module_call("BatchNorm1d", (1, C)), ONE_VALUE),
     Case("BatchNorm1d-train-1xCx1", module_call("BatchNorm1d", (1, C, 1)), ONE_VALUE),
@@ -213,6 +253,11 @@ CASES = [
         "InstanceNorm2d-tracked-one-spatial",
         module_call("InstanceNorm2d", (2, C, 1, 1), affine=True, track_running_stats=True),
         SPATIAL,
+    ),
+    Case(
+        "GroupNorm-wrong-C",
+        module_call("GroupNorm", (2, C + 1, 4), num_channels=C),
+        r"(?i)weight|channels",
     ),
     Case(
         "InstanceNorm1d-unbatched-one-spatial",
@@ -282,3 +327,21 @@ def test_half_input_with_fp32_params_is_not_an_error(device):
     assert y.dtype == torch.float16
     y = tn.instance_norm(x, rm, rv, w, b)
     assert y.dtype == torch.float16
+
+
+@pytest.mark.parametrize("eps", [-1e-3, -1.0])
+def test_group_norm_negative_eps_is_an_error(device, eps):
+    # Deliberate deviation from torch, like batch_norm's eps cases above: torch's group_norm
+    # accepts a negative eps (and returns NaN wherever var + eps < 0); we raise ValueError.
+    x = torch.randn(2, 6, 4, device=device)
+    F.group_norm(x, 2, eps=eps)  # torch: no error
+    with pytest.raises(ValueError, match="eps"):
+        tn.group_norm(x, 2, eps=eps)
+
+
+def test_group_norm_zero_eps_is_fine(device):
+    # eps=0 is legal for GroupNorm, as in torch (unlike batch_norm in training).
+    x = torch.randn(2, 6, 4, device=device, dtype=torch.float64)
+    torch.testing.assert_close(
+        tn.group_norm(x, 2, eps=0.0), F.group_norm(x, 2, eps=0.0), rtol=1e-9, atol=1e-9
+    )

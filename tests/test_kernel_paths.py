@@ -31,41 +31,59 @@ def _splits() -> dict[str, int]:
     return out
 
 
+def _call(lib, norm, x):
+    """BN in training, IN, or GN with 2 groups (inputs here have an even channel count for GN)."""
+    if norm == "bn":
+        return lib.batch_norm(x, None, None, training=True)
+    if norm == "in":
+        return lib.instance_norm(x)
+    return lib.group_norm(x, 2)
+
+
 def _run(norm, x, path, split=3):
     config.reset_chosen_configs()
     x = x.clone().requires_grad_()
     with kernel_path(path, split=split):
-        y = tn.batch_norm(x, None, None, training=True) if norm == "bn" else tn.instance_norm(x)
+        y = _call(tn, norm, x)
         y.backward(torch.ones_like(y))
     return y, x.grad
 
 
-@pytest.mark.parametrize("norm", ["bn", "in"])
+def _shape(norm, shape):
+    """GN needs C divisible by its 2 groups: the same shape with 4 channels."""
+    return (shape[0], 4, *shape[2:]) if norm == "gn" else shape
+
+
+NORMS = ["bn", "in", "gn"]
+
+
+@pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("split", [2, 3, 7])
 def test_forced_split_launches_split_reductions(device, norm, split):
     # (2, 3, 5): 10 values per channel, 5 per instance: split=7 leaves some programs empty.
-    _run(norm, torch.randn(2, 3, 5, device=device), "split", split)
+    # GN (2, 4, 5): 10 values per group.
+    _run(norm, torch.randn(_shape(norm, (2, 3, 5)), device=device), "split", split)
     splits = _splits()
     assert len(splits) >= 2, f"expected statistics and gradient reductions: {splits}"
     assert set(splits.values()) == {split}, splits
 
 
-@pytest.mark.parametrize("norm", ["bn", "in"])
+@pytest.mark.parametrize("norm", NORMS)
 def test_forced_fused_launches_single_program_reductions(device, norm):
-    _run(norm, torch.randn(2, 3, 5, device=device), "fused")
+    _run(norm, torch.randn(_shape(norm, (2, 3, 5)), device=device), "fused")
     splits = _splits()
     assert splits and set(splits.values()) == {1}, splits
 
 
 @pytest.mark.parametrize("split", [2, 7])
-@pytest.mark.parametrize("norm", ["bn", "in"])
+@pytest.mark.parametrize("norm", NORMS)
 def test_empty_split_programs_are_harmless(device, norm, split):
     # More split programs than values in a reduction: the empty partials (count 0) must not
-    # disturb Chan's combination (no 0/0 NaN, no bias).
+    # disturb Chan's combination (no 0/0 NaN, no bias). GN (3, 2, 2): 2 groups of 1 channel.
     x = torch.randn(3, 2, 2, device=device, dtype=torch.float64)
     y, gx = _run(norm, x, "split", split)
     xr = x.clone().requires_grad_()
-    yr = F.batch_norm(xr, None, None, training=True) if norm == "bn" else F.instance_norm(xr)
+    yr = _call(F, norm, xr)
     yr.backward(torch.ones_like(yr))
     torch.testing.assert_close(y, yr, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(gx, xr.grad, rtol=1e-9, atol=1e-9)
@@ -96,32 +114,41 @@ def test_offsets_switch_to_int64_only_for_tensors_spanning_2_to_the_30_elements(
     assert _index_64(last)
 
 
-@pytest.mark.parametrize("norm", ["bn", "in"])
+@pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("path", ["fused", "split"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_int64_offsets_address_the_same_elements(device, norm, path, layout):
     # The int64 path (tensors of 2**30+ elements) cannot be allocated in a test: forced on a
     # small tensor, it must give bit-identical results to the int32 path.
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-    x = (torch.randn(2, 5, 6, 7, device=device, dtype=torch.float64) * 3 + 1).to(memory_format=fmt)
+    shape = _shape(norm, (2, 5, 6, 7))
+    x = (torch.randn(shape, device=device, dtype=torch.float64) * 3 + 1).to(memory_format=fmt)
     results = []
     for index_64 in (False, True):
         with config.forced(fused=path == "fused", split=None if path == "fused" else 3,
                            index_64=index_64):  # fmt: skip
             xi = x.clone().requires_grad_()
-            y = (
-                tn.batch_norm(xi, None, None, training=True)
-                if norm == "bn"
-                else tn.instance_norm(xi)
-            )
+            y = _call(tn, norm, xi)
             y.backward(torch.linspace(-1, 1, y.numel(), device=device, dtype=y.dtype).view_as(y))
         results.append((y.detach(), xi.grad))
     (y32, g32), (y64, g64) = results
     assert torch.equal(y32, y64)
     assert torch.equal(g32, g64)
     ref = x.clone().requires_grad_()
-    yr = F.batch_norm(ref, None, None, training=True) if norm == "bn" else F.instance_norm(ref)
+    yr = _call(F, norm, ref)
     torch.testing.assert_close(y64, yr, rtol=1e-10, atol=1e-10)
+
+
+def test_fused_request_too_long_falls_back_to_split_group_norm(device):
+    # GN, one group of 2 x 9000 values per sample: too long for one tile, so forced fused falls
+    # back to the streamed path: y is written by a separate apply pass, and the result is right.
+    x = torch.randn(3, 2, 9000, device=device) + 1.0
+    config.reset_chosen_configs()
+    with kernel_path("fused"):
+        y = tn.group_norm(x, 1)
+    assert "_norm_apply_kernel" in config.chosen_configs(), config.chosen_configs()
+    ref = F.group_norm(x.double(), 1)
+    torch.testing.assert_close(y.double(), ref, rtol=2e-5, atol=2e-5)
 
 
 def test_instance_fused_forward_with_split_backward(device):
