@@ -327,6 +327,8 @@ def test_half_input_with_fp32_params_is_not_an_error(device):
     assert y.dtype == torch.float16
     y = tn.instance_norm(x, rm, rv, w, b)
     assert y.dtype == torch.float16
+    y = tn.group_norm(x, 1, w, b)
+    assert y.dtype == torch.float16
 
 
 @pytest.mark.parametrize("eps", [-1e-3, -1.0])
