@@ -170,6 +170,15 @@ def _interpreter_classes() -> dict[str, type]:
     return classes
 
 
+def unsupported_reason() -> str | None:
+    """Why this Triton's interpreter cannot be counted (None: it can)."""
+    try:
+        _interpreter_classes()
+    except UnsupportedTritonError as e:
+        return str(e)
+    return None
+
+
 def interpreter_active() -> bool:
     """Whether @triton.jit kernels are being defined for the interpreter."""
     try:
@@ -270,31 +279,16 @@ def _install(classes: dict[str, type], rec: _Recorder) -> list[tuple[type, str, 
 
 # --- torch-side audit -------------------------------------------------------------------------
 
-_ALLOCATIONS = {
-    "aten::empty",
-    "aten::empty_like",
-    "aten::empty_strided",
-    "aten::empty_permuted",
-    "aten::new_empty",
-    "aten::new_empty_strided",
-}
-_METADATA = {
-    "aten::sym_size",
-    "aten::sym_stride",
-    "aten::sym_numel",
-    "aten::sym_storage_offset",
-    "aten::size",
-    "aten::stride",
-    "aten::dim",
-    "aten::numel",
-    "aten::storage_offset",
-    "aten::is_contiguous",
-    "aten::is_non_overlapping_and_dense",
-    "aten::is_same_size",
-    "aten::_has_compatible_shallow_copy_type",
-    "prim::layout",
-    "prim::device",
-}
+_ALLOCATIONS = frozenset(
+    "aten::empty aten::empty_like aten::empty_strided aten::empty_permuted aten::new_empty "  # noqa: SIM905
+    "aten::new_empty_strided".split()
+)
+_METADATA = frozenset(
+    "aten::sym_size aten::sym_stride aten::sym_numel aten::sym_storage_offset aten::size "  # noqa: SIM905
+    "aten::stride aten::dim aten::numel aten::storage_offset aten::is_contiguous "
+    "aten::is_non_overlapping_and_dense aten::is_same_size "
+    "aten::_has_compatible_shallow_copy_type prim::layout prim::device".split()
+)
 
 
 def _tensors(tree) -> list[torch.Tensor]:

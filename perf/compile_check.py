@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
+import functools
+import itertools
 import json
 import math
 import os
@@ -31,7 +32,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,7 +42,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.driver import driver
 
-from perf.ops import DTYPES
+from perf.ops import DTYPES, LAYOUTS, memory_format
+from perf.report import write_csv
 from perf.shapes import SETS, Shape, shape_str
 
 # Hopper (H100/H200): SM count, and the per-SM limits that bound occupancy.
@@ -101,31 +103,18 @@ class Spec:
         fn = getattr(import_module(module), name)
         return ASTSource(fn, self.signature, self.constants, self.attrs)
 
-    def config(self) -> str:
+    def describe(self) -> tuple[str, str, str]:
+        """(flags: constexpr switches and None pointers; config: block sizes, split, warps;
+        dtypes of the pointers)."""
         names = list(self.signature)
-        meta = {
-            names[i]: v
-            for (i,), v in sorted(self.constants.items())
-            if names[i].isupper() and names[i].startswith(("BLOCK", "SPLIT"))
-        }
-        parts = [f"{k}={v}" for k, v in sorted(meta.items())]
-        return " ".join([*parts, f"warps={self.options['num_warps']}"])
-
-    def flags(self) -> str:
-        names = list(self.signature)
-        out = []
-        for (i,), v in sorted(self.constants.items()):
-            name = names[i]
-            if name.isupper() and not name.startswith(("BLOCK", "SPLIT")):
-                out.append(f"{name}={int(v)}")
-            elif v is None:
-                out.append(f"{name}=None")
-        return " ".join(out)
-
-    def dtypes(self) -> str:
-        return ",".join(
-            sorted({t.lstrip("*") for t in self.signature.values() if t.startswith("*")})
-        )
+        consts = {names[i]: v for (i,), v in sorted(self.constants.items())}
+        tuned = lambda n: n.isupper() and n.startswith(("BLOCK", "SPLIT"))
+        flags = [f"{n}={int(v)}" if n.isupper() else f"{n}=None" for n, v in consts.items()
+                 if (n.isupper() and not tuned(n)) or v is None]  # fmt: skip
+        config = [f"{n}={v}" for n, v in sorted(consts.items()) if tuned(n)]
+        dtypes = sorted({t.lstrip("*") for t in self.signature.values() if t.startswith("*")})
+        warps = f"warps={self.options['num_warps']}"
+        return " ".join(flags), " ".join([*config, warps]), ",".join(dtypes)
 
 
 @contextlib.contextmanager
@@ -144,20 +133,11 @@ def recording(arch: int, heuristic: bool = False) -> Iterator[tuple[list[Spec], 
         ident = f"{fn.module}.{fn.name}:{key}"
         if ident not in seen:
             seen.add(ident)
-            data = json.loads(compile["specialization_data"])
-            options = {
-                k: tuple(v) if isinstance(v, list) else v for k, v in data["options"].items()
-            }
-            specs.append(
-                Spec(
-                    kernel=f"{fn.module}.{fn.name}",
-                    signature=dict(compile["signature"]),
-                    constants=dict(compile["constants"]),
-                    attrs=dict(compile["configs"][0]),
-                    options=options,
-                    scenario=scenario[0],
-                )
-            )
+            options = json.loads(compile["specialization_data"])["options"]
+            options = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+            specs.append(Spec(f"{fn.module}.{fn.name}", dict(compile["signature"]),
+                              dict(compile["constants"]), dict(compile["configs"][0]), options,
+                              scenario[0]))  # fmt: skip
         return True  # skip compiling and launching: this is only a recording
 
     limits = TARGETS[arch]
@@ -184,54 +164,39 @@ def recording(arch: int, heuristic: bool = False) -> Iterator[tuple[list[Spec], 
 # --- scenarios: the launches each public path makes ------------------------------------------
 
 
-def _meta(shape: Shape, dtype: torch.dtype, layout: str) -> torch.Tensor:
-    fmt = torch.contiguous_format
-    if layout == "channels_last" and len(shape) in (4, 5):
-        fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
-    return torch.empty(shape, dtype=dtype, device="meta", memory_format=fmt)
+def _meta(shape: Shape, dtype: torch.dtype, layout: str = "contiguous") -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device="meta").contiguous(
+        memory_format=memory_format(layout, len(shape))
+    )
 
 
-def _vec(c: int, dtype: torch.dtype) -> torch.Tensor:
-    return torch.empty(c, dtype=dtype, device="meta")
-
-
-def _run_norm(x, per_instance, use_input_stats, affine, running, param_dtype, backward):
+def _run_norm(x, norm, affine=True, running=True, param_dtype=None):
+    """The launcher entry points' forward and backward (custom ops dispatch to their fake
+    implementations on meta tensors: the public functions would not reach the kernels)."""
     from tritonnorm.kernels import launch
 
-    c = x.shape[1]
-    w = _vec(c, param_dtype) if affine else None
-    b = _vec(c, param_dtype) if affine else None
-    rm = _vec(c, param_dtype) if running else None
-    rv = _vec(c, param_dtype) if running else None
-    _, mean, rstd = launch.forward(x, w, b, rm, rv, use_input_stats, per_instance, 0.1, 1e-5)
-    if backward:
-        launch.backward(
-            torch.empty_like(x), x, w, mean, rstd, use_input_stats, per_instance, affine
-        )
+    c, dt = x.shape[1], param_dtype or x.dtype
+    w, b = (_meta((c,), dt), _meta((c,), dt)) if affine else (None, None)
+    rm, rv = (_meta((c,), dt), _meta((c,), dt)) if running else (None, None)
+    _, mean, rstd = launch.forward(x, w, b, rm, rv, norm=norm, momentum=0.1, eps=1e-5)
+    launch.backward(torch.empty_like(x), x, w, mean, rstd, norm=norm, param_grads=affine)
 
 
 def _run_sync(x, param_dtype, world=2):
-    """SyncBatchNorm's launches (tritonnorm/sync.py), the all-gathers replaced by buffers."""
-    from tritonnorm.kernels import launch
+    """SyncBatchNorm's own function, forward and backward, its collectives replaced."""
+    from unittest import mock
+
+    from tritonnorm import sync
 
     c = x.shape[1]
-    acc = launch.acc_dtype(x.dtype)
-    w, b, rm, rv = (_vec(c, param_dtype) for _ in range(4))
-    x, view = launch.input_view(x, per_instance=False)
-    partials, num = launch.stats_partials(x, view, False)
-    launch.finalize_stats(partials, num, c, 1, None, None, None, None, 0.0, 1e-5, acc, x.device,
-                          want_combined=True)  # fmt: skip
-    gathered = torch.empty((3, world, 1, c), dtype=acc, device="meta")
-    mean, rstd, coef, _ = launch.finalize_stats(
-        gathered, world, c, 1, w, b, rm, rv, 0.1, 1e-5, acc, x.device
-    )
-    launch.apply(torch.empty_like(x), view, coef, False, x)
-    dy, dy_view = launch.grad_view(torch.empty_like(x), x, view)
-    partials, num = launch.grad_partials(dy, dy_view, x, view, mean, rstd, False)
-    launch.finalize_grad(partials, num, mean, rstd, None, view.N * view.S, True, False, True)
-    gathered = torch.empty((2, world, 1, c), dtype=acc, device="meta")
-    _, _, coef = launch.finalize_grad(gathered, world, mean, rstd, w, 10, True, True, False)
-    launch.apply(torch.empty_like(x), view, coef, False, x, dy, dy_view)
+    w, b = (_meta((c,), param_dtype).requires_grad_() for _ in range(2))
+    gather = lambda t, group, size: t.new_empty((world, *t.shape))
+    with mock.patch.object(sync, "_all_gather", gather), \
+         mock.patch.object(sync, "_global_count", lambda g: world * x.numel() // c):  # fmt: skip
+        x = x.detach().requires_grad_()
+        y = sync._sync_batch_norm(x, w, b, _meta((c,), param_dtype), _meta((c,), param_dtype),
+                                  1e-5, 0.1, None, world)  # fmt: skip
+        torch.autograd.grad(y, (x, w, b), torch.empty_like(y))
 
 
 # Shapes beyond the report's: on-chip (fused) reductions, 1-D and 3-D inputs, odd sizes.
@@ -242,66 +207,47 @@ EXTRA_SHAPES: dict[str, list[Shape]] = {
 
 
 def scenarios(shape_set: str) -> Iterator[tuple[str, Callable[[], None]]]:
-    """(label, thunk) for every launch path the library has, over the report's shapes."""
+    """(label, thunk) for every launch path the library has, over the report's shapes and the
+    extra ones: BN training, IN and GN in every dtype and layout, then the less travelled paths
+    (eval, no affine parameters, fp32 parameters with half inputs, IN with running statistics,
+    SyncBatchNorm, float64) on a few shapes."""
+    from tritonnorm.kernels.launch import Norm
+
     table = SETS[shape_set]
-    bn_shapes = [s for cls in ("resnet50_bn", "small_c_bn") for s in table[cls]]
-    in_shapes = [s for cls in ("style_in", "medical3d_in") for s in table[cls]]
-    bn_shapes += EXTRA_SHAPES["bn"]
-    in_shapes += EXTRA_SHAPES["in"]
-    layouts = ("contiguous", "channels_last")
-    for dname, dtype in DTYPES.items():
-        for layout in layouts:
-            for shape in bn_shapes:
-                x = _meta(shape, dtype, layout)
-                tag = f"{shape_str(shape)} {layout} {dname}"
+    of = lambda *classes: [s for c in classes for s in table.get(c, [])]
+    bn, inst = of("resnet50_bn", "small_c_bn") + EXTRA_SHAPES["bn"], of("style_in", "medical3d_in")
+    per_norm = [("bn train", Norm(True), bn), ("in", Norm(False), inst + EXTRA_SHAPES["in"]),
+                ("gn", None, of("diffusion_gn") + EXTRA_SHAPES["in"][::3])]  # fmt: skip
+    for (dname, dtype), layout in itertools.product(DTYPES.items(), LAYOUTS):
+        for name, norm, shapes in per_norm:
+            for shape in shapes:  # GroupNorm: 32 groups where C allows, as perf/ops.py
+                norm_ = norm or Norm(False, num_groups=math.gcd(shape[1], 32))
                 yield (
-                    f"bn train {tag}",
-                    lambda x=x, d=dtype: _run_norm(x, False, True, True, True, d, True),
+                    f"{name} {shape_str(shape)} {layout} {dname}",
+                    functools.partial(
+                        _run_norm, _meta(shape, dtype, layout), norm_, running=name.startswith("bn")
+                    ),
                 )
-                yield (
-                    f"bn eval {tag}",
-                    lambda x=x, d=dtype: _run_norm(x, False, False, True, True, d, True),
-                )
-            for shape in in_shapes:
-                x = _meta(shape, dtype, layout)
-                tag = f"{shape_str(shape)} {layout} {dname}"
-                yield (
-                    f"in {tag}",
-                    lambda x=x, d=dtype: _run_norm(x, True, True, True, False, d, True),
-                )
-    # The less travelled paths, on a few shapes: no affine parameters, fp32 parameters with
-    # half inputs (mixed precision), IN tracking running statistics, SyncBatchNorm, float64.
     few = [(32, 256, 56, 56), (8, 16, 32, 32), (4, 64, 64, 64)]
-    for shape in few:
-        for dname, dtype in DTYPES.items():
-            for layout in layouts:
-                x = _meta(shape, dtype, layout)
-                tag = f"{shape_str(shape)} {layout} {dname}"
-                for per_instance in (False, True):
-                    kind = "in" if per_instance else "bn"
-                    yield (
-                        f"{kind} no-affine {tag}",
-                        lambda x=x, p=per_instance, d=dtype: _run_norm(
-                            x, p, True, False, False, d, True
-                        ),
-                    )
-                    yield (
-                        f"{kind} fp32-params {tag}",
-                        lambda x=x, p=per_instance: _run_norm(
-                            x, p, True, True, True, torch.float32, True
-                        ),
-                    )
-                yield (
-                    f"in eval-running {tag}",
-                    lambda x=x, d=dtype: _run_norm(x, True, False, True, True, d, True),
-                )
-                yield f"sync-bn {tag}", lambda x=x, d=dtype: _run_sync(x, d)
-        x = _meta(shape, torch.float64, "contiguous")
-        for per_instance in (False, True):
+    for shape, (dname, dtype), layout in itertools.product(few, DTYPES.items(), LAYOUTS):
+        x, tag = _meta(shape, dtype, layout), f"{shape_str(shape)} {layout} {dname}"
+        for kind, norm in (("bn", Norm(True)), ("in", Norm(False))):
+            yield f"{kind} no-affine {tag}", functools.partial(_run_norm, x, norm, False, False)
             yield (
-                f"{'in' if per_instance else 'bn'} float64 {shape}",
-                lambda x=x, p=per_instance: _run_norm(x, p, True, True, True, torch.float64, True),
+                f"{kind} fp32-params {tag}",
+                functools.partial(_run_norm, x, norm, param_dtype=torch.float32),
             )
+        yield (
+            f"in eval-running {tag}",
+            functools.partial(_run_norm, x, Norm(False, use_input_stats=False)),
+        )
+        yield f"in train-running {tag}", functools.partial(_run_norm, x, Norm(False))
+        yield f"sync-bn {tag}", functools.partial(_run_sync, x, dtype)
+    for shape, (kind, norm) in itertools.product(few, (("bn", Norm(True)), ("in", Norm(False)))):
+        yield (
+            f"{kind} float64 {shape_str(shape)}",
+            functools.partial(_run_norm, _meta(shape, torch.float64), norm),
+        )
 
 
 def record(arch: int, shape_set: str, heuristic: bool = False) -> list[Spec]:
@@ -320,16 +266,23 @@ def record(arch: int, shape_set: str, heuristic: bool = False) -> list[Spec]:
 
 @dataclass
 class Compiled:
-    spec: Spec
-    seconds: float
+    """One specialisation's resources: a row of kernels.csv."""
+
+    kernel: str
+    flags: str
+    dtypes: str
+    config: str
+    warps: int
     regs: int | None = None
     spill_bytes: int | None = None  # per thread: registers spilled to local memory
     stack_bytes: int | None = None
     shared_bytes: int | None = None
+    resident_warps: int | None = None  # what one SM can hold (registers, shared memory)
     load_bits: int | None = None  # widest global load per thread (128: fully vectorised)
     store_bits: int | None = None
-    error: str | None = None
-    occupancy_warps: int | None = field(default=None)
+    compile_s: float = 0.0
+    error: str = ""
+    scenario: str = ""
 
 
 def ptxas_report(ptx: str, arch: int, fp_fusion: bool) -> dict[str, int]:
@@ -379,22 +332,23 @@ def resident_warps(arch: int, regs: int, warps: int, shared: int) -> int:
 
 def compile_one(spec: Spec, arch: int) -> Compiled:
     start = time.perf_counter()
+    flags, config, dtypes = spec.describe()
+    r = Compiled(spec.kernel.rsplit(".", 1)[1], flags, dtypes, config, spec.options["num_warps"],
+                 scenario=spec.scenario)  # fmt: skip
     try:
         kernel = triton.compile(spec.source(), target=GPUTarget("cuda", arch, 32),
                                 options=spec.options)  # fmt: skip
         res = ptxas_report(kernel.asm["ptx"], arch, spec.options.get("enable_fp_fusion", True))
     except Exception as exc:  # a compile error is a finding, reported with the spec
-        message = f"{type(exc).__name__}: {exc}".strip().splitlines()
-        return Compiled(spec, time.perf_counter() - start, error=" | ".join(message[-3:])[:400])
-    shared = int(getattr(kernel.metadata, "shared", 0) or 0)
-    access = widest_access(kernel.asm["ptx"])
-    result = Compiled(
-        spec, time.perf_counter() - start, regs=res["regs"], spill_bytes=res["spill"],
-        stack_bytes=res["stack"], shared_bytes=shared, load_bits=access["ld"],
-        store_bits=access["st"],
-    )  # fmt: skip
-    result.occupancy_warps = resident_warps(arch, res["regs"], spec.options["num_warps"], shared)
-    return result
+        r.error = " | ".join(f"{type(exc).__name__}: {exc}".strip().splitlines()[-3:])[:400]
+    else:
+        access = widest_access(kernel.asm["ptx"])
+        r.shared_bytes = int(getattr(kernel.metadata, "shared", 0) or 0)
+        r.regs, r.spill_bytes, r.stack_bytes = res["regs"], res["spill"], res["stack"]
+        r.load_bits, r.store_bits = access["ld"], access["st"]
+        r.resident_warps = resident_warps(arch, r.regs, r.warps, r.shared_bytes)
+    r.compile_s = round(time.perf_counter() - start, 2)
+    return r
 
 
 def _compile_index(args: tuple[int, int]) -> Compiled:
@@ -405,48 +359,16 @@ def _compile_index(args: tuple[int, int]) -> Compiled:
 _SPECS: list[Spec] = []  # inherited by forked workers
 
 
-def compile_all(specs: list[Spec], arch: int, jobs: int, progress: bool = True) -> list[Compiled]:
+def compile_all(specs: list[Spec], arch: int, jobs: int) -> list[Compiled]:
     global _SPECS
     _SPECS = specs
-    results: list[Compiled] = []
     import multiprocessing
 
-    ctx = multiprocessing.get_context("fork")
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-        for i, res in enumerate(pool.map(_compile_index, [(i, arch) for i in range(len(specs))])):
-            results.append(res)
-            done = i + 1
-            if progress and (sys.stderr.isatty() or done % 250 == 0 or done == len(specs)):
-                end = "" if sys.stderr.isatty() else "\n"
-                print(f"\rcompiled {done}/{len(specs)}", end=end, file=sys.stderr, flush=True)
-    if progress and sys.stderr.isatty():
-        print(file=sys.stderr)
-    return results
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+        return list(pool.map(_compile_index, [(i, arch) for i in range(len(specs))]))
 
 
 # --- report ----------------------------------------------------------------------------------
-
-COLUMNS = ("kernel", "flags", "dtypes", "config", "regs", "spill_bytes", "stack_bytes", "shared_bytes",
-           "resident_warps", "load_bits", "store_bits", "compile_s", "error", "scenario")  # fmt: skip
-
-
-def _row(r: Compiled) -> dict:
-    return dict(
-        kernel=r.spec.kernel.rsplit(".", 1)[1],
-        flags=r.spec.flags(),
-        dtypes=r.spec.dtypes(),
-        config=r.spec.config(),
-        regs=r.regs,
-        spill_bytes=r.spill_bytes,
-        stack_bytes=r.stack_bytes,
-        shared_bytes=r.shared_bytes,
-        resident_warps=r.occupancy_warps,
-        load_bits=r.load_bits,
-        store_bits=r.store_bits,
-        compile_s=round(r.seconds, 2),
-        error=r.error or "",
-        scenario=r.spec.scenario,
-    )
 
 
 def register_cap(arch: int, warps: int) -> int:
@@ -458,13 +380,13 @@ def pressure_spill(r: Compiled, arch: int) -> bool:
     """Spills forced by the register cap: the tile does not fit. ptxas also spills a few bytes
     well below the cap under Triton's ``--regAllocOptLevel=2`` (a ptxas 13 workaround): those
     are listed in the CSV but are not a problem of the tile."""
-    return bool(r.spill_bytes) and r.regs >= register_cap(arch, r.spec.options["num_warps"])
+    return bool(r.spill_bytes) and r.regs >= register_cap(arch, r.warps)
 
 
 def problems(results: list[Compiled], arch: int) -> list[str]:
     out = []
     for r in results:
-        where = f"{_row(r)['kernel']} [{r.spec.flags()}] {r.spec.config()} ({r.spec.scenario})"
+        where = f"{r.kernel} [{r.flags}] {r.config} ({r.scenario})"
         if r.error:
             out.append(f"compile error: {where}: {r.error}")
         elif pressure_spill(r, arch):
@@ -475,7 +397,7 @@ def problems(results: list[Compiled], arch: int) -> list[str]:
 def summary(results: list[Compiled], arch: int, shape_set: str, heuristic: bool) -> str:
     by_kernel: dict[str, list[Compiled]] = {}
     for r in results:
-        by_kernel.setdefault(_row(r)["kernel"], []).append(r)
+        by_kernel.setdefault(r.kernel, []).append(r)
     lines = [
         f"# Static compile check for sm_{arch} (no GPU: nothing here is a timing)",
         "",
@@ -493,20 +415,20 @@ def summary(results: list[Compiled], arch: int, shape_set: str, heuristic: bool)
     for name, rs in by_kernel.items():
         ok = [r for r in rs if not r.error]
         regs = [r.regs for r in ok]
-        warps = [r.occupancy_warps for r in ok]
+        warps = [r.resident_warps for r in ok]
         lines.append(
             f"| {name} | {len(rs)} | {len(rs) - len(ok)} "
             f"| {sum(1 for r in ok if pressure_spill(r, arch))} "
             f"| {sum(1 for r in ok if r.spill_bytes and not pressure_spill(r, arch))} "
             f"| {min(regs, default=0)}-{max(regs, default=0)} | {min(warps, default=0)} |"
         )
-    low = [r for r in results if not r.error and r.occupancy_warps < MIN_RESIDENT_WARPS]
+    low = [r for r in results if not r.error and r.resident_warps < MIN_RESIDENT_WARPS]
     lines += [
         "",
         f"Variants with fewer than {MIN_RESIDENT_WARPS} resident warps per SM: {len(low)}",
     ]
     for r in low[:20]:
-        lines.append(f"- {_row(r)['kernel']} {r.spec.config()} regs={r.regs} ({r.spec.scenario})")
+        lines.append(f"- {r.kernel} {r.config} regs={r.regs} ({r.scenario})")
     found = problems(results, arch)
     lines += ["", f"Problems (compile errors, spills at the register cap): {len(found) or 'none'}"]
     lines += [f"- {p}" for p in found[:50]]
@@ -521,11 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     p.add_argument("--out", help="output directory (default perf/results/sm<arch>-static/)")
     p.add_argument("--limit", type=int, help="compile only the first N specialisations")
-    p.add_argument(
-        "--heuristic",
-        action="store_true",
-        help="only each launch's first (heuristic) candidate, not every autotune one",
-    )
+    p.add_argument("--heuristic", action="store_true",
+                   help="only each launch's first (heuristic) candidate, not every autotune one")  # fmt: skip
     args = p.parse_args(argv)
 
     start = time.perf_counter()
@@ -536,10 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     results = compile_all(specs, args.arch, args.jobs)
     out = Path(args.out or Path(__file__).parent / "results" / f"sm{args.arch}-static")
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "kernels.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(_row(r) for r in results)
+    write_csv(results, out / "kernels.csv")
     text = summary(results, args.arch, args.set, args.heuristic)
     (out / "summary.md").write_text(text)
     print(text)

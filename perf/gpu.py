@@ -40,9 +40,8 @@ from pathlib import Path
 
 SHARES = {"env": 0.05, "correctness": 0.3, "timing": 0.5, "pytest": 1.0}  # of the budget, at most
 MARGIN_S = 10  # kept back for writing the outputs
-DRY_BANNER = (
-    "DRY RUN on the CPU (Triton interpreter, tiny shapes, CPU timer): NOT A GPU MEASUREMENT"
-)
+BIG_SHAPE = "1x3x32768x22000"  # 2.16e9 > 2**31 elements: 4.3 GB in bfloat16
+DRY_BANNER = "CPU MODE (Triton interpreter, perf_counter timer): NOT A GPU MEASUREMENT"
 
 
 @dataclasses.dataclass
@@ -93,6 +92,8 @@ class Run:
             for i, (norm, path) in enumerate(itertools.product(NORMS, ("auto", "fused", "split"))):
                 for layout in layouts[i % 3 :][:1] if self.dry else layouts:  # dry: one each
                     yield norm, path, layout, dt, main, 0.5
+        if not self.dry:
+            yield ("big",)  # the int64 path, on the GPU only
         # primes; N=1; C=1; spatial 1; (N, C, L); 5-D; (N, C); an instance above on-chip limits
         odd = [(3, 7, 13, 17), (1, 5, 11, 7), (4, 1, 9, 9), (16, 24, 1, 1), (8, 12, 37),
                (2, 4, 6, 10, 14), (64, 96), (2, 3, 160, 256)]  # fmt: skip
@@ -116,14 +117,21 @@ class Run:
         dtype = {**DTYPES, "float64": self.torch.float64}[dtype_name]
         inp = make_inputs(shape, layout, dtype, self.device, running_stats=NORMS[norm][2],
                           backward=True, offset=offset)  # fmt: skip
-        ref = inp.copy(self.torch.float64, contiguous=True).step(norm_fn(norm, False), True)()
-        same = inp.copy(contiguous=True).step(norm_fn(norm, False), True)()
+        try:
+            ref = inp.copy(self.torch.float64, contiguous=True).step(norm_fn(norm, False), True)()
+            same = inp.copy(contiguous=True).step(norm_fn(norm, False), True)()
+        except Exception as e:
+            try:
+                inp.copy().step(norm_fn(norm, True), True)()
+            except type(e):
+                return None  # refused alike
+            return f"torch raises {type(e).__name__}: {e}; tritonnorm does not"
         forced = {"auto": {}, "fused": {"fused": True}, "split": {"fused": False, "split": 3}}
         runs = []
         with config.forced(**forced[path]):
             for _ in range(2):
                 mine = inp.copy()
-                self.poison(3 * math.prod(shape) * dtype.itemsize)
+                self.poison([math.prod(shape) * dtype.itemsize] * 3)
                 runs.append(mine.step(norm_fn(norm, True), True)())
         if offset > 1 or math.prod(shape) > 10**6:  # tests/test_accuracy.py's numerics rules
             tol = report.tolerances()
@@ -141,16 +149,16 @@ class Run:
                 return f"not deterministic: {e}"
         return None
 
-    def poison(self, nbytes: int) -> None:
-        """Fill free blocks of CUDA's caching allocator with NaN bits, so outputs allocated next
-        start as NaN: an element the kernels do not write shows up in the comparison."""
+    def poison(self, sizes: list[int]) -> None:
+        """Fill blocks of CUDA's caching allocator with NaN bits (all ones) and free them: outputs
+        of these sizes allocated next reuse them, so an element the kernels do not write shows
+        up as NaN in the comparison."""
         if self.device == "cuda":
-            blocks = [self.torch.full((nbytes // 3,), 255, dtype=self.torch.uint8, device="cuda")
-                      for _ in range(3)] + [self.torch.full((2**20,), 255, dtype=self.torch.uint8,
-                                                            device="cuda") for _ in range(8)]  # fmt: skip
+            blocks = [self.torch.full((n,), 255, dtype=self.torch.uint8, device="cuda")
+                      for n in [*sizes, *[2**16] * 8]]  # fmt: skip
             del blocks
 
-    def big_tensor(self) -> Check:
+    def big_tensor(self) -> str | None:
         """BN training forward and IN forward on a bf16 tensor of more than 2**31 elements,
         checked on each channel's last 2**20 elements against float64 statistics summed in
         chunks (an fp64 copy would not fit)."""
@@ -158,10 +166,10 @@ class Run:
         from perf.report import check
 
         torch = self.torch
-        shape = (1, 3, 32768, 22000)  # 2.16e9 elements, 4.3 GB
-        row = Check("bn_train+in big", "auto", "contiguous", "bfloat16", "x".join(map(str, shape)))
-        x = torch.randn(shape, dtype=torch.bfloat16, device="cuda")
-        w, b = torch.rand(3, device="cuda") + 0.5, torch.randn(3, device="cuda")
+        x = torch.randn(
+            tuple(map(int, BIG_SHAPE.split("x"))), dtype=torch.bfloat16, device=self.device
+        )
+        w, b = torch.rand(3, device=self.device) + 0.5, torch.randn(3, device=self.device)
         rows = x[0].flatten(1)  # (C, S), a view
         n = rows.shape[1]
         s1 = sum(c.double().sum(1) for c in rows.split(2**22, 1))
@@ -174,15 +182,15 @@ class Run:
                 * w[:, None] + b[:, None]).bfloat16()  # fmt: skip
         for fn in (lambda: tn.batch_norm(x, None, None, w, b, training=True),
                    lambda: tn.instance_norm(x, None, None, w, b)):  # fmt: skip
-            self.poison(x.numel() * 2)
+            self.poison([x.numel() * 2])
             y = fn()
             got = y[0].flatten(1)[:, tail]
             if bad := check((got,), (ref,), (same,)):
-                row.status, row.detail = "FAIL", bad
-            elif torch.isnan(y).any():
-                row.status, row.detail = "FAIL", "NaN in the output (an element not written?)"
+                return bad
+            if torch.isnan(y).any():
+                return "NaN in the output (an element not written?)"
             del y, got
-        return row
+        return None
 
     def correctness_stage(self, deadline: float) -> str:
         todo = list(self.cases())
@@ -190,45 +198,38 @@ class Run:
             if time.monotonic() > deadline:
                 break
             t0 = time.perf_counter()
-            row = Check(case[0], case[1], case[2], case[3], "x".join(map(str, case[4])))
-            row.case += "" if case[5] < 1 else " offset 1e4"
+            if case == ("big",):
+                row = Check("bn_train+in >2**31", "auto", "contiguous", "bfloat16", BIG_SHAPE)
+            else:
+                row = Check(case[0], case[1], case[2], case[3], "x".join(map(str, case[4])))
+                row.case += "" if case[5] < 1 else " offset 1e4"
             try:
-                bad = self.check_one(*case)
+                bad = self.big_tensor() if case == ("big",) else self.check_one(*case)
                 row.status, row.detail = ("FAIL", bad) if bad else ("ok", "")
             except Exception as e:
                 row.status, row.detail = "ERROR", f"{type(e).__name__}: {str(e)[:200]}"
+            if case == ("big",):
+                self.torch.cuda.empty_cache()
             row.seconds = time.perf_counter() - t0
             self.checks.append(row)
-        done = len(self.checks)
-        if not self.dry and done == len(todo) and deadline - time.monotonic() > 30:
-            try:
-                self.checks.append(self.big_tensor())
-            except Exception as e:
-                big = Check("big tensor", "auto", "contiguous", "bfloat16", "2.16e9 elements")
-                big.status, big.detail = "ERROR", f"{type(e).__name__}: {str(e)[:200]}"
-                self.checks.append(big)
-            self.torch.cuda.empty_cache()
         from perf.report import write_csv
 
         write_csv(self.checks, self.out / "correctness.csv")
-        failed = sum(r.status != "ok" for r in self.checks)
+        failed, done = sum(r.status != "ok" for r in self.checks), len(self.checks)
         cut = f", stopped at budget after {done}/{len(todo)}" if done < len(todo) else ""
-        big = "" if self.dry else " (+ >2**31 tensor)" if done == len(todo) else ""
-        return f"{'FAIL' if failed else 'ok'}: {failed} of {len(self.checks)} failed{big}{cut}"
+        return f"{'FAIL' if failed else 'ok'}: {failed} of {done} failed{cut}"
 
     # --- stage 3 ----------------------------------------------------------------------------
     def timing_stage(self, deadline: float) -> str:
         from perf import report
-        from perf.ops import OPS
+        from perf.ops import DTYPES, select
 
-        layouts = ("contiguous", "channels_last")
-        dtypes = ("float32",) if self.dry else ("bfloat16", "float32", "float16")
-        todo = [c for dt in dtypes
-                for c in report.cases(list(OPS.values()), "dry-run" if self.dry else "quick",
-                                      layouts, (dt,))]  # fmt: skip
-        if self.dry:  # one shape class per op: the plumbing, and what each part costs
-            todo = [c for c in todo if c[1] in ("resnet50_bn", "style_in", "diffusion_gn")]
-        provs = report.providers()
+        a = self.args
+        dtypes = a.dtypes.split(",") if a.dtypes else ["float32"] if self.dry else list(DTYPES)
+        shape_set = a.set or ("dry-run" if self.dry else "quick")
+        todo = [c for dt in dtypes  # one dtype after the other: a cut budget leaves whole sets
+                for c in report.cases(select(a.ops), shape_set, a.layouts.split(","), (dt,))]  # fmt: skip
+        provs = report.providers(a.providers.split(",") if a.providers else None)
         for case in todo:
             if time.monotonic() > deadline:
                 break
@@ -256,7 +257,11 @@ class Run:
                "--ignore=tests/test_perf_gpu.py"]  # fmt: skip
         if self.dry:  # the plumbing only: the suite itself runs in CI on the CPU
             cmd[-4:] = ["tests/test_byte_budget.py", "-k", "floor_table or masked_copy"]
-        limit = max(1.0, deadline - time.monotonic())
+        limit = deadline - time.monotonic()
+        if limit < 5:
+            return "skipped: out of budget"
+        if not self.dry:  # the suite's process needs the memory this one cached
+            self.torch.cuda.empty_cache()
         try:
             p = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=limit)
             text, code = p.stdout + p.stderr, p.returncode
@@ -276,15 +281,19 @@ class Run:
     def summary(self) -> None:
         from perf.report import headline, summary_lines
 
-        head = headline(self.rows)
-        lines = ["# perf.gpu", "", f"**{DRY_BANNER}**" if self.dry else "", "",
+        ran = {k for k, (st, _) in self.status.items() if not st.startswith("skipped (--")}
+        lines = ["# tritonnorm on " + (DRY_BANNER if self.dry else str(self.env.get("gpu"))), "",
                  f"`{json.dumps(self.env)}`", "", "| stage | status | seconds |", "|---|---|---|"]  # fmt: skip
         lines += [f"| {s} | {st} | {sec:.1f} |" for s, (st, sec) in self.status.items()]
-        lines += ["", f"Headline: `{json.dumps(head)}`", "", "## Correctness failures", ""]
-        lines += [f"- {c.case} {c.path} {c.layout} {c.dtype} {c.shape}: {c.detail}"
-                  for c in self.checks if c.status != "ok"] or ["none"]  # fmt: skip
-        lines += ["", "## Timing", "", *summary_lines(self.rows), "", "## pytest (tail)", "",
-                  "```", self.pytest_tail, "```"]  # fmt: skip
+        lines += ["", f"Headline: `{json.dumps(headline(self.rows))}`"]
+        if "correctness" in ran:
+            lines += ["", "## Correctness failures", ""]
+            lines += [f"- {c.case} {c.path} {c.layout} {c.dtype} {c.shape}: {c.detail}"
+                      for c in self.checks if c.status != "ok"] or ["none"]  # fmt: skip
+        if "timing" in ran:
+            lines += ["", "## Timing", "", *summary_lines(self.rows)]
+        if "pytest" in ran:
+            lines += ["", "## pytest (tail)", "", "```", self.pytest_tail, "```"]
         self.write("summary.md", "\n".join(lines) + "\n")
 
     def run(self) -> int:
@@ -302,7 +311,7 @@ class Run:
             deadline = min(self.end, t0 + SHARES[name] * budget)
             print(f"== {name}: up to {deadline - t0:.0f} s", flush=True)
             try:
-                status = fn(deadline) if deadline > t0 else "skipped: out of budget"
+                status = fn(deadline)  # past its deadline a stage still writes its (empty) files
             except Exception as e:
                 status = f"CRASHED: {type(e).__name__}: {str(e)[:150]}"
             self.status[name] = (status, time.monotonic() - t0)
@@ -311,16 +320,18 @@ class Run:
             self.summary()
             print(f"   {status} ({self.status[name][1]:.1f} s)", flush=True)
         if "copy_gbps" in self.env:  # the stage table and timings, alongside the environment
+            self.env["stages"] = {k: {"status": v, "seconds": round(sec, 1)}
+                                  for k, (v, sec) in self.status.items()}  # fmt: skip
             self.write("env.json", json.dumps(self.env, indent=2) + "\n")
         from perf.report import headline
 
-        head = {k: f"{v:.3g}" if v is not None else "-" for k, v in headline(self.rows).items()}
+        head = {k: f"{v:.3g}" if v is not None else "n/a" for k, v in headline(self.rows).items()}
         print(f"\n{DRY_BANNER}" if self.dry else "")
         print(f"{'stage':<12} {'seconds':>7}  status")
         for name, (status, sec) in self.status.items():
             print(f"{name:<12} {sec:>7.1f}  {status[:110]}")
-        print(f"worst fraction of copy {head['worst_frac_of_copy']}; slowest speedup vs eager "
-              f"{head['min_vs_eager']}x, vs compile {head['min_vs_compile']}x; out: {self.out}")  # fmt: skip
+        print(f"worst fraction of copy {head['worst_frac_of_copy']}; slowest speedup (x) vs eager "
+              f"{head['min_vs_eager']}, vs compile {head['min_vs_compile']}; out: {self.out}")  # fmt: skip
         return 1 if any(s.startswith(("FAIL", "CRASHED")) for s, _ in self.status.values()) else 0
 
 
@@ -331,6 +342,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=480.0, help="seconds for all stages")
     p.add_argument("--dry-run", action="store_true", help="on the CPU: NOT a GPU measurement")
     p.add_argument("--stages", help="comma-separated subset of env,correctness,timing,pytest")
+    t = p.add_argument_group("timing stage (the report)")
+    t.add_argument(
+        "--set", choices=("quick", "full", "cpu", "dry-run"), help="shapes (perf/shapes.py)"
+    )
+    t.add_argument("--ops", help="comma-separated op names or globs, e.g. 'bn_*,in_fwd'")
+    t.add_argument("--layouts", default="contiguous,channels_last")
+    t.add_argument("--dtypes", help="default: bfloat16,float32,float16 (CPU: float32)")
+    t.add_argument("--providers", help="subset of tritonnorm,eager,compile,flag_gems")
     args = p.parse_args(argv)
     import torch
 

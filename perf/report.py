@@ -20,7 +20,6 @@ import importlib.util
 import itertools
 import math
 import platform
-import re
 import subprocess
 import sys
 import time
@@ -132,10 +131,6 @@ def environment(device: str) -> dict:
     else:
         env["cpu"] = platform.processor() or platform.machine()
     return env
-
-
-def gpu_slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "gpu"
 
 
 # --- one case --------------------------------------------------------------------------------
@@ -344,55 +339,3 @@ def cases(ops: list[OpSpec], shape_set: str, layouts, dtypes) -> list[tuple]:
     return [(op, cls, shape, layout, dt) for op in ops
             for cls, shape in shapes_for(shape_set, op.shape_classes)
             for layout in layouts for dt in dtypes]  # fmt: skip
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-    import json
-    import os
-
-    p = argparse.ArgumentParser(prog="python -m perf", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--full", action="store_true", help="every shape of every class (GPU mode)")
-    p.add_argument("--cpu", action="store_true", help="the CPU mode even when a GPU is present")
-    p.add_argument("--out", help="output directory (default perf/results/<gpu>/ or cpu/)")
-    p.add_argument("--ops", help="comma-separated op names or globs, e.g. 'bn_*,in_fwd'")
-    p.add_argument("--layouts", default="contiguous,channels_last")
-    p.add_argument("--dtypes", default="float32,bfloat16,float16")
-    p.add_argument("--providers", help="subset of tritonnorm,eager,compile,flag_gems "
-                   "(CPU mode default: tritonnorm,eager)")  # fmt: skip
-    args = p.parse_args(argv)
-    cpu = args.cpu or not torch.cuda.is_available()
-    if cpu:  # before tritonnorm is imported: kernels are bound to the interpreter when defined
-        if "tritonnorm" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-            raise SystemExit("tritonnorm was imported before TRITON_INTERPRET=1 could be set")
-        os.environ["TRITON_INTERPRET"] = "1"
-        print(CPU_BANNER)
-    from perf.ops import select
-
-    device = "cpu" if cpu else "cuda"
-    names = args.providers or ("tritonnorm,eager" if cpu else None)
-    provs = providers(names.split(",") if names else None)
-    env = environment(device)
-    out = Path(args.out or ROOT / "perf" / "results" / ("cpu" if cpu else gpu_slug(env["gpu"])))
-    out.mkdir(parents=True, exist_ok=True)
-    env["copy_gbps"] = copy = copy_gbps(device, cpu_timer if cpu else gpu_timer)
-    todo = cases(select(args.ops), "cpu" if cpu else "full" if args.full else "quick",
-                 args.layouts.split(","), args.dtypes.split(","))  # fmt: skip
-    print(f"{len(todo)} cases x {len(provs)} providers ({', '.join(provs)}); "
-          f"copy bandwidth {copy:.1f} GB/s")  # fmt: skip
-    rows = []
-    for i, case in enumerate(todo):
-        rows += run_case(*case, device, provs, copy)
-        for r in rows[-len(provs) :]:
-            shown = f"{r.ms:.4f} ms {r.frac_of_copy:6.1%} of copy" if r.ms else r.note
-            print(f"[{i + 1}/{len(todo)}] {r.op} {r.layout} {r.dtype} {r.shape} {r.provider}: "
-                  f"{shown} {r.passes}")  # fmt: skip
-    write_csv(rows, out / "results.csv")
-    (out / "env.json").write_text(json.dumps(env, indent=2) + "\n")
-    head = [f"# tritonnorm performance report ({CPU_BANNER if cpu else env['gpu']})", "",
-            f"`{json.dumps(env)}`", ""]  # fmt: skip
-    (out / "summary.md").write_text("\n".join(head + summary_lines(rows)) + "\n")
-    write_plots(rows, out, CPU_BANNER if cpu else "")
-    print(f"wrote {out}: results.csv, summary.md, env.json, PNGs")
-    return 0

@@ -2,11 +2,12 @@
 
 The interpreter checks what the kernels compute, not that Triton can compile them: constructs
 the interpreter accepts can fail in the compiler, and tiles that fit in NumPy can overflow a
-thread's registers. ``perf.compile_check`` drives the real launchers on meta tensors with a
-stand-in driver that reports an sm_90 GPU, and compiles each specialisation with Triton's
-bundled ptxas. Here: every launch path (BN/IN, train/eval, fused/split, affine or not, half,
-float32, float64, SyncBatchNorm) with its first (heuristic) candidate, over the tool's small
-shape set, in about a minute; ``python -m perf.compile_check`` compiles every autotune candidate
+thread's registers. ``perf.compile_check`` drives the launcher entry points (and SyncBatchNorm's
+own function, its collectives replaced) on meta tensors with a stand-in driver that reports an
+sm_90 GPU, and compiles each specialisation with Triton's bundled ptxas. Here: every launch path
+(BN/IN/GN, train/eval, fused/split, affine or not, half, float32, float64, SyncBatchNorm) with
+its first (heuristic) candidate, over the tool's small shape set (about 600 specialisations:
+minutes on two cores); ``python -m perf.compile_check`` compiles every autotune candidate
 of the report's shapes (committed: perf/results/sm90-static/).
 """
 
@@ -91,16 +92,18 @@ def test_every_launch_path_was_compiled(compiled):
     def seen(kernel: str, *parts: str) -> bool:
         return any(k == kernel and all(p in f for p in parts) for k, f in flags)
 
-    for per_instance in ("PER_INSTANCE=0", "PER_INSTANCE=1"):
+    for reduce_batch in ("REDUCE_BATCH=0", "REDUCE_BATCH=1"):
         for fused in ("FUSED=0", "FUSED=1"):
-            assert seen("_norm_stats_partial_kernel", per_instance, fused)
-            assert seen("_norm_grad_partial_kernel", per_instance, fused)
+            assert seen("_norm_stats_partial_kernel", reduce_batch, fused)
+            assert seen("_norm_grad_partial_kernel", reduce_batch, fused)
     assert seen("_norm_stats_finalize_kernel", "FROM_RUNNING=1")
     assert seen("_norm_stats_finalize_kernel", "FROM_RUNNING=0")
     assert seen("_norm_grad_finalize_kernel", "USE_INPUT_STATS=0")
     assert seen("_norm_apply_kernel", "HAS_X=1", "HAS_DY=1")  # training dx
     assert seen("_norm_apply_kernel", "HAS_X=0", "HAS_DY=1")  # eval dx
     assert seen("_norm_apply_kernel", "HAS_X=1", "HAS_DY=0")  # y
+    assert any(r["scenario"].startswith("sync-bn") for r in rows)
+    assert any(r["scenario"].startswith("gn") for r in rows)
     dtypes = {r["dtypes"] for r in rows}
     for dtype in ("bf16", "fp16", "fp64"):
         assert any(dtype in d for d in dtypes), dtypes
@@ -112,8 +115,8 @@ def test_the_recording_holds_every_autotune_candidate():
     code = (
         "from perf.compile_check import record\n"
         "specs = record(90, 'quick')\n"
-        "print(sorted({s.config() for s in specs if s.kernel.endswith('_norm_stats_partial_kernel')"
-        " and s.scenario == 'bn train 32x256x56x56 contiguous float32' and 'FUSED=0' in s.flags()}))"
+        "print(sorted({s.describe()[1] for s in specs if s.kernel.endswith('_norm_stats_partial_kernel')"
+        " and s.scenario == 'bn train 32x256x56x56 contiguous float32' and 'FUSED=0' in s.describe()[0]}))"
     )
     proc = subprocess.run(
         [sys.executable, "-c", code],
