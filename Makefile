@@ -25,6 +25,13 @@ test: setup
 perf: setup
 	$(BIN)/python -m perf
 
+# On a lent GPU machine, from a plain checkout with that machine's own python3 (no venv): every
+# stage within 480 s, inside its 10-minute command limit (perf/NOTES.md). Add GPU_ARGS=--dry-run
+# to try it on a CPU.
+.PHONY: gpu
+gpu:
+	PYTHONPATH=. $(PYTHON) -m perf.gpu --out perf/results/gpu-run $(GPU_ARGS)
+
 lint: setup
 	$(BIN)/ruff check tritonnorm tests perf
 	$(BIN)/ruff format --check tritonnorm tests perf
