@@ -1,5 +1,6 @@
 """Numerical quality beyond "matches torch on randn": a large common offset (cancellation), long
-reductions (~1e6 values), NaN containment, bitwise determinism, and gradcheck in float64."""
+reductions (~1e6 values; GN's long groups), NaN containment (in its channel / instance / (sample,
+group)), bitwise determinism, and gradcheck in float64, for BatchNorm, InstanceNorm and GroupNorm."""
 
 from __future__ import annotations
 
@@ -102,17 +103,47 @@ def test_large_offset_instance_norm(device, path):
     )
 
 
+@pytest.mark.parametrize("path", ["auto", "fused", "split"])
+@pytest.mark.parametrize("groups", [1, 3, 6], ids=["1group", "3groups", "6groups"])
+def test_large_offset_group_norm(device, groups, path):
+    # GN has no running statistics: the output, normalised with the group's mean and biased
+    # variance, carries the statistics' error; same bound as BN's and IN's outputs.
+    x = (1e4 + torch.randn(2, 6, 8, 16, dtype=torch.float64, device=device)).float()
+    with kernel_path(path):
+        y = tn.group_norm(x, groups)
+    ref = F.group_norm(x.double(), groups)
+    err = (y.double() - ref).abs().max().item()
+    assert err <= OFFSET_Y_ATOL, f"output abs error {err:.3e} > {OFFSET_Y_ATOL:.3e}"
+
+
+def _norm_fn(norm):
+    """(ours, torch's, kwargs) for the "batch" / "instance" / "group" norm names of this file."""
+    if norm == "batch":
+        return tn.batch_norm, F.batch_norm, dict(training=True)
+    if norm == "instance":
+        return tn.instance_norm, F.instance_norm, {}
+
+    def ours(x, running_mean=None, running_var=None, weight=None, bias=None):
+        return tn.group_norm(x, 3, weight, bias)
+
+    def ref(x, running_mean=None, running_var=None, weight=None, bias=None):
+        return F.group_norm(x, 3, weight, bias)
+
+    return ours, ref, {}
+
+
 @pytest.mark.parametrize("path", ["fused", "split"])
-@pytest.mark.parametrize("norm", ["batch", "instance"])
+@pytest.mark.parametrize("norm", ["batch", "instance", "group"])
 def test_large_offset_gradients(device, norm, path):
     # The backward re-centres with the saved mean: same cancellation, same bound (relative to the
     # gradient's scale), checked against float64 torch on the same values.
-    x = (1e4 + torch.randn(4, 3, 128, dtype=torch.float64, device=device)).float()
+    # GN: 2 groups of 3 channels.
+    C = 6 if norm == "group" else 3
+    x = (1e4 + torch.randn(4, C, 128, dtype=torch.float64, device=device)).float()
     g = torch.randn_like(x)
-    w = torch.rand(3, device=device) + 0.5
-    b = torch.randn(3, device=device)
-    fn, kw = (tn.batch_norm, dict(training=True)) if norm == "batch" else (tn.instance_norm, {})
-    ref_fn = F.batch_norm if norm == "batch" else F.instance_norm
+    w = torch.rand(C, device=device) + 0.5
+    b = torch.randn(C, device=device)
+    fn, ref_fn, kw = _norm_fn(norm)
     with kernel_path(path):
         ours = run_norm(fn, x, grad_out=g, weight=w, bias=b, **kw)
     ref = run_norm(ref_fn, x, grad_out=g, weight=w, bias=b, dtype=torch.float64, **kw)
@@ -160,6 +191,20 @@ def test_long_reduction_instance_norm(device, path):
         y_atol=LONG_Y_ATOL,
         instance=True,
     )
+
+
+@pytest.mark.parametrize("path", ["auto", "split"])
+def test_long_reduction_group_norm(device, path):
+    # 2 groups of 2 channels x 256 x 256: 131072 values per group, more than any single tile, so
+    # even "auto" splits each group across programs.
+    x = (3.0 + torch.randn(2, 4, 256, 256, dtype=torch.float64, device=device)).float()
+    t0 = time.perf_counter()
+    with kernel_path(path):
+        y = tn.group_norm(x, 2)
+    print(f"group_norm forward on {tuple(x.shape)} ({path}): {time.perf_counter() - t0:.2f}s")
+    ref = F.group_norm(x.double(), 2)
+    err = (y.double() - ref).abs().max().item()
+    assert err <= LONG_Y_ATOL, f"output abs error {err:.3e} > {LONG_Y_ATOL:.3e}"
 
 
 def test_long_reduction_batch_norm_backward(device):
@@ -237,6 +282,36 @@ def test_nan_stays_in_its_instance_instance_norm(device, path):
         assert_close_to_reference(ours[k][[0, 2]], ref[k][[0, 2]], name=k)
 
 
+@pytest.mark.parametrize("path", ["fused", "split"])
+def test_nan_stays_in_its_group_group_norm(device, path):
+    # 3 groups of 2 channels; the NaN at (sample 1, channel 2) is in group 1 of sample 1 only.
+    x = torch.randn(4, 6, 5, device=device)
+    x[1, 2, 2] = float("nan")
+    g = torch.randn_like(x)
+    w, b = torch.rand(6, device=device) + 0.5, torch.randn(6, device=device)
+
+    def gn(lib):
+        return lambda x, running_mean, running_var, weight, bias: lib.group_norm(x, 3, weight, bias)
+
+    common = dict(grad_out=g, weight=w, bias=b)
+    with kernel_path(path):
+        ours = run_norm(gn(tn), x, **common)
+    ref = run_norm(gn(F), x, dtype=torch.float64, **common)
+    assert torch.isnan(ours["out"][1, 2, 2]), "the NaN itself must come out as NaN"
+    assert torch.isnan(ours["out"][1, 2:4]).all(), "its group is all NaN, as in torch"
+    clean = torch.ones(4, 6, dtype=torch.bool, device=device)
+    clean[1, 2:4] = False
+    for k in ("out", "grad_input"):
+        o = ours[k][clean]
+        assert torch.isfinite(o).all(), f"{k}: NaN leaked into other groups or samples"
+        assert_close_to_reference(o, ref[k][clean], name=k)
+    # Weight/bias gradients sum over the batch: only the NaN group's channels (2, 3) see it.
+    others = [0, 1, 4, 5]
+    for k in ("grad_weight", "grad_bias"):
+        assert torch.isfinite(ours[k][others]).all(), f"{k}: NaN leaked into other channels"
+        assert_close_to_reference(ours[k][others], ref[k][others], name=k)
+
+
 # --------------------------------------------------------------------------------------------
 # Determinism
 
@@ -249,15 +324,20 @@ def test_nan_stays_in_its_instance_instance_norm(device, path):
         ("batch", torch.channels_last),
         ("instance", torch.contiguous_format),
         ("instance", torch.channels_last),
+        ("group", torch.contiguous_format),
+        ("group", torch.channels_last),
     ],
-    ids=["bn", "bn-channels_last", "in", "in-channels_last"],
+    ids=["bn", "bn-channels_last", "in", "in-channels_last", "gn", "gn-channels_last"],
 )
 def test_bitwise_deterministic(device, norm, fmt, path):
-    x = torch.randn(3, 5, 23, 11, device=device).contiguous(memory_format=fmt)
+    C = 6 if norm == "group" else 5  # GN: 3 groups of 2
+    x = torch.randn(3, C, 23, 11, device=device).contiguous(memory_format=fmt)
     g = torch.randn_like(x)
-    w, b = torch.rand(5, device=device) + 0.5, torch.randn(5, device=device)
-    rm, rv = torch.zeros(5, device=device), torch.ones(5, device=device)
-    fn, kw = (tn.batch_norm, dict(training=True)) if norm == "batch" else (tn.instance_norm, {})
+    w, b = torch.rand(C, device=device) + 0.5, torch.randn(C, device=device)
+    rm, rv = torch.zeros(C, device=device), torch.ones(C, device=device)
+    fn, _, kw = _norm_fn(norm)
+    if norm == "group":
+        rm = rv = None
     runs = []
     for _ in range(2):
         with kernel_path(path):
@@ -272,30 +352,50 @@ def test_bitwise_deterministic(device, norm, fmt, path):
 # gradcheck (float64, tiny)
 
 
+# id -> (input shape, channels_last?, fn(x, w, b, rm, rv)); C = 2 for BN/IN, 4 for GN.
+GRADCHECK_CASES = {
+    "bn-train": (
+        (3, 2, 4),
+        False,
+        lambda x, w, b, rm, rv: tn.batch_norm(x, None, None, w, b, True),
+    ),
+    "bn-eval": ((3, 2, 4), False, lambda x, w, b, rm, rv: tn.batch_norm(x, rm, rv, w, b, False)),
+    "bn-train-channels_last": (
+        (3, 2, 2, 2),
+        True,
+        lambda x, w, b, rm, rv: tn.batch_norm(x, None, None, w, b, True),
+    ),
+    "in": ((3, 2, 4), False, lambda x, w, b, rm, rv: tn.instance_norm(x, None, None, w, b)),
+    "in-running-stats": (
+        (3, 2, 4),
+        False,
+        lambda x, w, b, rm, rv: tn.instance_norm(x, rm, rv, w, b, use_input_stats=False),
+    ),
+    # GN, kept to 16 values or fewer (gradcheck perturbs each one through the interpreter):
+    # 2 groups of 2 channels; one group over a (N, C) input (LayerNorm); channels_last.
+    "gn": ((2, 4, 2), False, lambda x, w, b, rm, rv: tn.group_norm(x, 2, w, b)),
+    "gn-1group-NC": ((3, 4), False, lambda x, w, b, rm, rv: tn.group_norm(x, 1, w, b)),
+    "gn-channels_last": ((1, 4, 2, 2), True, lambda x, w, b, rm, rv: tn.group_norm(x, 2, w, b)),
+}
+
+
 @pytest.mark.parametrize("path", ["fused", "split"])
-@pytest.mark.parametrize(
-    "case", ["bn-train", "bn-eval", "bn-train-channels_last", "in", "in-running-stats"]
-)
+@pytest.mark.parametrize("case", list(GRADCHECK_CASES))
 def test_gradcheck(device, case, path):
     dt = torch.float64
-    shape = (3, 2, 2, 2) if "channels_last" in case else (3, 2, 4)
+    shape, channels_last, call = GRADCHECK_CASES[case]
+    C = shape[1]
     x = torch.randn(shape, dtype=dt, device=device)
-    if "channels_last" in case:
+    if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     x.requires_grad_()
-    w = (torch.rand(2, dtype=dt, device=device) + 0.5).requires_grad_()
-    b = torch.randn(2, dtype=dt, device=device).requires_grad_()
-    rm = torch.randn(2, dtype=dt, device=device) * 0.3
-    rv = torch.rand(2, dtype=dt, device=device) + 0.5
+    w = (torch.rand(C, dtype=dt, device=device) + 0.5).requires_grad_()
+    b = torch.randn(C, dtype=dt, device=device).requires_grad_()
+    rm = torch.randn(C, dtype=dt, device=device) * 0.3
+    rv = torch.rand(C, dtype=dt, device=device) + 0.5
 
     def fn(x, w, b):
         with kernel_path(path):
-            if case.startswith("bn-train"):
-                return tn.batch_norm(x, None, None, w, b, training=True)
-            if case == "bn-eval":
-                return tn.batch_norm(x, rm, rv, w, b, training=False)
-            if case == "in":
-                return tn.instance_norm(x, None, None, w, b)
-            return tn.instance_norm(x, rm, rv, w, b, use_input_stats=False)
+            return call(x, w, b, rm, rv)
 
     assert torch.autograd.gradcheck(fn, (x, w, b), eps=1e-6, atol=1e-6, rtol=1e-4)

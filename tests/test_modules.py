@@ -1,6 +1,7 @@
 """The module layer: class hierarchy, repr, reset_parameters, state_dict compatibility with torch
-(both ways), lazy modules, tn.convert on a small CNN (identity of parameters/buffers, flags, dtype,
-then 3 SGD steps against an untouched torch copy), torch.compile(fullgraph=True) and opcheck."""
+(both ways), lazy modules, tn.convert on a small CNN and a diffusion-style GroupNorm block (identity
+of parameters/buffers, flags, dtype, then SGD steps against an untouched torch copy),
+torch.compile(fullgraph=True) and opcheck."""
 
 from __future__ import annotations
 
@@ -60,6 +61,36 @@ def test_same_repr_keys_and_reset(name, kwargs):
         assert_bitwise_equal(a, b, k)
 
 
+# GroupNorm(num_groups, num_channels, ...): constructor variants.
+GN_VARIANTS = [
+    pytest.param((2, 6), {}, id="2groups"),
+    pytest.param((3, 6), dict(eps=1e-3), id="3groups-eps"),
+    pytest.param((1, 4), dict(affine=False), id="1group-plain"),
+    pytest.param((4, 4), {}, id="C-groups"),
+]
+
+
+def test_group_norm_subclasses_torch():
+    assert issubclass(tn.GroupNorm, nn.GroupNorm)
+    assert tn.GroupNorm is not nn.GroupNorm
+
+
+@pytest.mark.parametrize("args,kwargs", GN_VARIANTS)
+def test_group_norm_same_repr_keys_and_reset(args, kwargs):
+    ours, ref = tn.GroupNorm(*args, **kwargs), nn.GroupNorm(*args, **kwargs)
+    assert repr(ours) == repr(ref)
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    for a in ("num_groups", "num_channels", "eps", "affine"):
+        assert getattr(ours, a) == getattr(ref, a), a
+    for t in ours.parameters():
+        with torch.no_grad():
+            t.add_(3)  # disturb everything, then reset must restore torch's initial state
+    ours.reset_parameters()
+    for (k, a), (k2, b) in zip(ours.state_dict().items(), ref.state_dict().items(), strict=True):
+        assert k == k2
+        assert_bitwise_equal(a, b, k)
+
+
 def _train_one_step(m, shape, device):
     x = torch.randn(shape, device=device) * 2 + 1
     m.train()
@@ -90,6 +121,25 @@ def test_state_dict_round_trip(device, name, direction):
     src.eval()
     dst.eval()
     x = torch.randn(INPUT_SHAPES[name], device=device)
+    torch.testing.assert_close(dst(x), src(x), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("direction", ["torch-to-tn", "tn-to-torch"])
+def test_group_norm_state_dict_round_trip(device, direction):
+    src_lib, dst_lib = (nn, tn) if direction == "torch-to-tn" else (tn, nn)
+    shape = (2, 6, 3, 4)
+    src = src_lib.GroupNorm(3, 6).to(device)
+    _train_one_step(src, shape, device)
+    dst = dst_lib.GroupNorm(3, 6).to(device)
+    dst.load_state_dict(src.state_dict(), strict=True)
+    for (k, a), (k2, b) in zip(src.state_dict().items(), dst.state_dict().items(), strict=True):
+        assert k == k2
+        assert_bitwise_equal(a, b, k)
+    back = src_lib.GroupNorm(3, 6).to(device)
+    back.load_state_dict(dst.state_dict(), strict=True)
+    for (k, a), (_, b) in zip(src.state_dict().items(), back.state_dict().items(), strict=True):
+        assert_bitwise_equal(a, b, k)
+    x = torch.randn(shape, device=device)
     torch.testing.assert_close(dst(x), src(x), rtol=2e-5, atol=2e-5)
 
 
@@ -153,6 +203,8 @@ class Mixed(nn.Module):
         self.lazy_bn = nn.LazyBatchNorm2d()
         self.lazy_in = nn.LazyInstanceNorm1d(affine=True)
         self.nested = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.BatchNorm1d(2)))
+        self.gn = nn.GroupNorm(2, 4)
+        self.gn_plain = nn.Sequential(nn.GroupNorm(1, 2, affine=False))
         self.sync = nn.SyncBatchNorm(2)
 
 
@@ -175,6 +227,8 @@ def test_convert_swaps_every_class_and_keeps_state():
         "lazy_bn": tn.LazyBatchNorm2d,
         "lazy_in": tn.LazyInstanceNorm1d,
         "nested.1.0": tn.BatchNorm1d,
+        "gn": tn.GroupNorm,
+        "gn_plain.0": tn.GroupNorm,
     }
     mods = dict(m.named_modules())
     for n, cls in expected.items():
@@ -193,6 +247,8 @@ def test_convert_swaps_every_class_and_keeps_state():
     assert {n: s.training for n, s in m.named_modules()} == before_training
     assert m.in3.momentum is None
     assert m.in2.affine and m.in3.track_running_stats
+    assert (m.gn.num_groups, m.gn.num_channels, m.gn.affine) == (2, 4, True)
+    assert not m.gn_plain[0].affine
 
 
 def test_convert_is_idempotent():
@@ -204,11 +260,16 @@ def test_convert_is_idempotent():
     assert all(a is b for a, b in zip(params, m.parameters(), strict=True))
 
 
-def test_convert_root_module():
-    bn = nn.BatchNorm2d(4)
-    w = bn.weight
-    out = tn.convert(bn)
-    assert isinstance(out, tn.BatchNorm2d)
+@pytest.mark.parametrize(
+    "make,cls",
+    [(lambda: nn.BatchNorm2d(4), tn.BatchNorm2d), (lambda: nn.GroupNorm(2, 4), tn.GroupNorm)],
+    ids=["BatchNorm2d", "GroupNorm"],
+)
+def test_convert_root_module(make, cls):
+    m = make()
+    w = m.weight
+    out = tn.convert(m)
+    assert isinstance(out, cls)
     assert out.weight is w
 
 
@@ -260,6 +321,60 @@ def test_converted_cnn_trains_like_torch(device, fmt):
     torch.testing.assert_close(ours(x), ref(x), **tol)
 
 
+class DiffusionBlock(nn.Module):
+    """A small UNet-style residual block: GroupNorm, SiLU, Conv2d twice, plus the skip."""
+
+    def __init__(self, channels=8, groups=4):
+        super().__init__()
+        self.stem = nn.Conv2d(3, channels, 3, padding=1)
+        self.norm1 = nn.GroupNorm(groups, channels)
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.norm2 = nn.GroupNorm(groups, channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.head = nn.Conv2d(channels, 3, 1)
+
+    def forward(self, x):
+        h = self.stem(x)
+        r = self.conv1(F.silu(self.norm1(h)))
+        r = self.conv2(F.silu(self.norm2(r)))
+        return self.head(h + r)
+
+
+def make_gn_block():
+    return DiffusionBlock()
+
+
+@pytest.mark.parametrize(
+    "fmt", [torch.contiguous_format, torch.channels_last], ids=["contiguous", "channels_last"]
+)
+def test_converted_diffusion_block_trains_like_torch(device, fmt):
+    ref = make_gn_block().to(device=device, memory_format=fmt)
+    ours = tn.convert(copy.deepcopy(ref))
+    assert type(ours.norm1) is tn.GroupNorm and type(ours.norm2) is tn.GroupNorm
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
+    opt_ours = torch.optim.SGD(ours.parameters(), lr=0.05, momentum=0.9)
+    # As for the CNN above: after 3 steps both float32 models carry their own rounding noise
+    # (~1e-6 per op), amplified by the updates (lr 0.05, momentum 0.9) and the convolutions; 1e-4
+    # is well above that and far below any real difference (a wrong group or gradient moves the
+    # parameters by ~lr * |grad| ~ 1e-2).
+    tol = dict(rtol=1e-4, atol=1e-4)
+    for step in range(3):
+        x = torch.randn(2, 3, 8, 8, device=device).contiguous(memory_format=fmt)
+        target = torch.randn(2, 3, 8, 8, device=device)  # denoising-style regression target
+        outs = []
+        for model, opt in ((ref, opt_ref), (ours, opt_ours)):
+            opt.zero_grad()
+            y = model(x)
+            F.mse_loss(y, target).backward()
+            opt.step()
+            outs.append(y.detach())
+        torch.testing.assert_close(outs[1], outs[0], **tol, msg=f"output at step {step}")
+    for (k, a), (_, b) in zip(ours.state_dict().items(), ref.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, **tol, msg=k)
+    x = torch.randn(2, 3, 8, 8, device=device).contiguous(memory_format=fmt)
+    torch.testing.assert_close(ours(x), ref(x), **tol)
+
+
 # --------------------------------------------------------------------------------------------
 # torch.compile and custom ops
 
@@ -289,6 +404,9 @@ def test_opcheck(device):
     covered = {_op_name(op) for op, _, _ in samples}
     missing = {_op_name(op) for op in OPS} - covered
     assert not missing, f"ops without an opcheck sample: {sorted(missing)}"
+    # GroupNorm samples (num_groups > 0, argument 7 of both ops) for the forward and the backward.
+    gn_covered = {_op_name(op) for op, args, _ in samples if args[7] > 0}
+    assert gn_covered == covered, f"ops without a GroupNorm sample: {sorted(covered - gn_covered)}"
     failures = []
     for op, args, kwargs in samples:
         try:
@@ -298,7 +416,11 @@ def test_opcheck(device):
     assert not failures, "\n".join(failures)
 
 
-def test_compiled_graph_calls_tritonnorm_ops(device):
+MODELS = {"cnn": make_cnn, "gn-block": make_gn_block}  # BN + IN; GroupNorm
+
+
+@pytest.mark.parametrize("model_name", list(MODELS))
+def test_compiled_graph_calls_tritonnorm_ops(device, model_name):
     # fullgraph=True fails on any graph break; the captured graph must call our ops (not torch's
     # batch_norm, which would mean the module silently fell back).
     graphs = []
@@ -308,19 +430,25 @@ def test_compiled_graph_calls_tritonnorm_ops(device):
         return gm.forward
 
     torch._dynamo.reset()
-    model = tn.convert(make_cnn()).to(device)
+    model = tn.convert(MODELS[model_name]()).to(device)
     compiled = torch.compile(model, backend=recording_backend, fullgraph=True)
     compiled(torch.randn(4, 3, 8, 8, device=device)).sum().backward()
     targets = {str(n.target) for gm in graphs for n in gm.graph.nodes if n.op == "call_function"}
     assert any("tritonnorm" in t for t in targets), sorted(targets)
     assert not any("batch_norm" in t and "tritonnorm" not in t for t in targets), sorted(targets)
     assert not any("instance_norm" in t and "tritonnorm" not in t for t in targets), sorted(targets)
+    assert not any("group_norm" in t and "tritonnorm" not in t for t in targets), sorted(targets)
 
 
-@pytest.mark.parametrize("mode", ["train", "eval"])
-def test_compile_matches_eager(device, mode):
+@pytest.mark.parametrize(
+    "model_name,mode",
+    # GroupNorm has no running statistics: its eval step is its train step, compiled once.
+    [("cnn", "train"), ("cnn", "eval"), ("gn-block", "train")],
+    ids=["cnn-train", "cnn-eval", "gn-block-train"],
+)
+def test_compile_matches_eager(device, model_name, mode):
     torch._dynamo.reset()
-    eager = tn.convert(make_cnn()).to(device).train(mode == "train")
+    eager = tn.convert(MODELS[model_name]()).to(device).train(mode == "train")
     compiled_model = copy.deepcopy(eager)
     compiled = torch.compile(compiled_model, fullgraph=True)
     x = torch.randn(4, 3, 8, 8, device=device)
