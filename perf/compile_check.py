@@ -63,26 +63,13 @@ class _TargetDriver:
     equally (the first then wins), so launchers and the autotuner run unchanged."""
 
     def __init__(self, target: GPUTarget):
-        self.target = target
-
-    def get_current_target(self) -> GPUTarget:
-        return self.target
-
-    def get_current_device(self) -> int:
-        return 0
-
-    def get_current_stream(self, device: int | None = None) -> int:
-        return 0
-
-    def get_active_torch_device(self) -> torch.device:
-        return torch.device("meta")
-
-    def get_benchmarker(self) -> Callable:
-        def bench(kernel_call, quantiles=None, **_):
-            kernel_call()
-            return [1.0, 1.0, 1.0] if quantiles else 1.0
-
-        return bench
+        self.get_current_target = lambda: target
+        self.get_current_device = lambda: 0
+        self.get_current_stream = lambda device=None: 0
+        self.get_active_torch_device = lambda: torch.device("meta")
+        self.get_benchmarker = lambda: (
+            lambda call, quantiles=None, **_: call() or ([1.0, 1.0, 1.0] if quantiles else 1.0)
+        )
 
 
 @dataclass
@@ -118,7 +105,9 @@ class Spec:
 
 
 @contextlib.contextmanager
-def recording(arch: int, heuristic: bool = False) -> Iterator[tuple[list[Spec], list[str]]]:
+def recording(
+    arch: int, heuristic: bool = False, sms: int | None = None
+) -> Iterator[tuple[list[Spec], list[str]]]:
     """Within the block, kernel launches record their specialisation instead of compiling or
     running. Yields (specs, scenario) where ``scenario[0]`` labels the launches that follow.
     ``heuristic`` keeps only each launch's first candidate (what a forced config launches)
@@ -140,13 +129,13 @@ def recording(arch: int, heuristic: bool = False) -> Iterator[tuple[list[Spec], 
                               scenario[0]))  # fmt: skip
         return True  # skip compiling and launching: this is only a recording
 
-    limits = TARGETS[arch]
+    sms = sms or TARGETS[arch]["sms"]
     saved_programs = config.target_programs
     saved_hook = knobs.runtime.jit_cache_hook
     saved_driver = driver._active  # None without a GPU: reset_active() would raise
     driver.set_active(_TargetDriver(GPUTarget("cuda", arch, 32)))
     knobs.runtime.jit_cache_hook = hook
-    config.target_programs = lambda: config.PROGRAMS_PER_SM * limits["sms"]
+    config.target_programs = lambda: config.PROGRAMS_PER_SM * sms
     saved_launch = config.TunedKernel.launch
     if heuristic:
         config.TunedKernel.launch = lambda self, grid, candidates, *a, **kw: saved_launch(
@@ -250,12 +239,13 @@ def scenarios(shape_set: str) -> Iterator[tuple[str, Callable[[], None]]]:
         )
 
 
-def record(arch: int, shape_set: str, heuristic: bool = False) -> list[Spec]:
+def record(arch: int, shape_set: str, heuristic=False, sms=None, todo=None) -> list[Spec]:
+    """The specialisations the ``todo`` scenarios (default: ``scenarios(shape_set)``) launch."""
     # Compiling needs real JIT functions: under the interpreter the kernels are not compilable.
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("perf.compile_check compiles kernels: run it without TRITON_INTERPRET=1")
-    with recording(arch, heuristic) as (specs, scenario):
-        for label, thunk in scenarios(shape_set):
+    with recording(arch, heuristic, sms) as (specs, scenario):
+        for label, thunk in todo if todo is not None else scenarios(shape_set):
             scenario[0] = label
             thunk()
     return specs
@@ -357,6 +347,32 @@ def _compile_index(args: tuple[int, int]) -> Compiled:
 
 
 _SPECS: list[Spec] = []  # inherited by forked workers
+
+
+def _warm_index(args: tuple[int, int]) -> str:
+    index, arch = args
+    try:  # the JIT's own compile call: the result lands in Triton's cache under the JIT's key
+        triton.compile(_SPECS[index].source(), target=GPUTarget("cuda", arch, 32),
+                       options=_SPECS[index].options)  # fmt: skip
+    except Exception as exc:
+        return f"{_SPECS[index].kernel}: {type(exc).__name__}: {exc}"[:200]
+    return ""
+
+
+def warm_cache(specs: list[Spec], arch: int, jobs: int, deadline: float) -> tuple[int, list[str]]:
+    """Compile ``specs`` into Triton's cache, ``jobs`` processes at a time, until ``deadline``
+    (time.monotonic): a GPU's JIT then loads them instead of compiling one after another.
+    Returns (compiled, errors)."""
+    global _SPECS
+    _SPECS = specs
+    import multiprocessing
+    from concurrent.futures import wait
+
+    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork"))
+    futures = [pool.submit(_warm_index, (i, arch)) for i in range(len(specs))]
+    done, _ = wait(futures, timeout=max(0.0, deadline - time.monotonic()))
+    pool.shutdown(wait=False, cancel_futures=True)
+    return len(done), [e for f in done if (e := f.result())]
 
 
 def compile_all(specs: list[Spec], arch: int, jobs: int) -> list[Compiled]:

@@ -5,30 +5,34 @@ Written for a lent machine (one H100 or H200, no network, its own python3 with t
 
     PYTHONPATH=. python3 -m perf.gpu --out perf/results/gpu-run      # --budget 480 (seconds)
 
-Stages, in priority order; each gets at most its share of the budget plus what earlier ones left,
-stops cleanly at its deadline, and writes its files as soon as it ends (a later crash loses
-nothing). Every case's exception is recorded as a failure.
+Stages, in priority order; each gets at most its share of the budget (``SHARES``), what earlier
+ones leave goes to the later ones, and each stops cleanly at its deadline and writes its files as
+soon as it ends (a later crash loses nothing). Every case's exception is recorded as a failure.
 
 1. env: GPU, SM count, L2, driver, torch, triton; device-to-device copy bandwidth (read + write).
-2. correctness: every kernel path (BN train / eval, IN with and without running statistics;
+2. warm: compile what stages 3-4 launch, one process per core, into Triton's cache (on a fresh
+   machine the JIT would otherwise compile some 2000 specialisations one after another).
+3. correctness: every kernel path (BN train / eval, IN with and without running statistics, GN;
    fused and split forced both ways; forward + backward) x contiguous / channels_last / strided x
    float32 / bfloat16 / float16 / float64 x odd shapes, the large-offset and long-reduction
    numerics, and (GPU only) one bf16 tensor of more than 2**31 elements; against torch in float64
    by the suite's tolerances, outputs poisoned with NaN first, a second call bitwise equal.
-3. timing: the report's quick set (perf/report.py): tritonnorm vs eager vs torch.compile.
-4. pytest: the suite natively with what is left (SyncBatchNorm's multi-process tests and the
+4. timing: the report's quick set (perf/report.py): tritonnorm vs eager vs torch.compile.
+5. pytest: the suite natively with what is left (SyncBatchNorm's multi-process tests and the
    CPU-side tools excluded), in a subprocess with a wall-clock limit.
 
 Output under --out (at most 8 files): env.json, correctness.csv, results.csv, pytest.txt,
 fraction_of_copy.png, speedup.png, summary.md. The last lines printed are the stage table.
-``--dry-run`` runs every stage on the CPU through Triton's interpreter with tiny shapes and a CPU
-timer: NOT a GPU measurement (CI runs it: tests/test_perf_gpu.py).
+``--dry-run`` runs every stage but warm on the CPU through Triton's interpreter with tiny shapes
+and a CPU timer: NOT a GPU measurement (CI runs it: tests/test_perf_gpu.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -38,7 +42,9 @@ import sys
 import time
 from pathlib import Path
 
-SHARES = {"env": 0.05, "correctness": 0.3, "timing": 0.5, "pytest": 1.0}  # of the budget, at most
+# Of the budget, at most (plus what earlier stages left): compiling dominates a fresh machine.
+SHARES = {"env": 0.03, "warm": 0.25, "correctness": 0.25, "timing": 0.45, "pytest": 1.0}
+FORCED = {"auto": {}, "fused": {"fused": True}, "split": {"fused": False, "split": 3}}
 MARGIN_S = 10  # kept back for writing the outputs
 BIG_SHAPE = "1x3x32768x22000"  # 2.16e9 > 2**31 elements: 4.3 GB in bfloat16
 DRY_BANNER = "CPU MODE (Triton interpreter, perf_counter timer): NOT A GPU MEASUREMENT"
@@ -79,6 +85,49 @@ class Run:
         self.env["copy_gbps"] = report.copy_gbps(self.device, timer)
         self.write("env.json", json.dumps(self.env, indent=2) + "\n")
         return f"ok, copy {self.env['copy_gbps']:.1f} GB/s"
+
+    # --- stage 1b ---------------------------------------------------------------------------
+    def warm_stage(self, deadline: float) -> str:
+        """Compile what the next stages launch (each path of the correctness sweep, every
+        autotune candidate of the timing set: many hundreds of specialisations, each about a
+        second) into Triton's cache, one process per core: the JIT then loads them instead of
+        compiling one after another on first launch."""
+        if self.dry:
+            return "skipped: dry run (the interpreter compiles nothing)"
+        from perf import compile_check as cc
+        from perf.ops import DTYPES, NORMS
+        from perf.shapes import SETS, shape_str
+        from tritonnorm.kernels import config
+        from tritonnorm.kernels.launch import Norm
+
+        norms = {"bn_train": Norm(True), "bn_eval": Norm(True, use_input_stats=False),
+                 "in": Norm(False), "in_running": Norm(False),
+                 "in_eval_running": Norm(False, use_input_stats=False)}  # fmt: skip
+        dtypes = {**DTYPES, "float64": self.torch.float64}
+
+        def sweep(norm, path, layout, dt, shape, _offset):
+            x = cc._meta(shape, dtypes[dt], "contiguous" if layout == "strided" else layout)
+            with config.forced(**FORCED[path]):  # GroupNorm: 32 groups where C allows
+                n = norms.get(norm) or Norm(False, num_groups=math.gcd(shape[1], 32))
+                cc._run_norm(x, n, running=NORMS[norm][2])
+
+        def safe(fn, *a):
+            with contextlib.suppress(Exception):  # a launch not recorded is compiled lazily
+                fn(*a)
+
+        shape_set = self.args.set or "quick"
+        timed = {shape_str(s) for ss in SETS[shape_set].values() for s in ss}
+        todo = [
+            ("sweep", functools.partial(safe, sweep, *c)) for c in self.cases() if c != ("big",)
+        ]
+        todo += [(label, functools.partial(safe, fn)) for label, fn in cc.scenarios(shape_set)
+                 if label.split()[-3] in timed]  # fmt: skip
+        arch = int(self.env["capability"].replace(".", ""))
+        specs = cc.record(arch, shape_set, sms=self.env["sm_count"], todo=todo)
+        done, errors = cc.warm_cache(specs, arch, os.cpu_count() or 1, deadline)
+        self.env["warm"] = {"specialisations": len(specs), "compiled": done, "errors": errors[:5]}
+        cut = "" if done == len(specs) else f", stopped at budget after {done}/{len(specs)}"
+        return f"{'FAIL' if errors else 'ok'}: {done} compiled, {len(errors)} errors{cut}"
 
     # --- stage 2 ----------------------------------------------------------------------------
     def cases(self):
@@ -126,9 +175,8 @@ class Run:
             except type(e):
                 return None  # refused alike
             return f"torch raises {type(e).__name__}: {e}; tritonnorm does not"
-        forced = {"auto": {}, "fused": {"fused": True}, "split": {"fused": False, "split": 3}}
         runs = []
-        with config.forced(**forced[path]):
+        with config.forced(**FORCED[path]):
             for _ in range(2):
                 mine = inp.copy()
                 self.poison([math.prod(shape) * dtype.itemsize] * 3)
@@ -300,8 +348,9 @@ class Run:
         self.out.mkdir(parents=True, exist_ok=True)
         start = time.monotonic()
         budget = self.end - start
-        stages = {"env": self.env_stage, "correctness": self.correctness_stage,
-                  "timing": self.timing_stage, "pytest": self.pytest_stage}  # fmt: skip
+        stages = {"env": self.env_stage, "warm": self.warm_stage,
+                  "correctness": self.correctness_stage, "timing": self.timing_stage,
+                  "pytest": self.pytest_stage}  # fmt: skip
         only = self.args.stages.split(",") if self.args.stages else list(stages)
         for name, fn in stages.items():
             t0 = time.monotonic()
@@ -341,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="perf/results/gpu-run")
     p.add_argument("--budget", type=float, default=480.0, help="seconds for all stages")
     p.add_argument("--dry-run", action="store_true", help="on the CPU: NOT a GPU measurement")
-    p.add_argument("--stages", help="comma-separated subset of env,correctness,timing,pytest")
+    p.add_argument("--stages", help="comma-separated subset of env,warm,correctness,timing,pytest")
     t = p.add_argument_group("timing stage (the report)")
     t.add_argument(
         "--set", choices=("quick", "full", "cpu", "dry-run"), help="shapes (perf/shapes.py)"

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("env", "correctness", "timing", "pytest")
+STAGES = ("env", "warm", "correctness", "timing", "pytest")
 
 
 def _dry_run(out: Path, *args: str) -> subprocess.CompletedProcess:
@@ -33,7 +33,10 @@ def test_dry_run_runs_every_stage_and_writes_every_file(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     stages = json.loads((tmp_path / "env.json").read_text())["stages"]
     assert list(stages) == list(STAGES)
-    for name in STAGES:
+    assert stages["warm"]["status"].startswith(
+        "skipped: dry run"
+    )  # the interpreter compiles nothing
+    for name in ("env", "correctness", "timing", "pytest"):
         assert stages[name]["status"].startswith("ok"), (name, stages[name])
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert len(files) <= 8 and all(len(p.relative_to(tmp_path).parts) <= 2 for p in files)
@@ -55,7 +58,7 @@ def test_dry_run_runs_every_stage_and_writes_every_file(tmp_path):
 
 
 def test_an_exhausted_budget_stops_stages_and_keeps_their_files(tmp_path):
-    proc = _dry_run(tmp_path, "--budget", "14", "--stages", "env,correctness,timing")
+    proc = _dry_run(tmp_path, "--budget", "14", "--stages", "env,warm,correctness,timing")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     stages = json.loads((tmp_path / "env.json").read_text())["stages"]
     assert "stopped at budget" in stages["correctness"]["status"], stages
