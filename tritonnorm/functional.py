@@ -77,7 +77,7 @@ def group_norm(
     group of C / num_groups consecutive channels) over the group's channels and the spatial axes;
     weight and bias per channel. ``num_groups=1`` is LayerNorm over (C, *spatial); ``num_groups=C``
     is InstanceNorm without running statistics."""
-    validation.check_group_norm(input, num_groups, weight, bias, eps)
+    num_groups = validation.check_group_norm(input, num_groups, weight, bias, eps)
     if not runs_triton(input):
         return F.group_norm(input, num_groups, weight, bias, eps)
     return ops.normalize(

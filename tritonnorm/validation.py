@@ -4,6 +4,8 @@ statistics, counters) is changed."""
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import Tensor
 
@@ -145,12 +147,22 @@ def check_instance_norm(
 
 def check_group_norm(
     input: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float
-) -> None:
+) -> int:
+    """The checks of group_norm; returns num_groups as an int (torch accepts any integer, a 0-d
+    integer tensor included, but not a bool or a float)."""
     op = "group_norm"
     check_input(op, input, dim_error=RuntimeError)  # torch's type here
     channels = input.shape[1]
-    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0:
-        raise GroupCountError(f"{op}: num_groups must be a positive integer, got {num_groups!r}")
+    try:
+        if isinstance(num_groups, bool):
+            raise TypeError
+        num_groups = operator.index(num_groups)
+    except TypeError:
+        raise TypeError(
+            f"{op}: num_groups must be an int, got {type(num_groups).__name__} {num_groups!r}"
+        ) from None
+    if num_groups <= 0:
+        raise GroupCountError(f"{op}: num_groups must be a positive integer, got {num_groups}")
     if channels % num_groups:
         raise GroupCountError(
             f"{op}: expected the number of channels ({channels}, dimension 1 of input "
@@ -165,3 +177,4 @@ def check_group_norm(
                 f"got shape {tuple(vector.shape)}"
             )
     check_per_channel(op, input, weight=weight, bias=bias)
+    return num_groups
