@@ -8,6 +8,7 @@ from .common import (
     channel_offsets,
     channel_values,
     epilogue_grad,
+    epilogue_output_grad,
     grad_coefficients,
     group_channels,
     load_tile,
@@ -46,15 +47,22 @@ def _norm_grad_partial_kernel(
     dy_ptr,  # output gradient, (N, C, S) with its own strides
     dx_ptr,  # input gradient, same strides as x; written only when FUSED
     mean_ptr, rstd_ptr,  # (rows, C // K) statistics used by the forward
-    weight_ptr,  # (C,) or None; read only when FUSED
+    weight_ptr,  # (C,) or None; read when FUSED or EPILOGUE
+    bias_ptr,  # (C,) or None; read only when EPILOGUE
     partial_ptr,  # (2, SPLIT, rows, C) per-channel sum(dy), sum(dy * x_hat)
     N, C, S,
     K,  # channels per statistic
     stride_n, stride_c, stride_s,  # strides of x (and dx)
     dy_stride_n, dy_stride_c, dy_stride_s,
     partial_stride_k, partial_stride_p,
+    scale_ptr, shift_ptr,  # (N, C) per-sample scale and shift, or None (EPILOGUE)
+    res_ptr,  # residual with its own strides, or None (EPILOGUE)
+    res_stride_n, res_stride_c, res_stride_s,
+    slope,  # leaky_relu's negative slope
     REDUCE_BATCH: tl.constexpr,
     FUSED: tl.constexpr,  # whole reduction in this tile: write dx from registers
+    EPILOGUE: tl.constexpr,  # sums of g = dy * act'(z) instead of dy (not with REDUCE_BATCH)
+    ACTIVATION: tl.constexpr,  # activation code (common.py), 0 for none
     SPLIT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
     INDEX_64: tl.constexpr,  # int64 element offsets (a tensor spans 2**30 elements or more)
@@ -92,14 +100,24 @@ def _norm_grad_partial_kernel(
         t_end = tl.minimum(t_begin + tiles_per_split, num_tiles)
         sum_dy = tl.zeros([ROWS, BLOCK_G, BLOCK_K], acc_dtype)
         sum_dy_xhat = tl.zeros([ROWS, BLOCK_G, BLOCK_K], acc_dtype)
+        if EPILOGUE:
+            weight = channel_values(weight_ptr, g0, K, C, 1.0, acc_dtype, BLOCK_G, BLOCK_K)
+            bias = channel_values(bias_ptr, g0, K, C, 0.0, acc_dtype, BLOCK_G, BLOCK_K)
         for t in range(t_begin, t_end):
             n0 = n_first + (t // num_s_tiles) * BLOCK_N
             s0 = (t % num_s_tiles) * BLOCK_S
-            _, x_hat, dy, _, _ = _grad_tile(
+            x, x_hat, dy, _, _ = _grad_tile(
                 x_ptr, dy_ptr, n0, g0, s0, N, C, S, K, stride_n, stride_c, stride_s,
                 dy_stride_n, dy_stride_c, dy_stride_s, mean, rstd, acc_dtype,
                 BLOCK_N, BLOCK_G, BLOCK_K, BLOCK_S, INDEX_64,
             )  # fmt: skip
+            if EPILOGUE:  # per-(sample, channel) sums of g, the pre-activation's gradient
+                dy, _ = epilogue_output_grad(
+                    x, dy, mean, rstd * weight[:, :, :, None], bias[:, :, :, None],
+                    scale_ptr, shift_ptr, res_ptr, n0, g0, s0, N, C, S, K,
+                    res_stride_n, res_stride_c, res_stride_s, slope, ACTIVATION,
+                    BLOCK_N, BLOCK_G, BLOCK_K, BLOCK_S, INDEX_64,
+                )  # fmt: skip
             sum_dy += reduce_positions(dy, REDUCE_BATCH)
             sum_dy_xhat += reduce_positions(dy * x_hat, REDUCE_BATCH)
 
