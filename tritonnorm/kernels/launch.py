@@ -575,7 +575,8 @@ def backward_epilogue(
             dsh = torch.zeros_like(epilogue.scale)
         return dx, zeros, None if zeros is None else zeros.clone(), dsc, dsh, d_res
     dy, dy_view = grad_view(dy, x, view)
-    extras = _epilogue_args(epilogue, x, view)
+    # EPILOGUE even when nothing of it is left to read (a residual without activation: g = dy)
+    extras = {**_epilogue_args(epilogue, x, view), "EPILOGUE": True}
     # Gradient sums per (sample, channel) even when the batch axis is reduced: the statistics are
     # repeated for every sample ((N, groups): negligible next to x).
     per_sample = Reduction(view, red.group_size, False, red.dtype)
