@@ -275,7 +275,7 @@ def stats_partials(
     must fit one tile, and y (normalised with weight, bias, eps, then the epilogue) is written
     there too."""
     fused = fused_y is not None
-    candidates = config.reduction_configs(red.shape, fused)
+    candidates = config.reduction_configs(red.shape, fused, epilogue=epilogue_args["EPILOGUE"])
     max_split = max(c.kwargs["SPLIT"] for c in candidates)
     partials = torch.empty(
         (3, max_split, red.rows, red.groups), dtype=red.acc_dtype, device=x.device
@@ -368,8 +368,8 @@ def apply(
     )  # fmt: skip
 
 
-def _fused(red: Reduction, backward: bool = False) -> bool:
-    return config.fused_blocks(red.shape, backward) is not None
+def _fused(red: Reduction, backward: bool = False, epilogue: bool = False) -> bool:
+    return config.fused_blocks(red.shape, backward, epilogue) is not None
 
 
 def _nan_stats(x: torch.Tensor, norm: Norm) -> torch.Tensor:
@@ -405,7 +405,7 @@ def forward(
         )
         apply(y, red, coef, x=x, epilogue_args=extras)
         return y, mean, rstd
-    fused = _fused(red)
+    fused = _fused(red, epilogue=extras["EPILOGUE"])
     partials, num_partials = stats_partials(
         x, red,
         **(dict(fused_y=y, weight=weight, bias=bias, eps=eps, epilogue_args=extras) if fused else {}),
@@ -436,7 +436,9 @@ def grad_partials(
     ``fused_dx`` the reduction must fit one tile and dx is written there too. With an
     epilogue (not fused, batch axis kept) dy is replaced by g = dy * act'(z)."""
     fused = fused_dx is not None
-    candidates = config.reduction_configs(red.shape, fused, backward=True)
+    candidates = config.reduction_configs(
+        red.shape, fused, backward=True, epilogue=epilogue_args["EPILOGUE"]
+    )
     max_split = max(c.kwargs["SPLIT"] for c in candidates)
     partials = torch.empty((2, max_split, red.rows, red.view.C), dtype=mean.dtype, device=x.device)
     used = _grad_partial.launch(
