@@ -210,8 +210,8 @@ def reduction_configs(
     shape: Shape, fused: bool, backward: bool = False, epilogue: bool = False
 ) -> list[triton.Config]:
     """Candidates for the statistics / gradient-sum kernels, heuristic choice first. With an
-    ``epilogue`` the streamed gradient-sum tiles are halved (recomputing the pre-activation and
-    an erf GELU's derivative spilled at 4096)."""
+    ``epilogue`` the streamed gradient-sum tiles are halved, quartered for float64 (recomputing
+    the pre-activation and a GELU's derivative spilled on sm_90 at the plain tiles)."""
     if fused:
         blocks = fused_blocks(shape, backward, epilogue)
         assert blocks is not None
@@ -221,8 +221,8 @@ def reduction_configs(
         return [triton.Config(kw, num_warps=w) for w in warps]
     configs = []
     tiles = (4096, *STREAM_TILES[:-1]) if not INTERPRET else (4096,)
-    if epilogue:
-        tiles = tuple(t // 2 for t in tiles)
+    if epilogue:  # float64 values take two registers each: a quarter
+        tiles = tuple(t // (2 * shape.acc_bytes // 4) for t in tiles)
     for tile in tiles:
         blocks = _blocks(shape, tile)
         warps = _warps(math.prod(blocks))
@@ -232,12 +232,16 @@ def reduction_configs(
     return _unique(configs)
 
 
-def apply_configs(shape: Shape) -> list[triton.Config]:
+def apply_configs(shape: Shape, epilogue: bool = False) -> list[triton.Config]:
     """Candidates for the elementwise apply kernel (y or dx), heuristic choice first. It reads
-    per-(sample, channel) coefficients: tiles as for one-channel statistics of each sample."""
+    per-(sample, channel) coefficients: tiles as for one-channel statistics of each sample. With
+    an ``epilogue``, float64 tiles are halved (a GELU's recomputed derivative spilled)."""
     per_channel = replace(shape, group_size=1, reduce_batch=False)
     configs = []
-    for tile in (4096,) if INTERPRET else (2048, 4096, 1024):
+    tiles = (4096,) if INTERPRET else (2048, 4096, 1024)
+    if epilogue:
+        tiles = tuple(t // (shape.acc_bytes // 4) for t in tiles)
+    for tile in tiles:
         block_n, block_c, _, block_s = _blocks(per_channel, tile)
         kw = {"BLOCK_N": block_n, "BLOCK_C": block_c, "BLOCK_S": block_s}
         configs.append(triton.Config(kw, num_warps=_warps(tile)))

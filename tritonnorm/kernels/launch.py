@@ -357,7 +357,7 @@ def apply(
             * triton.cdiv(view.C, meta["BLOCK_C"])
             * triton.cdiv(view.S, meta["BLOCK_S"]),
         ),
-        config.apply_configs(red.shape),
+        config.apply_configs(red.shape, epilogue=epilogue_args["EPILOGUE"]),
         x_ptr=x, dy_ptr=dy, out_ptr=out, coef_ptr=coef,
         N=view.N, C=view.C, S=view.S,
         stride_n=view.stride_n, stride_c=view.stride_c, stride_s=view.stride_s,
