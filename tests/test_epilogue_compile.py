@@ -28,6 +28,9 @@ from tritonnorm.kernels import launch
 CASES = [  # (shape, norm, dtype, channels_last, scale/shift, residual, activations)
     ((8, 256, 32, 32), launch.Norm(False, 32), torch.float16, True, True, False, (3, 4)),
     ((8, 256, 32, 32), launch.Norm(False, 32), torch.float32, False, True, True, (3, 5)),
+    # groups of 4096 elements: the on-chip backward with an epilogue
+    ((8, 128, 32, 32), launch.Norm(False, 32), torch.float32, True, True, True, (3, 4)),
+    ((8, 128, 32, 32), launch.Norm(False, 32), torch.float16, False, True, False, (4, 5)),
     ((32, 64, 56, 56), launch.Norm(True), torch.float32, True, False, True, (1,)),
     ((32, 64, 56, 56), launch.Norm(True), torch.bfloat16, False, True, True, (2, 4)),
     ((4, 32, 16, 16), launch.Norm(False, 0, False), torch.float16, False, True, True, (4,)),
@@ -58,6 +61,10 @@ print(json.dumps({
     "errors": [f"{r.spec.kernel} {r.spec.scenario}: {r.error}" for r in results if r.error],
     "problems": problems(results, 90),
     "epilogue_specs": sum(1 for s in specs if "EPILOGUE=1" in s.flags()),
+    "fused_grad_specs": sum(
+        1 for s in specs
+        if "grad_partial" in s.kernel and "FUSED=1" in s.flags() and "EPILOGUE=1" in s.flags()
+    ),
 }))
 """
 
@@ -73,5 +80,6 @@ def test_epilogue_kernels_compile_for_sm90_without_spilling_at_the_cap(tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["epilogue_specs"] > 10, report
+    assert report["fused_grad_specs"] > 0, report
     assert not report["errors"], "\n".join(report["errors"])
     assert not report["problems"], "\n".join(report["problems"])

@@ -173,6 +173,8 @@ def fused_blocks(shape: Shape, backward: bool = False, epilogue: bool = False) -
         return None
     small = backward or epilogue
     limit = (FUSED_GRAD_TILE_BYTES if small else FUSED_TILE_BYTES) // shape.acc_bytes
+    if backward and epilogue:  # x, dy, the residual, z, g and du live together: half again
+        limit //= 2
     block_k = _pow2(shape.group_size)
     reduced_n = _pow2(shape.N) if shape.reduce_batch else 1
     extent = reduced_n * block_k * _pow2(shape.S)  # one statistic's elements, padded

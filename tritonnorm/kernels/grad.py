@@ -58,10 +58,13 @@ def _norm_grad_partial_kernel(
     scale_ptr, shift_ptr,  # (N, C) per-sample scale and shift, or None (EPILOGUE)
     res_ptr,  # residual with its own strides, or None (EPILOGUE)
     res_stride_n, res_stride_c, res_stride_s,
+    dres_ptr,  # residual gradient, same strides as x, or None; written only when FUSED
     slope,  # leaky_relu's negative slope
     REDUCE_BATCH: tl.constexpr,
     FUSED: tl.constexpr,  # whole reduction in this tile: write dx from registers
-    EPILOGUE: tl.constexpr,  # sums of g = dy * act'(z) instead of dy (not with REDUCE_BATCH)
+    # Sums of g = dy * act'(z) instead of dy (not with REDUCE_BATCH); when FUSED, dx from
+    # du = g * scale and the residual's gradient g are written too.
+    EPILOGUE: tl.constexpr,
     ACTIVATION: tl.constexpr,  # activation code (common.py), 0 for none
     SPLIT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -86,6 +89,17 @@ def _norm_grad_partial_kernel(
             dy_stride_n, dy_stride_c, dy_stride_s, mean, rstd, acc_dtype,
             BLOCK_N, BLOCK_G, BLOCK_K, BLOCK_S, INDEX_64,
         )  # fmt: skip
+        if EPILOGUE:  # dy becomes du = g * scale, the gradient of x_hat * w + b
+            w_e = channel_values(weight_ptr, g0, K, C, 1.0, acc_dtype, BLOCK_G, BLOCK_K)
+            b_e = channel_values(bias_ptr, g0, K, C, 0.0, acc_dtype, BLOCK_G, BLOCK_K)
+            g, dy = epilogue_output_grad(
+                x, dy, mean, rstd * w_e[:, :, :, None], b_e[:, :, :, None],
+                scale_ptr, shift_ptr, res_ptr, n_first, g0, 0, N, C, S, K,
+                res_stride_n, res_stride_c, res_stride_s, slope, ACTIVATION,
+                BLOCK_N, BLOCK_G, BLOCK_K, BLOCK_S, INDEX_64,
+            )  # fmt: skip
+            if dres_ptr is not None:
+                tl.store(dres_ptr + offsets, g.to(dres_ptr.dtype.element_ty), mask=mask)
         sum_dy = reduce_positions(dy, REDUCE_BATCH)
         sum_dy_xhat = reduce_positions(dy * x_hat, REDUCE_BATCH)
         weight = channel_values(weight_ptr, g0, K, C, 1.0, acc_dtype, BLOCK_G, BLOCK_K)
@@ -93,6 +107,9 @@ def _norm_grad_partial_kernel(
         k_x, k_dy, k_c = grad_coefficients(group_rstd, weight, sum_dy, sum_dy_xhat, count, True)
         dx = epilogue_grad(x, dy, mean, k_x[:, :, :, None], k_dy[:, :, :, None], k_c[:, :, :, None])
         tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        if EPILOGUE:  # the partials hold the per-(sample, channel) sums of g (dscale, dshift)
+            sum_dy = reduce_positions(g, REDUCE_BATCH)
+            sum_dy_xhat = reduce_positions(g * x_hat, REDUCE_BATCH)
     else:
         num_tiles = tl.cdiv(N, BLOCK_N) * num_s_tiles if REDUCE_BATCH else num_s_tiles
         tiles_per_split = tl.cdiv(num_tiles, SPLIT)

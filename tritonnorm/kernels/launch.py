@@ -431,10 +431,12 @@ def grad_partials(
     weight: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     epilogue_args: dict = _NO_EPILOGUE,
+    d_residual: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Per-channel partials (2, P, rows, C) of sum(dy) and sum(dy * x_hat), and P. With
     ``fused_dx`` the reduction must fit one tile and dx is written there too. With an
-    epilogue (not fused, batch axis kept) dy is replaced by g = dy * act'(z)."""
+    epilogue (batch axis kept) the sums are of g = dy * act'(z); fused, dx is that of
+    du = g * scale and g goes to ``d_residual``."""
     fused = fused_dx is not None
     candidates = config.reduction_configs(
         red.shape, fused, backward=True, epilogue=epilogue_args["EPILOGUE"]
@@ -446,6 +448,7 @@ def grad_partials(
         candidates,
         x_ptr=x, dy_ptr=dy, dx_ptr=fused_dx, mean_ptr=mean, rstd_ptr=rstd, weight_ptr=weight,
         bias_ptr=bias, partial_ptr=partials, **red.kernel_args(), **epilogue_args,
+        dres_ptr=d_residual,
         **dict(zip(_DY_KEY, dy_view.strides, strict=True)),
         partial_stride_k=partials.stride(0), partial_stride_p=partials.stride(1),
         REDUCE_BATCH=red.reduce_batch, FUSED=fused, INDEX_64=_index_64(red.view, dy_view),
@@ -561,7 +564,8 @@ def backward_epilogue(
     dx, dweight, dbias are the plain op's formulas applied to du. Passes: per-(sample, channel)
     sums of g and g * x_hat (reads x, dy, and the residual when there is an activation); small
     (N, C) torch ops and the finalize kernel; the apply pass (reads x, dy, the residual; writes dx
-    and dresidual). The on-chip (fused) backward is not used with an epilogue."""
+    and dresidual). When an instance or group fits one tile (InstanceNorm, GroupNorm), the first
+    kernel writes dx and dresidual from registers and there is no apply pass."""
     x, red = plan(x, norm, fold_batch=False)
     view = red.view
     N, C = view.N, view.C
@@ -584,9 +588,15 @@ def backward_epilogue(
     per_sample = Reduction(view, red.group_size, False, red.dtype)
     mean_rows = mean.expand(N, mean.shape[1]).contiguous()
     rstd_rows = rstd.expand(N, rstd.shape[1]).contiguous()
+    # On chip when an instance / group fits one tile (not BatchNorm: its dx needs sums over the
+    # batch, its dscale sums per sample): dx and dresidual written by the same kernel.
+    fused = (
+        norm.use_input_stats and not red.reduce_batch and _fused(red, backward=True, epilogue=True)
+    )
     partials, num_partials = grad_partials(
         dy, dy_view, x, per_sample, mean_rows, rstd_rows, weight=weight, bias=bias,
-        epilogue_args=extras,
+        epilogue_args=extras, fused_dx=dx if fused else None,
+        d_residual=d_res if fused else None,
     )  # fmt: skip
     sum_g, sum_g_xhat = partials[:, :num_partials].sum(1)  # (N, C) each, fixed order
     w = _per_channel(weight, C, 1.0, acc, x.device)
@@ -601,11 +611,15 @@ def backward_epilogue(
         sum_du, sum_du_xhat = scale * sum_g, scale * sum_g_xhat
     if red.reduce_batch:
         sum_du, sum_du_xhat = sum_du.sum(0, keepdim=True), sum_du_xhat.sum(0, keepdim=True)
+    if fused and not param_grads:
+        return dx, None, None, d_scale, d_shift, d_res
     dweight, dbias, coef = finalize_grad(
         red, torch.stack([sum_du, sum_du_xhat])[:, None].contiguous(), 1, mean, rstd,
-        weight=weight, use_input_stats=norm.use_input_stats, want_dx_coef=True,
+        weight=weight, use_input_stats=norm.use_input_stats, want_dx_coef=not fused,
         want_param_grads=param_grads,
     )  # fmt: skip
+    if fused:
+        return dx, dweight, dbias, d_scale, d_shift, d_res
     fwd_coef = None
     if epilogue.activation:  # forward coefficients, as finalize_stats wrote them
         mu = mean.repeat_interleave(red.group_size, dim=1)
