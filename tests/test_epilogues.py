@@ -143,9 +143,9 @@ def run(norm, activation, inputs, dtype, ours: bool):
     return out
 
 
-def check(norm, extras, device, dtype=torch.float32, **formats):
+def check(norm, extras, device, dtype=torch.float32, shape=SHAPE, **formats):
     parts, activation = EXTRAS[extras]
-    inputs = make_inputs(SHAPE, device, parts, **formats)
+    inputs = make_inputs(shape, device, parts, **formats)
     ours = run(norm, activation, inputs, dtype, ours=True)
     ref = run(norm, activation, inputs, torch.float64, ours=False)
     same = run(norm, activation, inputs, dtype, ours=False) if dtype.itemsize == 2 else {}
@@ -172,6 +172,40 @@ def test_channels_last(device, norm, extras):
     check(
         norm, extras, device, memory_format=torch.channels_last, res_format=torch.contiguous_format
     )
+
+
+@pytest.mark.parametrize(
+    ("norm", "shape"),
+    [
+        ("bn_train", (5, 3)),  # (N, C) input: S = 1
+        ("bn_eval", (5, 3)),
+        ("in", (2, 3, 7)),  # 1-D spatial, prime length
+        ("gn", (1, 6, 5)),  # N = 1, 3 channels per group
+    ],
+)
+def test_odd_shapes(device, norm, shape):
+    check(norm, "all+leaky_relu", device, shape=shape)
+
+
+@pytest.mark.parametrize("norm", ["bn_train", "in", "gn"])
+def test_empty_batch(device, norm):
+    parts, activation = EXTRAS["all+gelu_tanh"]
+    inputs = make_inputs((0, 4, 3, 2), device, parts)
+    out = run(norm, activation, inputs, torch.float32, ours=True)
+    assert out["out"].shape == (0, 4, 3, 2)
+    assert out["grad_scale"].shape == (0, 4) and out["grad_residual"].shape == (0, 4, 3, 2)
+    assert torch.equal(out["grad_w"], torch.zeros_like(out["grad_w"]))
+    assert torch.equal(out["running_mean"], inputs["rm"].float())  # an empty batch changes nothing
+
+
+def test_deterministic(device):
+    parts, activation = EXTRAS["all+gelu_tanh"]
+    inputs = make_inputs(SHAPE, device, parts)
+    with kernel_path("split"):
+        first = run("bn_train", activation, inputs, torch.float32, ours=True)
+        second = run("bn_train", activation, inputs, torch.float32, ours=True)
+    for k in first:
+        assert_bitwise_equal(first[k], second[k], k)
 
 
 @pytest.mark.parametrize("norm", ["bn_train", "in", "gn"])
