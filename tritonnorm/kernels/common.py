@@ -10,6 +10,10 @@ BatchNorm and InstanceNorm, C / num_groups for GroupNorm. Tiles are 4-D,
 program always holds whole groups. A reduction sums over (K, S), and over N too when the batch
 axis is reduced (BatchNorm). The elementwise apply pass needs no groups: it reads per-(n, c)
 coefficients.
+
+The fused epilogue y = act(u * scale[n, c] + shift[n, c] + residual), u = x_hat * w + b, has one
+home too: ``pre_activation`` and ``activation`` where y is written, ``epilogue_output_grad``
+(recomputing z from x) wherever the backward needs g = dy * act'(z) or du = g * scale.
 """
 
 import triton
