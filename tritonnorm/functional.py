@@ -3,20 +3,71 @@
 CUDA tensors run the Triton kernels. CPU tensors run the same kernels through Triton's
 interpreter when ``TRITON_INTERPRET=1`` (how the tests run without a GPU); otherwise they fall
 back to torch's own op, so a model moved to the CPU keeps working.
+
+Each function also takes keyword-only epilogue extras, fused into the normalisation's passes:
+``y = act((x_hat * weight + bias) * scale + shift + residual)`` with ``scale``, ``shift`` of
+shape (N, C), ``residual`` of the input's shape and ``activation`` one of "relu", "leaky_relu"
+(or ("leaky_relu", negative_slope)), "silu", "gelu", "gelu_tanh". The backward recomputes the
+normalised value and the pre-activation from the input instead of saving them.
 """
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops, validation
 from .kernels.config import INTERPRET
+from .kernels.launch import ACTIVATIONS
 
 
 def runs_triton(input: Tensor) -> bool:
     """Whether this input goes through the Triton kernels (else torch's own op)."""
     return input.is_cuda or (INTERPRET and input.device.type == "cpu")
+
+
+def apply_activation(y: Tensor, name: str | None, slope: float) -> Tensor:
+    """torch's own activation (the unfused fallback and the tests' composition)."""
+    if name is None:
+        return y
+    if name == "leaky_relu":
+        return F.leaky_relu(y, slope)
+    if name in ("gelu", "gelu_tanh"):
+        return F.gelu(y, approximate="tanh" if name == "gelu_tanh" else "none")
+    return {"relu": F.relu, "silu": F.silu}[name](y)
+
+
+def _extras(op, input, scale, shift, residual, activation) -> dict | None:
+    """Checked epilogue keyword arguments of the op (None when there are none): scale and shift
+    completed to both-or-neither."""
+    if scale is None and shift is None and residual is None and activation is None:
+        return None
+    name, slope = validation.parse_activation(activation)
+    validation.check_epilogue(op, input, scale, shift, residual)
+    if scale is not None and shift is None:
+        shift = torch.zeros_like(scale)
+    elif shift is not None and scale is None:
+        scale = torch.ones_like(shift)
+    return dict(scale=scale, shift=shift, residual=residual, activation=name, slope=slope)
+
+
+def _torch_epilogue(y, *, scale, shift, residual, activation, slope) -> Tensor:
+    if scale is not None:
+        extra = (1,) * (y.dim() - 2)
+        y = y * scale.reshape(*scale.shape, *extra) + shift.reshape(*shift.shape, *extra)
+    if residual is not None:
+        y = y + residual
+    return apply_activation(y, activation, slope)
+
+
+def _normalize_epilogue(input, weight, bias, running_mean, running_var, extras, **settings):
+    code = ACTIVATIONS[extras["activation"]] if extras["activation"] is not None else 0
+    return ops.normalize_epilogue(
+        input, weight, bias, running_mean, running_var, scale=extras["scale"],
+        shift=extras["shift"], residual=extras["residual"], activation=code,
+        slope=extras["slope"], **settings,
+    )  # fmt: skip
 
 
 def batch_norm(
@@ -28,10 +79,27 @@ def batch_norm(
     training: bool = False,
     momentum: float = 0.1,
     eps: float = 1e-5,
+    *,
+    scale: Tensor | None = None,
+    shift: Tensor | None = None,
+    residual: Tensor | None = None,
+    activation: str | tuple | None = None,
 ) -> Tensor:
     """Batch normalisation, as :func:`torch.nn.functional.batch_norm`: per-channel statistics
-    over the batch and spatial axes (training), or the running statistics (eval)."""
+    over the batch and spatial axes (training), or the running statistics (eval). Epilogue
+    extras: see the module docstring."""
     validation.check_batch_norm(input, running_mean, running_var, weight, bias, training, eps)
+    extras = _extras("batch_norm", input, scale, shift, residual, activation)
+    if extras is not None:
+        if not runs_triton(input):
+            y = F.batch_norm(
+                input, running_mean, running_var, weight, bias, training, momentum, eps
+            )
+            return _torch_epilogue(y, **extras)
+        return _normalize_epilogue(
+            input, weight, bias, running_mean, running_var, extras, use_input_stats=training,
+            reduce_batch=True, momentum=momentum, eps=eps,
+        )  # fmt: skip
     if not runs_triton(input) or input.dim() == 1:  # 1-D: only an empty input passes the checks
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     return ops.normalize(
@@ -49,13 +117,30 @@ def instance_norm(
     use_input_stats: bool = True,
     momentum: float = 0.1,
     eps: float = 1e-5,
+    *,
+    scale: Tensor | None = None,
+    shift: Tensor | None = None,
+    residual: Tensor | None = None,
+    activation: str | tuple | None = None,
 ) -> Tensor:
     """Instance normalisation, as :func:`torch.nn.functional.instance_norm`: statistics per
     (sample, channel) over the spatial axes; given running buffers are updated with the batch
-    average of the instance statistics. ``use_input_stats=False`` uses the running ones."""
+    average of the instance statistics. ``use_input_stats=False`` uses the running ones.
+    Epilogue extras: see the module docstring."""
     validation.check_instance_norm(
         input, running_mean, running_var, weight, bias, use_input_stats, eps
     )
+    extras = _extras("instance_norm", input, scale, shift, residual, activation)
+    if extras is not None:
+        if not runs_triton(input):
+            y = F.instance_norm(
+                input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps
+            )
+            return _torch_epilogue(y, **extras)
+        return _normalize_epilogue(
+            input, weight, bias, running_mean, running_var, extras,
+            use_input_stats=use_input_stats, reduce_batch=False, momentum=momentum, eps=eps,
+        )  # fmt: skip
     if not runs_triton(input):
         return F.instance_norm(
             input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps
@@ -72,12 +157,25 @@ def group_norm(
     weight: Tensor | None = None,
     bias: Tensor | None = None,
     eps: float = 1e-5,
+    *,
+    scale: Tensor | None = None,
+    shift: Tensor | None = None,
+    residual: Tensor | None = None,
+    activation: str | tuple | None = None,
 ) -> Tensor:
     """Group normalisation, as :func:`torch.nn.functional.group_norm`: statistics per (sample,
     group of C / num_groups consecutive channels) over the group's channels and the spatial axes;
     weight and bias per channel. ``num_groups=1`` is LayerNorm over (C, *spatial); ``num_groups=C``
-    is InstanceNorm without running statistics."""
+    is InstanceNorm without running statistics. Epilogue extras: see the module docstring."""
     num_groups = validation.check_group_norm(input, num_groups, weight, bias, eps)
+    extras = _extras("group_norm", input, scale, shift, residual, activation)
+    if extras is not None:
+        if not runs_triton(input):
+            return _torch_epilogue(F.group_norm(input, num_groups, weight, bias, eps), **extras)
+        return _normalize_epilogue(
+            input, weight, bias, None, None, extras, use_input_stats=True, reduce_batch=False,
+            num_groups=num_groups, eps=eps,
+        )  # fmt: skip
     if not runs_triton(input):
         return F.group_norm(input, num_groups, weight, bias, eps)
     return ops.normalize(

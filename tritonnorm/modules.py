@@ -1,7 +1,10 @@
 """Drop-in modules: subclasses of torch's norm modules whose ``forward`` runs tritonnorm.
 
 Constructor arguments, parameters, buffers, ``state_dict`` keys, ``repr`` and
-``reset_parameters`` are torch's own; one mixin supplies the forward of all thirteen classes.
+``reset_parameters`` are torch's own; one mixin supplies the forward of all thirteen classes, and
+one extra keyword-only constructor argument, ``activation=None``: an activation ("relu",
+"leaky_relu" or ("leaky_relu", slope), "silu", "gelu", "gelu_tanh") fused into the
+normalisation's output pass. It is a plain attribute (no state_dict entry); ``repr`` shows it.
 """
 
 from __future__ import annotations
@@ -31,9 +34,22 @@ class TritonNormMixin:
     """Routes a torch BatchNorm*/InstanceNorm* module's forward to tritonnorm, with torch's
     semantics; inputs are checked before num_batches_tracked or running statistics change."""
 
+    def __init__(self, *args, activation: str | tuple | None = None, **kwargs) -> None:
+        validation.parse_activation(activation)
+        super().__init__(*args, **kwargs)
+        self.activation = activation
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        activation = getattr(self, "activation", None)  # absent on modules swapped by convert
+        return text if activation is None else f"{text}, activation={activation!r}"
+
     def forward(self, input: Tensor) -> Tensor:
         if isinstance(self, nn.GroupNorm):
-            return group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+            return group_norm(
+                input, self.num_groups, self.weight, self.bias, self.eps,
+                activation=getattr(self, "activation", None),
+            )  # fmt: skip
         self._check_input_dim(input)
         if isinstance(self, _InstanceNorm):
             return self._instance_norm_forward(input)
@@ -47,10 +63,12 @@ class TritonNormMixin:
         validation.check_batch_norm(
             input, running_mean, running_var, self.weight, self.bias, bn_training, self.eps
         )
+        activation = getattr(self, "activation", None)
+        validation.parse_activation(activation)
         momentum = count_batch(self)
         return batch_norm(
             input, running_mean, running_var, self.weight, self.bias, bn_training, momentum,
-            self.eps,
+            self.eps, activation=activation,
         )  # fmt: skip
 
     def _instance_norm_forward(self, input: Tensor) -> Tensor:
@@ -74,6 +92,7 @@ class TritonNormMixin:
             self.training or not self.track_running_stats,
             self.momentum if self.momentum is not None else 0.0,
             self.eps,
+            activation=getattr(self, "activation", None),
         )  # fmt: skip
         return y.squeeze(0) if unbatched else y
 

@@ -162,7 +162,191 @@ def _backward(ctx, grad_y, *_grad_statistics):
 
 torch.library.register_autograd("tritonnorm::norm_forward", _backward, setup_context=_setup_context)
 
-OPS = [torch.ops.tritonnorm.norm_forward.default, torch.ops.tritonnorm.norm_backward.default]
+
+# --------------------------------------------------------------------------------------------
+# With an epilogue: y = act((x_hat * w + b) * scale + shift + residual), scale/shift (N, C).
+# Separate ops, so the plain ones keep their schema; activation is a launch.ACTIVATIONS code.
+
+
+def _contiguous(t: Tensor | None) -> Tensor | None:
+    return t.contiguous() if t is not None else None
+
+
+def _epilogue(scale, shift, residual, activation, slope) -> launch.Epilogue:
+    return launch.Epilogue(_contiguous(scale), _contiguous(shift), residual, activation, slope)
+
+
+@torch.library.custom_op("tritonnorm::norm_epilogue_forward", mutates_args=())
+def norm_epilogue_forward(
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    scale: Tensor | None,
+    shift: Tensor | None,
+    residual: Tensor | None,
+    use_input_stats: bool,
+    reduce_batch: bool,
+    num_groups: int,
+    momentum: float,
+    eps: float,
+    activation: int,
+    slope: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """norm_forward followed, in the pass that writes y, by y = act(y * scale + shift +
+    residual): scale and shift (N, C), both or neither; residual of input's shape."""
+    new_mean, new_var = _new_running(input, running_mean, running_var, use_input_stats)
+    running_out = (new_mean, new_var) if new_mean.numel() else None
+    if running_out is not None and input.numel() == 0:
+        new_mean.copy_(running_mean), new_var.copy_(running_var)
+    y, mean, rstd = launch.forward(
+        input, _contiguous(weight), _contiguous(bias), _contiguous(running_mean),
+        _contiguous(running_var), norm=_norm(use_input_stats, reduce_batch, num_groups),
+        momentum=momentum, eps=eps, running_out=running_out,
+        epilogue=_epilogue(scale, shift, residual, activation, slope),
+    )  # fmt: skip
+    return y, mean, rstd, new_mean, new_var
+
+
+@norm_epilogue_forward.register_fake
+def _norm_epilogue_forward_fake(
+    input, weight, bias, running_mean, running_var, scale, shift, residual, use_input_stats,
+    reduce_batch, num_groups, momentum, eps, activation, slope,
+):  # fmt: skip
+    return _norm_forward_fake(
+        input, weight, bias, running_mean, running_var, use_input_stats, reduce_batch,
+        num_groups, momentum, eps,
+    )  # fmt: skip
+
+
+@torch.library.custom_op("tritonnorm::norm_epilogue_backward", mutates_args=())
+def norm_epilogue_backward(
+    grad_output: Tensor,
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    scale: Tensor | None,
+    shift: Tensor | None,
+    residual: Tensor | None,
+    use_input_stats: bool,
+    reduce_batch: bool,
+    num_groups: int,
+    activation: int,
+    slope: float,
+    param_grads: bool,
+    scale_grads: bool,
+    residual_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """grad_input, grad_weight, grad_bias, grad_scale, grad_shift, grad_residual (empty where
+    not asked). shift and residual are needed only with an activation (to recompute z)."""
+    dx, dw, db, dscale, dshift, dres = launch.backward_epilogue(
+        grad_output, input, _contiguous(weight), _contiguous(bias), mean, rstd,
+        _epilogue(scale, shift, residual, activation, slope),
+        norm=_norm(use_input_stats, reduce_batch, num_groups), param_grads=param_grads,
+        scale_grads=scale_grads, residual_grad=residual_grad,
+    )  # fmt: skip
+    return tuple(
+        t if t is not None else mean.new_empty(0) for t in (dx, dw, db, dscale, dshift, dres)
+    )
+
+
+@norm_epilogue_backward.register_fake
+def _norm_epilogue_backward_fake(
+    grad_output, input, weight, bias, mean, rstd, scale, shift, residual, use_input_stats,
+    reduce_batch, num_groups, activation, slope, param_grads, scale_grads, residual_grad,
+):  # fmt: skip
+    dx, dw, db = _norm_backward_fake(
+        grad_output, input, weight, mean, rstd, use_input_stats, reduce_batch, num_groups,
+        param_grads,
+    )  # fmt: skip
+    dscale = scale.new_empty(scale.shape) if scale_grads else mean.new_empty(0)
+    dres = _output_like(input) if residual_grad else mean.new_empty(0)
+    return dx, dw, db, dscale, torch.empty_like(dscale), dres
+
+
+def _setup_epilogue_context(ctx, inputs, output):
+    input, weight, bias, _, _, scale, shift, residual, use_input_stats, reduce_batch = inputs[:10]
+    num_groups, activation, slope = inputs[10], inputs[13], inputs[14]
+    _, mean, rstd, new_mean, new_var = output
+    # Only what the gradient needs: no output, no pre-activation; shift and the residual only
+    # when an activation's derivative needs z.
+    keep = activation != 0
+    ctx.save_for_backward(
+        input, weight, bias, mean, rstd, scale, shift if keep else None,
+        residual if keep else None,
+    )  # fmt: skip
+    ctx.settings = (use_input_stats, reduce_batch, num_groups, activation, slope)
+    ctx.dtypes = tuple(t.dtype if t is not None else None for t in (bias, shift))
+    ctx.mark_non_differentiable(mean, rstd, new_mean, new_var)
+
+
+def _epilogue_backward(ctx, grad_y, *_grad_statistics):
+    input, weight, bias, mean, rstd, scale, shift, residual = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    param_grads = needs[1] or needs[2]
+    scale_grads = needs[5] or needs[6]
+    residual_grad = needs[7]
+    dx, dw, db, dscale, dshift, dres = norm_epilogue_backward(
+        grad_y, input, weight, bias, mean, rstd, scale, shift, residual, *ctx.settings,
+        param_grads, scale_grads, residual_grad,
+    )  # fmt: skip
+    bias_dtype, shift_dtype = ctx.dtypes
+    return (
+        dx if needs[0] else None,
+        dw if needs[1] else None,
+        db.to(bias_dtype) if needs[2] else None,
+        None,
+        None,
+        dscale if needs[5] else None,
+        dshift.to(shift_dtype) if needs[6] else None,
+        dres if needs[7] else None,
+        *([None] * 7),
+    )
+
+
+torch.library.register_autograd(
+    "tritonnorm::norm_epilogue_forward", _epilogue_backward, setup_context=_setup_epilogue_context
+)
+
+
+def normalize_epilogue(
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    *,
+    scale: Tensor | None,
+    shift: Tensor | None,
+    residual: Tensor | None,
+    activation: int,
+    slope: float,
+    use_input_stats: bool,
+    reduce_batch: bool,
+    num_groups: int = 0,
+    momentum: float = 0.0,
+    eps: float,
+) -> Tensor:
+    """norm_epilogue_forward, then the running statistics copied into their buffers."""
+    y, _, _, new_mean, new_var = norm_epilogue_forward(
+        input, weight, bias, running_mean, running_var, scale, shift, residual, use_input_stats,
+        reduce_batch, num_groups, float(momentum), float(eps), int(activation), float(slope),
+    )  # fmt: skip
+    if new_mean.numel():
+        with torch.no_grad():
+            torch._foreach_copy_([running_mean, running_var], [new_mean, new_var])
+    return y
+
+
+OPS = [
+    torch.ops.tritonnorm.norm_forward.default,
+    torch.ops.tritonnorm.norm_backward.default,
+    torch.ops.tritonnorm.norm_epilogue_forward.default,
+    torch.ops.tritonnorm.norm_epilogue_backward.default,
+]
 
 
 def sample_opcheck_inputs(device: str | torch.device) -> list[tuple]:
@@ -187,4 +371,26 @@ def sample_opcheck_inputs(device: str | torch.device) -> list[tuple]:
     samples.append((bwd, (torch.randn_like(y), x, w.detach(), mean, rstd, True, *bn, True), {}))
     y, mean, rstd, _, _ = fwd(x, w, b, None, None, True, *gn, 0.0, 1e-5)
     samples.append((bwd, (torch.randn_like(y), x, w.detach(), mean, rstd, True, *gn, True), {}))
+    samples += _sample_epilogue_inputs(make, x, x_cl, w, b, running, bn, inst, gn)
+    return samples
+
+
+def _sample_epilogue_inputs(make, x, x_cl, w, b, running, bn, inst, gn) -> list[tuple]:
+    """The epilogue ops: GN + scale/shift + SiLU, BN + residual + ReLU (channels last), BN eval
+    + scale/shift + GELU, IN + leaky ReLU, and the backward."""
+    fwd = torch.ops.tritonnorm.norm_epilogue_forward.default
+    bwd = torch.ops.tritonnorm.norm_epilogue_backward.default
+    scale, shift = make(3, 4).requires_grad_(), make(3, 4).requires_grad_()
+    residual = make(3, 4, 5, 6).requires_grad_()
+    x_grad, x_cl_grad = x.clone().requires_grad_(), x_cl.clone().requires_grad_()
+    samples = [
+        (fwd, (x_grad, w, b, None, None, scale, shift, None, True, *gn, 0.0, 1e-5, 3, 0.01), {}),
+        (fwd, (x_cl_grad, w, b, *running(), None, None, residual, True, *bn, 0.1, 1e-5, 1, 0.01), {}),
+        (fwd, (x_grad, w, b, *running(), scale, shift, None, False, *bn, 0.1, 1e-5, 4, 0.01), {}),
+        (fwd, (x_grad, None, None, None, None, None, None, residual, True, *inst, 0.1, 1e-5, 2, 0.2), {}),
+    ]  # fmt: skip
+    y, mean, rstd, _, _ = fwd(x, w, b, None, None, scale, shift, residual, True, *gn, 0.0, 1e-5, 3, 0.01)  # fmt: skip
+    args = (torch.randn_like(y), x, w.detach(), b.detach(), mean, rstd, scale.detach(),
+            shift.detach(), residual.detach(), True, *gn, 3, 0.01, True, True, True)  # fmt: skip
+    samples.append((bwd, args, {}))
     return samples

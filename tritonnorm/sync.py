@@ -28,7 +28,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from . import validation
-from .functional import batch_norm, runs_triton
+from .functional import apply_activation, batch_norm, runs_triton
 from .kernels import launch
 from .modules import count_batch
 
@@ -57,9 +57,21 @@ class SyncBatchNorm(nn.SyncBatchNorm):
     through tritonnorm's custom ops and trace without a break.
     """
 
+    def __init__(self, *args, activation: str | tuple | None = None, **kwargs) -> None:
+        validation.parse_activation(activation)
+        super().__init__(*args, **kwargs)
+        self.activation = activation
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        activation = getattr(self, "activation", None)
+        return text if activation is None else f"{text}, activation={activation!r}"
+
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
+        activation = getattr(self, "activation", None)
+        name, slope = validation.parse_activation(activation)
         # Mini-batch statistics in training mode, and in eval mode without buffers.
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         # Buffers are updated only when tracked and training; read when normalising with them.
@@ -88,12 +100,13 @@ class SyncBatchNorm(nn.SyncBatchNorm):
         if not need_sync:
             return batch_norm(
                 input, running_mean, running_var, self.weight, self.bias, bn_training, momentum,
-                self.eps,
+                self.eps, activation=activation,
             )  # fmt: skip
-        return _sync_batch_norm(
+        y = _sync_batch_norm(
             input, self.weight, self.bias, running_mean, running_var, float(self.eps),
             float(momentum), process_group, world_size,
         )  # fmt: skip
+        return apply_activation(y, name, slope)  # not fused on the synchronised path
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:
@@ -129,6 +142,7 @@ class SyncBatchNorm(nn.SyncBatchNorm):
             module_output.training = module.training
             if hasattr(module, "qconfig"):
                 module_output.qconfig = module.qconfig
+            module_output.activation = getattr(module, "activation", None)
         for name, child in module.named_children():
             module_output.add_module(name, cls.convert_sync_batchnorm(child, process_group))
         del module

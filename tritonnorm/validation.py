@@ -178,3 +178,69 @@ def check_group_norm(
             )
     check_per_channel(op, input, weight=weight, bias=bias)
     return num_groups
+
+
+ACTIVATION_NAMES = ("relu", "leaky_relu", "silu", "gelu", "gelu_tanh")
+LEAKY_RELU_SLOPE = 0.01  # torch.nn.functional.leaky_relu's default
+
+
+def parse_activation(activation) -> tuple[str | None, float]:
+    """(name, leaky_relu slope) of an epilogue activation: None, one of ACTIVATION_NAMES, or
+    ("leaky_relu", negative_slope)."""
+    valid = ", ".join(repr(n) for n in ACTIVATION_NAMES)
+    if activation is None:
+        return None, LEAKY_RELU_SLOPE
+    if isinstance(activation, tuple) and len(activation) == 2 and activation[0] == "leaky_relu":
+        slope = activation[1]
+        if isinstance(slope, bool) or not isinstance(slope, (int, float)):
+            raise TypeError(f"leaky_relu's negative slope must be a number, got {slope!r}")
+        return "leaky_relu", float(slope)
+    if isinstance(activation, str) and activation in ACTIVATION_NAMES:
+        return activation, LEAKY_RELU_SLOPE
+    raise ValueError(
+        f"unknown activation {activation!r}: expected None, one of {valid}, or "
+        "('leaky_relu', negative_slope)"
+    )
+
+
+def check_epilogue(
+    op: str, input: Tensor, scale: Tensor | None, shift: Tensor | None, residual: Tensor | None
+) -> None:
+    """scale and shift (N, C); residual exactly input's shape, dtype and device."""
+    if input.dim() < 2:
+        raise ValueError(f"{op}: scale, shift and residual need input of shape (N, C, *spatial)")
+    expected = tuple(input.shape[:2])
+    for name, t in (("scale", scale), ("shift", shift)):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: expected {name} to be a torch.Tensor, got {type(t).__name__}")
+        if tuple(t.shape) != expected:
+            raise ValueError(
+                f"{op}: expected {name} of shape (N, C) = {expected} (per sample and channel), "
+                f"got {tuple(t.shape)}"
+            )
+        allowed = {input.dtype}
+        if input.dtype in (torch.float16, torch.bfloat16):
+            allowed.add(torch.float32)
+        if t.dtype not in allowed:
+            expected_dtype = " or ".join(sorted(str(d) for d in allowed))
+            raise TypeError(f"{op}: expected {name} of dtype {expected_dtype}, got {t.dtype}")
+        if t.device != input.device:
+            raise RuntimeError(f"{op}: expected {name} on {input.device}, got {t.device}")
+    if residual is not None:
+        if not isinstance(residual, Tensor):
+            raise TypeError(
+                f"{op}: expected residual to be a torch.Tensor, got {type(residual).__name__}"
+            )
+        if residual.shape != input.shape:
+            raise ValueError(
+                f"{op}: expected residual of the input's shape {tuple(input.shape)}, "
+                f"got {tuple(residual.shape)}"
+            )
+        if residual.dtype != input.dtype:
+            raise TypeError(
+                f"{op}: expected residual of the input's dtype {input.dtype}, got {residual.dtype}"
+            )
+        if residual.device != input.device:
+            raise RuntimeError(f"{op}: expected residual on {input.device}, got {residual.device}")

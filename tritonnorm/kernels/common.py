@@ -10,6 +10,10 @@ BatchNorm and InstanceNorm, C / num_groups for GroupNorm. Tiles are 4-D,
 program always holds whole groups. A reduction sums over (K, S), and over N too when the batch
 axis is reduced (BatchNorm). The elementwise apply pass needs no groups: it reads per-(n, c)
 coefficients.
+
+The fused epilogue y = act(u * scale[n, c] + shift[n, c] + residual), u = x_hat * w + b, has one
+home too: ``pre_activation`` and ``activation`` where y is written, ``epilogue_output_grad``
+(recomputing z from x) wherever the backward needs g = dy * act'(z) or du = g * scale.
 """
 
 import triton
@@ -216,3 +220,132 @@ def store_coefficients(ptr, offsets, mask, slot_stride, mu, k_x, k_dy, k_c):
 @triton.jit
 def load_coefficient(ptr, slot: tl.constexpr, offsets, mask, slot_stride):
     return tl.load(ptr + slot * slot_stride + offsets, mask=mask, other=0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused epilogue: y = act((x_hat * w + b) * scale[n, c] + shift[n, c] + residual). Kernels
+# take it behind an ``EPILOGUE`` constexpr flag, so without one they compile as before.
+
+# Activation codes (``launch.ACTIVATIONS`` names them).
+RELU = tl.constexpr(1)
+LEAKY_RELU = tl.constexpr(2)
+SILU = tl.constexpr(3)
+GELU = tl.constexpr(4)
+GELU_TANH = tl.constexpr(5)
+
+
+@triton.jit
+def _sigmoid(z):
+    return 1.0 / (1.0 + tl.exp(-z))
+
+
+@triton.jit
+def _tanh(u):
+    """tanh through exp (Triton 3.6-3.9 have no portable tanh); saturates to +-1 correctly."""
+    return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
+
+
+@triton.jit
+def activation(z, slope, ACTIVATION: tl.constexpr):
+    """act(z) for an activation code (0: identity); ``slope`` is leaky_relu's negative slope."""
+    if ACTIVATION == RELU:
+        out = tl.where(z > 0.0, z, 0.0)
+    elif ACTIVATION == LEAKY_RELU:
+        out = tl.where(z > 0.0, z, z * slope)
+    elif ACTIVATION == SILU:
+        out = z * _sigmoid(z)
+    elif ACTIVATION == GELU:
+        out = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+    elif ACTIVATION == GELU_TANH:
+        out = 0.5 * z * (1.0 + _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z)))
+    else:
+        out = z
+    return out
+
+
+@triton.jit
+def activation_grad(z, slope, ACTIVATION: tl.constexpr):
+    """d act / dz at z (torch's choice at the kinks: relu' (0) = 0, leaky' (0) = slope)."""
+    if ACTIVATION == RELU:
+        out = tl.where(z > 0.0, 1.0, 0.0)
+    elif ACTIVATION == LEAKY_RELU:
+        out = tl.where(z > 0.0, 1.0, slope + tl.zeros_like(z))
+    elif ACTIVATION == SILU:
+        s = _sigmoid(z)
+        out = s * (1.0 + z * (1.0 - s))
+    elif ACTIVATION == GELU:
+        cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
+        out = cdf + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
+    elif ACTIVATION == GELU_TANH:
+        t = _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z))
+        dinner = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z * z)
+        out = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * dinner
+    else:
+        out = tl.full(z.shape, 1.0, z.dtype)
+    return out
+
+
+@triton.jit
+def sample_channel_values(ptr, n0, g0, N, K, C, dtype: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """A contiguous (N, C) array (per-sample scale, shift) as [BLOCK_N, BLOCK_G, BLOCK_K, 1],
+    channels grouped as the tiles are; 0 outside."""
+    n = n0 + tl.arange(0, BLOCK_N)
+    c, c_mask = group_channels(g0, K, C, BLOCK_G, BLOCK_K)
+    offsets = n[:, None, None] * C + c[None, :, :]
+    mask = (n < N)[:, None, None] & c_mask[None, :, :]
+    return tl.load(ptr + offsets, mask=mask, other=0.0).to(dtype)[:, :, :, None]
+
+
+@triton.jit
+def pre_activation(
+    u, scale_ptr, shift_ptr, res_ptr, n0, g0, s0, N, C, S, K,
+    res_stride_n, res_stride_c, res_stride_s,
+    BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
+    INDEX_64: tl.constexpr,
+):  # fmt: skip
+    """z = u * scale[n, c] + shift[n, c] + residual for the tile at (n0, g0, s0), u = the
+    normalised value x_hat * w + b; absent parts (None pointers) are skipped."""
+    z = u
+    if scale_ptr is not None:
+        scale = sample_channel_values(
+            scale_ptr, n0, g0, N, K, C, u.dtype, BLOCK_N, BLOCK_G, BLOCK_K
+        )
+        shift = sample_channel_values(
+            shift_ptr, n0, g0, N, K, C, u.dtype, BLOCK_N, BLOCK_G, BLOCK_K
+        )
+        z = z * scale + shift
+    if res_ptr is not None:
+        residual, _, _ = load_tile(
+            res_ptr, n0, g0, s0, N, C, S, K, res_stride_n, res_stride_c, res_stride_s, u.dtype,
+            BLOCK_N, BLOCK_G, BLOCK_K, BLOCK_S, INDEX_64,
+        )  # fmt: skip
+        z += residual
+    return z
+
+
+@triton.jit
+def epilogue_output_grad(
+    x, dy, mu, k_x, k_c, scale_ptr, shift_ptr, res_ptr, n0, g0, s0, N, C, S, K,
+    res_stride_n, res_stride_c, res_stride_s, slope,
+    ACTIVATION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
+    INDEX_64: tl.constexpr,
+):  # fmt: skip
+    """Backward through the epilogue by recomputation: g = dy * act'(z), the gradient of the
+    pre-activation z (and of the residual), with z rebuilt from x and the forward coefficients
+    (mu, k_x, k_c); and g * scale[n, c], the gradient of u = x_hat * w + b."""
+    g = dy
+    if ACTIVATION != 0:
+        z = pre_activation(
+            epilogue(x, mu, k_x, k_c), scale_ptr, shift_ptr, res_ptr, n0, g0, s0, N, C, S, K,
+            res_stride_n, res_stride_c, res_stride_s, BLOCK_N, BLOCK_G, BLOCK_K, BLOCK_S,
+            INDEX_64,
+        )  # fmt: skip
+        g = dy * activation_grad(z, slope, ACTIVATION)
+    du = g
+    if scale_ptr is not None:
+        du = g * sample_channel_values(
+            scale_ptr, n0, g0, N, K, C, g.dtype, BLOCK_N, BLOCK_G, BLOCK_K
+        )
+    return g, du

@@ -164,12 +164,17 @@ def _blocks(shape: Shape, tile: int) -> Blocks:
     return 1, min(_pow2(shape.groups), rest), block_k, block_s
 
 
-def fused_blocks(shape: Shape, backward: bool = False) -> Blocks | None:
+def fused_blocks(shape: Shape, backward: bool = False, epilogue: bool = False) -> Blocks | None:
     """Blocks holding whole reductions in one tile (for the statistics kernel, or for the
-    gradient kernel when ``backward``), or None when one does not fit."""
+    gradient kernel when ``backward``), or None when one does not fit. An ``epilogue``
+    (residual tile, activation) takes the gradient kernel's smaller limit: at the forward's, an
+    erf GELU spilled on sm_90."""
     if _overrides.fused is False:
         return None
-    limit = (FUSED_GRAD_TILE_BYTES if backward else FUSED_TILE_BYTES) // shape.acc_bytes
+    small = backward or epilogue
+    limit = (FUSED_GRAD_TILE_BYTES if small else FUSED_TILE_BYTES) // shape.acc_bytes
+    if backward and epilogue:  # x, dy, the residual, z, g and du live together: half again
+        limit //= 2
     block_k = _pow2(shape.group_size)
     reduced_n = _pow2(shape.N) if shape.reduce_batch else 1
     extent = reduced_n * block_k * _pow2(shape.S)  # one statistic's elements, padded
@@ -203,17 +208,24 @@ def _split_candidates(shape: Shape, blocks: Blocks) -> list[int]:
 _BLOCK_NAMES = ("BLOCK_N", "BLOCK_G", "BLOCK_K", "BLOCK_S")
 
 
-def reduction_configs(shape: Shape, fused: bool, backward: bool = False) -> list[triton.Config]:
-    """Candidates for the statistics / gradient-sum kernels, heuristic choice first."""
+def reduction_configs(
+    shape: Shape, fused: bool, backward: bool = False, epilogue: bool = False
+) -> list[triton.Config]:
+    """Candidates for the statistics / gradient-sum kernels, heuristic choice first. With an
+    ``epilogue`` the streamed gradient-sum tiles are halved, quartered for float64 (recomputing
+    the pre-activation and a GELU's derivative spilled on sm_90 at the plain tiles)."""
     if fused:
-        blocks = fused_blocks(shape, backward)
+        blocks = fused_blocks(shape, backward, epilogue)
         assert blocks is not None
         words = math.prod(blocks) * shape.acc_bytes // 4  # 32-bit registers
         kw = dict(zip(_BLOCK_NAMES, blocks, strict=True), SPLIT=1)
         warps = sorted({_warps(words), min(2 * _warps(words), MAX_WARPS)})
         return [triton.Config(kw, num_warps=w) for w in warps]
     configs = []
-    for tile in (4096, *STREAM_TILES[:-1]) if not INTERPRET else (4096,):
+    tiles = (4096, *STREAM_TILES[:-1]) if not INTERPRET else (4096,)
+    if epilogue:  # float64 values take two registers each: a quarter
+        tiles = tuple(t // (2 * shape.acc_bytes // 4) for t in tiles)
+    for tile in tiles:
         blocks = _blocks(shape, tile)
         warps = _warps(math.prod(blocks))
         for split in _split_candidates(shape, blocks):
@@ -222,12 +234,16 @@ def reduction_configs(shape: Shape, fused: bool, backward: bool = False) -> list
     return _unique(configs)
 
 
-def apply_configs(shape: Shape) -> list[triton.Config]:
+def apply_configs(shape: Shape, epilogue: bool = False) -> list[triton.Config]:
     """Candidates for the elementwise apply kernel (y or dx), heuristic choice first. It reads
-    per-(sample, channel) coefficients: tiles as for one-channel statistics of each sample."""
+    per-(sample, channel) coefficients: tiles as for one-channel statistics of each sample. With
+    an ``epilogue``, float64 tiles are halved (a GELU's recomputed derivative spilled)."""
     per_channel = replace(shape, group_size=1, reduce_batch=False)
     configs = []
-    for tile in (4096,) if INTERPRET else (2048, 4096, 1024):
+    tiles = (4096,) if INTERPRET else (2048, 4096, 1024)
+    if epilogue:
+        tiles = tuple(t // (shape.acc_bytes // 4) for t in tiles)
+    for tile in tiles:
         block_n, block_c, _, block_s = _blocks(per_channel, tile)
         kw = {"BLOCK_N": block_n, "BLOCK_C": block_c, "BLOCK_S": block_s}
         configs.append(triton.Config(kw, num_warps=_warps(tile)))

@@ -8,6 +8,7 @@ from .common import (
     channel_offsets,
     channel_values,
     epilogue_grad,
+    epilogue_output_grad,
     grad_coefficients,
     group_channels,
     load_tile,
@@ -46,15 +47,25 @@ def _norm_grad_partial_kernel(
     dy_ptr,  # output gradient, (N, C, S) with its own strides
     dx_ptr,  # input gradient, same strides as x; written only when FUSED
     mean_ptr, rstd_ptr,  # (rows, C // K) statistics used by the forward
-    weight_ptr,  # (C,) or None; read only when FUSED
+    weight_ptr,  # (C,) or None; read when FUSED or EPILOGUE
+    bias_ptr,  # (C,) or None; read only when EPILOGUE
     partial_ptr,  # (2, SPLIT, rows, C) per-channel sum(dy), sum(dy * x_hat)
     N, C, S,
     K,  # channels per statistic
     stride_n, stride_c, stride_s,  # strides of x (and dx)
     dy_stride_n, dy_stride_c, dy_stride_s,
     partial_stride_k, partial_stride_p,
+    scale_ptr, shift_ptr,  # (N, C) per-sample scale and shift, or None (EPILOGUE)
+    res_ptr,  # residual with its own strides, or None (EPILOGUE)
+    res_stride_n, res_stride_c, res_stride_s,
+    dres_ptr,  # residual gradient, same strides as x, or None; written only when FUSED
+    slope,  # leaky_relu's negative slope
     REDUCE_BATCH: tl.constexpr,
     FUSED: tl.constexpr,  # whole reduction in this tile: write dx from registers
+    # Sums of g = dy * act'(z) instead of dy (not with REDUCE_BATCH); when FUSED, dx from
+    # du = g * scale and the residual's gradient g are written too.
+    EPILOGUE: tl.constexpr,
+    ACTIVATION: tl.constexpr,  # activation code (common.py), 0 for none
     SPLIT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
     INDEX_64: tl.constexpr,  # int64 element offsets (a tensor spans 2**30 elements or more)
@@ -78,6 +89,17 @@ def _norm_grad_partial_kernel(
             dy_stride_n, dy_stride_c, dy_stride_s, mean, rstd, acc_dtype,
             BLOCK_N, BLOCK_G, BLOCK_K, BLOCK_S, INDEX_64,
         )  # fmt: skip
+        if EPILOGUE:  # dy becomes du = g * scale, the gradient of x_hat * w + b
+            w_e = channel_values(weight_ptr, g0, K, C, 1.0, acc_dtype, BLOCK_G, BLOCK_K)
+            b_e = channel_values(bias_ptr, g0, K, C, 0.0, acc_dtype, BLOCK_G, BLOCK_K)
+            g, dy = epilogue_output_grad(
+                x, dy, mean, rstd * w_e[:, :, :, None], b_e[:, :, :, None],
+                scale_ptr, shift_ptr, res_ptr, n_first, g0, 0, N, C, S, K,
+                res_stride_n, res_stride_c, res_stride_s, slope, ACTIVATION,
+                BLOCK_N, BLOCK_G, BLOCK_K, BLOCK_S, INDEX_64,
+            )  # fmt: skip
+            if dres_ptr is not None:
+                tl.store(dres_ptr + offsets, g.to(dres_ptr.dtype.element_ty), mask=mask)
         sum_dy = reduce_positions(dy, REDUCE_BATCH)
         sum_dy_xhat = reduce_positions(dy * x_hat, REDUCE_BATCH)
         weight = channel_values(weight_ptr, g0, K, C, 1.0, acc_dtype, BLOCK_G, BLOCK_K)
@@ -85,6 +107,9 @@ def _norm_grad_partial_kernel(
         k_x, k_dy, k_c = grad_coefficients(group_rstd, weight, sum_dy, sum_dy_xhat, count, True)
         dx = epilogue_grad(x, dy, mean, k_x[:, :, :, None], k_dy[:, :, :, None], k_c[:, :, :, None])
         tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        if EPILOGUE:  # the partials hold the per-(sample, channel) sums of g (dscale, dshift)
+            sum_dy = reduce_positions(g, REDUCE_BATCH)
+            sum_dy_xhat = reduce_positions(g * x_hat, REDUCE_BATCH)
     else:
         num_tiles = tl.cdiv(N, BLOCK_N) * num_s_tiles if REDUCE_BATCH else num_s_tiles
         tiles_per_split = tl.cdiv(num_tiles, SPLIT)
@@ -92,14 +117,24 @@ def _norm_grad_partial_kernel(
         t_end = tl.minimum(t_begin + tiles_per_split, num_tiles)
         sum_dy = tl.zeros([ROWS, BLOCK_G, BLOCK_K], acc_dtype)
         sum_dy_xhat = tl.zeros([ROWS, BLOCK_G, BLOCK_K], acc_dtype)
+        if EPILOGUE:
+            weight = channel_values(weight_ptr, g0, K, C, 1.0, acc_dtype, BLOCK_G, BLOCK_K)
+            bias = channel_values(bias_ptr, g0, K, C, 0.0, acc_dtype, BLOCK_G, BLOCK_K)
         for t in range(t_begin, t_end):
             n0 = n_first + (t // num_s_tiles) * BLOCK_N
             s0 = (t % num_s_tiles) * BLOCK_S
-            _, x_hat, dy, _, _ = _grad_tile(
+            x, x_hat, dy, _, _ = _grad_tile(
                 x_ptr, dy_ptr, n0, g0, s0, N, C, S, K, stride_n, stride_c, stride_s,
                 dy_stride_n, dy_stride_c, dy_stride_s, mean, rstd, acc_dtype,
                 BLOCK_N, BLOCK_G, BLOCK_K, BLOCK_S, INDEX_64,
             )  # fmt: skip
+            if EPILOGUE:  # per-(sample, channel) sums of g, the pre-activation's gradient
+                dy, _ = epilogue_output_grad(
+                    x, dy, mean, rstd * weight[:, :, :, None], bias[:, :, :, None],
+                    scale_ptr, shift_ptr, res_ptr, n0, g0, s0, N, C, S, K,
+                    res_stride_n, res_stride_c, res_stride_s, slope, ACTIVATION,
+                    BLOCK_N, BLOCK_G, BLOCK_K, BLOCK_S, INDEX_64,
+                )  # fmt: skip
             sum_dy += reduce_positions(dy, REDUCE_BATCH)
             sum_dy_xhat += reduce_positions(dy * x_hat, REDUCE_BATCH)
 

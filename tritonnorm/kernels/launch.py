@@ -10,6 +10,10 @@ fixed order, update running statistics, per-channel coefficients) -> apply (writ
 whole reduction fits one tile, the first kernel normalises in registers and writes y itself.
 Backward: per-channel gradient-sum partials -> finalize (dweight, dbias, dx coefficients) ->
 apply (write dx), or the fused single-tile kernel.
+
+An :class:`Epilogue` (per-sample scale/shift, residual, activation) rides on the same passes: the
+kernel that writes y applies it; the backward (:func:`backward_epilogue`) recomputes the
+pre-activation from x and the saved statistics instead of saving it.
 """
 
 from __future__ import annotations
@@ -28,15 +32,60 @@ from .stats import _norm_stats_finalize_kernel, _norm_stats_partial_kernel
 
 _VIEW_KEY = ["N", "C", "S", "stride_n", "stride_c", "stride_s"]
 _DY_KEY = ["dy_stride_n", "dy_stride_c", "dy_stride_s"]
+_EPILOGUE_KEY = ["EPILOGUE", "ACTIVATION"]
 _stats_partial = config.TunedKernel(
-    _norm_stats_partial_kernel, key=[*_VIEW_KEY, "K", "REDUCE_BATCH", "FUSED"]
+    _norm_stats_partial_kernel, key=[*_VIEW_KEY, "K", "REDUCE_BATCH", "FUSED", *_EPILOGUE_KEY]
 )
 _grad_partial = config.TunedKernel(
-    _norm_grad_partial_kernel, key=[*_VIEW_KEY, *_DY_KEY, "K", "REDUCE_BATCH", "FUSED"]
+    _norm_grad_partial_kernel,
+    key=[*_VIEW_KEY, *_DY_KEY, "K", "REDUCE_BATCH", "FUSED", *_EPILOGUE_KEY],
 )
 _apply = config.TunedKernel(
-    _norm_apply_kernel, key=[*_VIEW_KEY, *_DY_KEY, "coef_stride_n", "HAS_X", "HAS_DY"]
+    _norm_apply_kernel,
+    key=[*_VIEW_KEY, *_DY_KEY, "coef_stride_n", "HAS_X", "HAS_DY", *_EPILOGUE_KEY],
 )
+
+# Activation names of the epilogue -> the kernels' codes (common.py).
+ACTIVATIONS = {"relu": 1, "leaky_relu": 2, "silu": 3, "gelu": 4, "gelu_tanh": 5}
+
+
+@dataclass(frozen=True)
+class Epilogue:
+    """y = act((x_hat * w + b) * scale + shift + residual): ``scale`` and ``shift`` (N, C)
+    contiguous, both or neither; ``residual`` of the input's shape, any layout; ``activation``
+    a code of :data:`ACTIVATIONS` (0: none), ``slope`` leaky_relu's negative slope."""
+
+    scale: torch.Tensor | None = None
+    shift: torch.Tensor | None = None
+    residual: torch.Tensor | None = None
+    activation: int = 0
+    slope: float = 0.01
+
+    @property
+    def present(self) -> bool:
+        return self.scale is not None or self.residual is not None or self.activation != 0
+
+
+_NO_EPILOGUE = dict(
+    scale_ptr=None, shift_ptr=None, res_ptr=None, res_stride_n=0, res_stride_c=0, res_stride_s=0,
+    slope=0.0, EPILOGUE=False, ACTIVATION=0,
+)  # fmt: skip
+
+
+def _epilogue_args(ep: Epilogue | None, x: torch.Tensor, view: View) -> dict:
+    """The kernels' epilogue arguments; the residual is seen with x's view (copied into x's
+    layout only when its strides cannot express it)."""
+    if ep is None or not ep.present:
+        return _NO_EPILOGUE
+    residual, res_strides = None, (0, 0, 0)
+    if ep.residual is not None:
+        residual, res_view = grad_view(ep.residual, x, view)
+        res_strides = res_view.strides
+    return dict(
+        scale_ptr=ep.scale, shift_ptr=ep.shift, res_ptr=residual,
+        **dict(zip(("res_stride_n", "res_stride_c", "res_stride_s"), res_strides, strict=True)),
+        slope=float(ep.slope), EPILOGUE=True, ACTIVATION=ep.activation,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -180,9 +229,10 @@ def input_view(x: torch.Tensor, fold_batch: bool) -> tuple[torch.Tensor, View]:
     return x, view
 
 
-def plan(x: torch.Tensor, norm: Norm) -> tuple[torch.Tensor, Reduction]:
-    """x (densified if needed) and the :class:`Reduction` of ``norm`` over it."""
-    x, view = input_view(x, fold_batch=norm.batch_reduced)
+def plan(x: torch.Tensor, norm: Norm, fold_batch: bool = True) -> tuple[torch.Tensor, Reduction]:
+    """x (densified if needed) and the :class:`Reduction` of ``norm`` over it. ``fold_batch=False``
+    keeps the sample axis even when the batch is reduced (per-sample scale/shift need it)."""
+    x, view = input_view(x, fold_batch=norm.batch_reduced and fold_batch)
     groups = norm.stats_shape(x.shape)[1]
     return x, Reduction(view, view.C // max(groups, 1), norm.batch_reduced, x.dtype)
 
@@ -219,11 +269,13 @@ def stats_partials(
     weight: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     eps: float = 0.0,
+    epilogue_args: dict = _NO_EPILOGUE,
 ) -> tuple[torch.Tensor, int]:
     """Partials (3, P, rows, groups) of (count, mean, M2), and P. With ``fused_y`` the reduction
-    must fit one tile, and y (normalised with weight, bias, eps) is written there too."""
+    must fit one tile, and y (normalised with weight, bias, eps, then the epilogue) is written
+    there too."""
     fused = fused_y is not None
-    candidates = config.reduction_configs(red.shape, fused)
+    candidates = config.reduction_configs(red.shape, fused, epilogue=epilogue_args["EPILOGUE"])
     max_split = max(c.kwargs["SPLIT"] for c in candidates)
     partials = torch.empty(
         (3, max_split, red.rows, red.groups), dtype=red.acc_dtype, device=x.device
@@ -234,7 +286,8 @@ def stats_partials(
         x_ptr=x, y_ptr=fused_y, weight_ptr=weight, bias_ptr=bias, partial_ptr=partials,
         **red.kernel_args(),
         partial_stride_k=partials.stride(0), partial_stride_p=partials.stride(1), eps=eps,
-        REDUCE_BATCH=red.reduce_batch, FUSED=fused, INDEX_64=_index_64(red.view),
+        **epilogue_args, REDUCE_BATCH=red.reduce_batch, FUSED=fused,
+        INDEX_64=_index_64(red.view),
     )  # fmt: skip
     return partials, used.kwargs["SPLIT"]
 
@@ -289,9 +342,14 @@ def apply(
     x: torch.Tensor | None,
     dy: torch.Tensor | None = None,
     dy_view: View | None = None,
+    epilogue_args: dict = _NO_EPILOGUE,
+    fwd_coef: torch.Tensor | None = None,
+    d_residual: torch.Tensor | None = None,
 ) -> None:
     """out = k_x * (x - mu) + k_dy * dy + k_c with (4, rows, C) coefficients; out has x's
-    strides."""
+    strides. With an epilogue: y = act(out * scale + shift + residual) (no dy), or (dy given)
+    dy first becomes the gradient of x_hat * w + b, the pre-activation recomputed with the
+    forward coefficients ``fwd_coef``, and the residual's gradient goes to ``d_residual``."""
     view = red.view
     _apply.launch(
         lambda meta: (
@@ -299,18 +357,19 @@ def apply(
             * triton.cdiv(view.C, meta["BLOCK_C"])
             * triton.cdiv(view.S, meta["BLOCK_S"]),
         ),
-        config.apply_configs(red.shape),
+        config.apply_configs(red.shape, epilogue=epilogue_args["EPILOGUE"]),
         x_ptr=x, dy_ptr=dy, out_ptr=out, coef_ptr=coef,
         N=view.N, C=view.C, S=view.S,
         stride_n=view.stride_n, stride_c=view.stride_c, stride_s=view.stride_s,
         **dict(zip(_DY_KEY, dy_view.strides if dy_view is not None else (0, 0, 0), strict=True)),
         coef_stride_n=0 if red.rows == 1 else view.C, coef_stride_slot=coef.stride(0),
+        **epilogue_args, fwd_coef_ptr=fwd_coef, dres_ptr=d_residual,
         HAS_X=x is not None, HAS_DY=dy is not None, INDEX_64=_index_64(view, dy_view),
     )  # fmt: skip
 
 
-def _fused(red: Reduction, backward: bool = False) -> bool:
-    return config.fused_blocks(red.shape, backward) is not None
+def _fused(red: Reduction, backward: bool = False, epilogue: bool = False) -> bool:
+    return config.fused_blocks(red.shape, backward, epilogue) is not None
 
 
 def _nan_stats(x: torch.Tensor, norm: Norm) -> torch.Tensor:
@@ -329,31 +388,34 @@ def forward(
     momentum: float,
     eps: float,
     running_out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    epilogue: Epilogue | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """y, mean, rstd for x of shape (N, C, *spatial); mean and rstd are ``norm.stats_shape``
     in the statistics' dtype. With input statistics, the updated running statistics go to
-    ``running_out`` (default: in place)."""
-    x, red = plan(x, norm)
+    ``running_out`` (default: in place). An ``epilogue`` is applied where y is written."""
+    x, red = plan(x, norm, fold_batch=epilogue is None or epilogue.scale is None)
     y = torch.empty_like(x)
     if x.numel() == 0:
         return y, _nan_stats(x, norm), _nan_stats(x, norm)
+    extras = _epilogue_args(epilogue, x, red.view)
     running = (running_mean, running_var)
     if not norm.use_input_stats:
         mean, rstd, coef, _ = finalize_stats(
             red, None, 0, weight=weight, bias=bias, eps=eps, running=running
         )
-        apply(y, red, coef, x=x)
+        apply(y, red, coef, x=x, epilogue_args=extras)
         return y, mean, rstd
-    fused = _fused(red)
+    fused = _fused(red, epilogue=extras["EPILOGUE"])
     partials, num_partials = stats_partials(
-        x, red, **(dict(fused_y=y, weight=weight, bias=bias, eps=eps) if fused else {})
-    )
+        x, red,
+        **(dict(fused_y=y, weight=weight, bias=bias, eps=eps, epilogue_args=extras) if fused else {}),
+    )  # fmt: skip
     mean, rstd, coef, _ = finalize_stats(
         red, partials, num_partials, weight=weight, bias=bias, eps=eps, running=running,
         running_out=running_out, momentum=momentum,
     )  # fmt: skip
     if not fused:
-        apply(y, red, coef, x=x)
+        apply(y, red, coef, x=x, epilogue_args=extras)
     return y, mean, rstd
 
 
@@ -367,18 +429,26 @@ def grad_partials(
     *,
     fused_dx: torch.Tensor | None = None,
     weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    epilogue_args: dict = _NO_EPILOGUE,
+    d_residual: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Per-channel partials (2, P, rows, C) of sum(dy) and sum(dy * x_hat), and P. With
-    ``fused_dx`` the reduction must fit one tile and dx is written there too."""
+    ``fused_dx`` the reduction must fit one tile and dx is written there too. With an
+    epilogue (batch axis kept) the sums are of g = dy * act'(z); fused, dx is that of
+    du = g * scale and g goes to ``d_residual``."""
     fused = fused_dx is not None
-    candidates = config.reduction_configs(red.shape, fused, backward=True)
+    candidates = config.reduction_configs(
+        red.shape, fused, backward=True, epilogue=epilogue_args["EPILOGUE"]
+    )
     max_split = max(c.kwargs["SPLIT"] for c in candidates)
     partials = torch.empty((2, max_split, red.rows, red.view.C), dtype=mean.dtype, device=x.device)
     used = _grad_partial.launch(
         lambda meta: (red.stats_programs(meta), meta["SPLIT"]),
         candidates,
         x_ptr=x, dy_ptr=dy, dx_ptr=fused_dx, mean_ptr=mean, rstd_ptr=rstd, weight_ptr=weight,
-        partial_ptr=partials, **red.kernel_args(),
+        bias_ptr=bias, partial_ptr=partials, **red.kernel_args(), **epilogue_args,
+        dres_ptr=d_residual,
         **dict(zip(_DY_KEY, dy_view.strides, strict=True)),
         partial_stride_k=partials.stride(0), partial_stride_p=partials.stride(1),
         REDUCE_BATCH=red.reduce_batch, FUSED=fused, INDEX_64=_index_64(red.view, dy_view),
@@ -463,3 +533,100 @@ def backward(
     )  # fmt: skip
     apply(dx, red, coef, x=x if norm.use_input_stats else None, dy=dy, dy_view=dy_view)
     return dx, dweight, dbias
+
+
+def _per_channel(t: torch.Tensor | None, C: int, default: float, dtype, device) -> torch.Tensor:
+    if t is None:
+        return torch.full((C,), default, dtype=dtype, device=device)
+    return t.to(dtype)
+
+
+def backward_epilogue(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    epilogue: Epilogue,
+    *,
+    norm: Norm,
+    param_grads: bool,
+    scale_grads: bool,
+    residual_grad: bool,
+) -> tuple[torch.Tensor, ...]:
+    """dx, dweight, dbias, dscale, dshift, dresidual (None where not asked) of
+    y = act((x_hat * w + b) * scale + shift + residual), recomputing x_hat and the
+    pre-activation z from x and the saved (rows, groups) statistics.
+
+    With g = dy * act'(z) and du = g * scale (the gradient of u = x_hat * w + b):
+    dresidual = g; dshift[n, c] = sum_s g; dscale[n, c] = w sum_s(g x_hat) + b sum_s g; and
+    dx, dweight, dbias are the plain op's formulas applied to du. Passes: per-(sample, channel)
+    sums of g and g * x_hat (reads x, dy, and the residual when there is an activation); small
+    (N, C) torch ops and the finalize kernel; the apply pass (reads x, dy, the residual; writes dx
+    and dresidual). When an instance or group fits one tile (InstanceNorm, GroupNorm), the first
+    kernel writes dx and dresidual from registers and there is no apply pass."""
+    x, red = plan(x, norm, fold_batch=False)
+    view = red.view
+    N, C = view.N, view.C
+    acc = red.acc_dtype
+    dx = torch.empty_like(x)
+    d_res = torch.empty_like(x) if residual_grad else None
+    param_dtype = weight.dtype if weight is not None else acc
+    if x.numel() == 0:
+        zeros = torch.zeros(C, dtype=param_dtype, device=x.device) if param_grads else None
+        dsc = dsh = None
+        if scale_grads:
+            dsc = torch.zeros_like(epilogue.scale)
+            dsh = torch.zeros_like(epilogue.scale)
+        return dx, zeros, None if zeros is None else zeros.clone(), dsc, dsh, d_res
+    dy, dy_view = grad_view(dy, x, view)
+    # EPILOGUE even when nothing of it is left to read (a residual without activation: g = dy)
+    extras = {**_epilogue_args(epilogue, x, view), "EPILOGUE": True}
+    # Gradient sums per (sample, channel) even when the batch axis is reduced: the statistics are
+    # repeated for every sample ((N, groups): negligible next to x).
+    per_sample = Reduction(view, red.group_size, False, red.dtype)
+    mean_rows = mean.expand(N, mean.shape[1]).contiguous()
+    rstd_rows = rstd.expand(N, rstd.shape[1]).contiguous()
+    # On chip when an instance / group fits one tile (not BatchNorm: its dx needs sums over the
+    # batch, its dscale sums per sample): dx and dresidual written by the same kernel.
+    fused = (
+        norm.use_input_stats and not red.reduce_batch and _fused(red, backward=True, epilogue=True)
+    )
+    partials, num_partials = grad_partials(
+        dy, dy_view, x, per_sample, mean_rows, rstd_rows, weight=weight, bias=bias,
+        epilogue_args=extras, fused_dx=dx if fused else None,
+        d_residual=d_res if fused else None,
+    )  # fmt: skip
+    sum_g, sum_g_xhat = partials[:, :num_partials].sum(1)  # (N, C) each, fixed order
+    w = _per_channel(weight, C, 1.0, acc, x.device)
+    b = _per_channel(bias, C, 0.0, acc, x.device)
+    d_scale = d_shift = None
+    sum_du, sum_du_xhat = sum_g, sum_g_xhat
+    if epilogue.scale is not None:
+        if scale_grads:
+            d_scale = (w * sum_g_xhat + b * sum_g).to(epilogue.scale.dtype)
+            d_shift = sum_g.to(epilogue.scale.dtype, copy=True)
+        scale = epilogue.scale.to(acc)
+        sum_du, sum_du_xhat = scale * sum_g, scale * sum_g_xhat
+    if red.reduce_batch:
+        sum_du, sum_du_xhat = sum_du.sum(0, keepdim=True), sum_du_xhat.sum(0, keepdim=True)
+    if fused and not param_grads:
+        return dx, None, None, d_scale, d_shift, d_res
+    dweight, dbias, coef = finalize_grad(
+        red, torch.stack([sum_du, sum_du_xhat])[:, None].contiguous(), 1, mean, rstd,
+        weight=weight, use_input_stats=norm.use_input_stats, want_dx_coef=not fused,
+        want_param_grads=param_grads,
+    )  # fmt: skip
+    if fused:
+        return dx, dweight, dbias, d_scale, d_shift, d_res
+    fwd_coef = None
+    if epilogue.activation:  # forward coefficients, as finalize_stats wrote them
+        mu = mean.repeat_interleave(red.group_size, dim=1)
+        k_x = rstd.repeat_interleave(red.group_size, dim=1) * w
+        fwd_coef = torch.stack([mu, k_x, torch.zeros_like(k_x), b.expand_as(k_x)]).contiguous()
+    apply(
+        dx, red, coef, x=x, dy=dy, dy_view=dy_view, epilogue_args=extras, fwd_coef=fwd_coef,
+        d_residual=d_res,
+    )  # fmt: skip
+    return dx, dweight, dbias, d_scale, d_shift, d_res

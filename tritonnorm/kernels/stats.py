@@ -6,6 +6,7 @@ import triton
 import triton.language as tl
 
 from .common import (
+    activation,
     chan_combine,
     channel_offsets,
     channel_values,
@@ -13,6 +14,7 @@ from .common import (
     forward_coefficients,
     inverse_std,
     load_tile,
+    pre_activation,
     stat_offsets,
     store_coefficients,
     tile_summary,
@@ -31,8 +33,14 @@ def _norm_stats_partial_kernel(
     stride_n, stride_c, stride_s,  # strides of x (and y)
     partial_stride_k, partial_stride_p,  # strides of the partials' first two axes
     eps,
+    scale_ptr, shift_ptr,  # (N, C) per-sample scale and shift, or None; read only when FUSED
+    res_ptr,  # residual with its own strides, or None; read only when FUSED
+    res_stride_n, res_stride_c, res_stride_s,
+    slope,  # leaky_relu's negative slope
     REDUCE_BATCH: tl.constexpr,  # statistics over the batch axis too (BatchNorm)
     FUSED: tl.constexpr,  # the whole reduction is this tile: normalise in registers, write y
+    EPILOGUE: tl.constexpr,  # y = act(y * scale + shift + residual) (common.pre_activation)
+    ACTIVATION: tl.constexpr,  # activation code (common.py), 0 for none
     SPLIT: tl.constexpr,  # programs sharing one statistic's reduction
     BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
     INDEX_64: tl.constexpr,  # int64 element offsets (the tensor spans 2**30 elements or more)
@@ -57,6 +65,13 @@ def _norm_stats_partial_kernel(
         rstd = inverse_std(count, m2, eps)
         mu, k_x, k_c = forward_coefficients(mean[:, :, None], rstd[:, :, None], weight, bias)
         y = epilogue(x, mu[:, :, :, None], k_x[:, :, :, None], k_c[:, :, :, None])
+        if EPILOGUE:
+            z = pre_activation(
+                y, scale_ptr, shift_ptr, res_ptr, n_first, g0, 0, N, C, S, K,
+                res_stride_n, res_stride_c, res_stride_s, BLOCK_N, BLOCK_G, BLOCK_K, BLOCK_S,
+                INDEX_64,
+            )  # fmt: skip
+            y = activation(z, slope, ACTIVATION)
         tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
     else:
         num_tiles = tl.cdiv(N, BLOCK_N) * num_s_tiles if REDUCE_BATCH else num_s_tiles
