@@ -39,3 +39,34 @@ lint: setup
 format: setup
 	$(BIN)/ruff check --fix tritonnorm tests perf
 	$(BIN)/ruff format tritonnorm tests perf
+
+# Compatibility check on another torch/triton pair (not in CI), e.g.
+#   make compat TORCH=2.14.1 TRITON=3.8.0
+# A venv per pair under COMPAT_DIR (git-ignored; created on first use, reused after), the project
+# with its test deps, then COMPAT_TESTS under the interpreter: BN/IN/GN forward and backward on the
+# fused and split paths, dtypes, affine/momentum/empty variants and modules (test_norms.py), module
+# API, convert, torch.compile and opcheck (test_modules.py), torch's errors (test_errors.py), forced
+# kernel paths and int64 offsets (test_kernel_paths.py), the byte counter (test_byte_budget.py),
+# fused activation/residual epilogues and their byte budgets (test_epilogues.py, test_epilogue_bytes.py).
+# Left out: layout/stride variants (same kernels, other strides), test_accuracy.py (numerics,
+# slow gradchecks), SyncBatchNorm (multi-process), the sm_90 compile check, perf.gpu and examples.
+# 2-4 minutes on a 2-core machine; COMPAT_TESTS=tests runs the whole suite.
+# Default pair: torch 2.13.0 (CPU wheel) + triton 3.6.0, the oldest triton declared. Other torch
+# builds are CUDA builds (~5.5 GB per venv); torch > 2.14.1 needs this machine's pip constraint
+# lifted (PIP_CONSTRAINT=/dev/null make compat ...).
+TORCH ?= 2.13.0
+TRITON ?= 3.6.0
+COMPAT_DIR ?= .compat
+COMPAT_VENV ?= $(COMPAT_DIR)/torch$(TORCH)-triton$(TRITON)
+COMPAT_TESTS ?= tests/test_norms.py tests/test_modules.py tests/test_errors.py \
+	tests/test_kernel_paths.py tests/test_byte_budget.py tests/test_epilogues.py \
+	tests/test_epilogue_bytes.py \
+	--deselect tests/test_norms.py::test_other_strides --deselect tests/test_norms.py::test_channels_last
+
+.PHONY: compat
+compat:
+	test -x $(COMPAT_VENV)/bin/python || $(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/python -m pip install -q "torch==$(TORCH)" "triton==$(TRITON)"
+	$(COMPAT_VENV)/bin/python -m pip install -q -e ".[test]" "torch==$(TORCH)" "triton==$(TRITON)"
+	$(COMPAT_VENV)/bin/python -c "import numpy, torch, triton; print('compat: torch', torch.__version__, 'triton', triton.__version__, 'numpy', numpy.__version__)"
+	$(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider --durations=5 $(COMPAT_TESTS)
