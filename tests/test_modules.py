@@ -396,6 +396,10 @@ def test_ops_are_registered_custom_ops():
         assert hasattr(torch.ops.tritonnorm, name.split("::")[1]), name
 
 
+def _argument(op, args, name):
+    return args[[a.name for a in op._schema.arguments].index(name)]
+
+
 def test_opcheck(device):
     from tritonnorm.ops import OPS, sample_opcheck_inputs
 
@@ -404,8 +408,8 @@ def test_opcheck(device):
     covered = {_op_name(op) for op, _, _ in samples}
     missing = {_op_name(op) for op in OPS} - covered
     assert not missing, f"ops without an opcheck sample: {sorted(missing)}"
-    # GroupNorm samples (num_groups > 0, argument 7 of both ops) for the forward and the backward.
-    gn_covered = {_op_name(op) for op, args, _ in samples if args[7] > 0}
+    # A GroupNorm sample (num_groups > 0) for every op, forward and backward.
+    gn_covered = {_op_name(op) for op, args, _ in samples if _argument(op, args, "num_groups") > 0}
     assert gn_covered == covered, f"ops without a GroupNorm sample: {sorted(covered - gn_covered)}"
     failures = []
     for op, args, kwargs in samples:

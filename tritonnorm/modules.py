@@ -30,9 +30,9 @@ def count_batch(module: nn.Module) -> float:
     return momentum
 
 
-class TritonNormMixin:
-    """Routes a torch BatchNorm*/InstanceNorm* module's forward to tritonnorm, with torch's
-    semantics; inputs are checked before num_batches_tracked or running statistics change."""
+class ActivationMixin:
+    """The ``activation=None`` constructor argument of every tritonnorm norm module: checked,
+    kept as a plain attribute, shown by ``repr``."""
 
     def __init__(self, *args, activation: str | tuple | None = None, **kwargs) -> None:
         validation.parse_activation(activation)
@@ -43,6 +43,12 @@ class TritonNormMixin:
         text = super().extra_repr()
         activation = getattr(self, "activation", None)  # absent on modules swapped by convert
         return text if activation is None else f"{text}, activation={activation!r}"
+
+
+class TritonNormMixin(ActivationMixin):
+    """Routes a torch BatchNorm*/InstanceNorm*/GroupNorm module's forward to tritonnorm, with
+    torch's semantics; inputs are checked before num_batches_tracked or running statistics
+    change."""
 
     def forward(self, input: Tensor) -> Tensor:
         if isinstance(self, nn.GroupNorm):

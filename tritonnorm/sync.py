@@ -30,13 +30,13 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from . import validation
 from .functional import apply_activation, batch_norm, runs_triton
 from .kernels import launch
-from .modules import count_batch
+from .modules import ActivationMixin, count_batch
 
 _OP = "sync_batch_norm"
 _BATCH_NORM = launch.Norm(reduce_batch=True)
 
 
-class SyncBatchNorm(nn.SyncBatchNorm):
+class SyncBatchNorm(ActivationMixin, nn.SyncBatchNorm):
     """Drop-in :class:`torch.nn.SyncBatchNorm` (same constructor, ``process_group`` included,
     parameters, buffers, ``state_dict``) whose statistics and gradients run tritonnorm's kernels.
 
@@ -56,16 +56,6 @@ class SyncBatchNorm(nn.SyncBatchNorm):
     with collectives cannot be traced: the rest of the model is still compiled. The fallbacks go
     through tritonnorm's custom ops and trace without a break.
     """
-
-    def __init__(self, *args, activation: str | tuple | None = None, **kwargs) -> None:
-        validation.parse_activation(activation)
-        super().__init__(*args, **kwargs)
-        self.activation = activation
-
-    def extra_repr(self) -> str:
-        text = super().extra_repr()
-        activation = getattr(self, "activation", None)
-        return text if activation is None else f"{text}, activation={activation!r}"
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
