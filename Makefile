@@ -18,8 +18,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: setup
-	$(BIN)/ruff check tritonnorm tests perf
-	$(BIN)/ruff format --check tritonnorm tests perf
+	$(BIN)/ruff check tritonnorm tests perf examples
+	$(BIN)/ruff format --check tritonnorm tests perf examples
 	$(BIN)/python -m pytest -q --durations=10
 
 perf: setup
@@ -33,12 +33,12 @@ gpu:
 	PYTHONPATH=. $(PYTHON) -m perf.gpu --out perf/results/gpu-run $(GPU_ARGS)
 
 lint: setup
-	$(BIN)/ruff check tritonnorm tests perf
-	$(BIN)/ruff format --check tritonnorm tests perf
+	$(BIN)/ruff check tritonnorm tests perf examples
+	$(BIN)/ruff format --check tritonnorm tests perf examples
 
 format: setup
-	$(BIN)/ruff check --fix tritonnorm tests perf
-	$(BIN)/ruff format tritonnorm tests perf
+	$(BIN)/ruff check --fix tritonnorm tests perf examples
+	$(BIN)/ruff format tritonnorm tests perf examples
 
 # Compatibility check on another torch/triton pair (not in CI), e.g.
 #   make compat TORCH=2.14.1 TRITON=3.8.0
