@@ -23,10 +23,10 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _index_loop_bounds_as_scalars() -> None:
-    """Triton < 3.9's interpreter turns a runtime loop bound (``range(t_begin, t_end)``) into an
+    """Triton 3.6's interpreter turns a runtime loop bound (``range(t_begin, t_end)``) into an
     int with ``int(array of shape (1,))``, which NumPy 2.4 made an error. Convert it as Triton
-    3.9 does (``int(array.squeeze())``). Only the interpreter is touched; compiled kernels are
-    not affected."""
+    3.7 and later do (``int(array.squeeze())``). Only the interpreter is touched; compiled
+    kernels are not affected."""
     from triton.runtime import interpreter
 
     patch_tensor = getattr(interpreter, "_patch_lang_tensor", None)
@@ -41,7 +41,7 @@ def _index_loop_bounds_as_scalars() -> None:
     interpreter._patch_lang_tensor = patched
 
 
-if INTERPRET and tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 9):
+if INTERPRET and tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 7):
     _index_loop_bounds_as_scalars()
 
 # Elements of one streaming tile, and the most accumulator bytes one program may hold in
