@@ -35,8 +35,17 @@ FULL: dict[str, list[Shape]] = {
         (1, 128, 1024, 1024),
     ],
     "medical3d_in": [(2, 32, 128, 128, 128), (2, 128, 128, 128, 128), (2, 320, 128, 128, 128)],
-    # GAN / diffusion GroupNorm, 32 groups
-    "diffusion_gn": [(8, 128, 128, 128), (16, 320, 64, 64), (32, 640, 32, 32), (64, 1280, 8, 8)],
+    # GAN / diffusion GroupNorm, 32 groups: UNet blocks at batch 1..32, then a batch-1 VAE
+    # decoder at 512x512 (few, huge groups: the split reduction)
+    "diffusion_gn": [
+        (1, 320, 64, 64),
+        (8, 128, 128, 128),
+        (16, 320, 64, 64),
+        (32, 640, 32, 32),
+        (32, 1280, 8, 8),
+        (1, 128, 512, 512),
+        (1, 512, 512, 512),
+    ],
 }
 
 QUICK: dict[str, list[Shape]] = {
@@ -44,7 +53,7 @@ QUICK: dict[str, list[Shape]] = {
     "small_c_bn": [(32, 6, 512, 512)],
     "style_in": [(4, 64, 512, 512)],
     "medical3d_in": [(2, 32, 128, 128, 128)],
-    "diffusion_gn": [(16, 320, 64, 64)],
+    "diffusion_gn": [(16, 320, 64, 64), (1, 128, 512, 512)],
 }
 
 # BN: channels of 16384 elements (can be normalised on chip), then 40960 (above the on-chip

@@ -196,3 +196,32 @@ def test_instance_norm_budget(shape, layout, dtype):
         y.backward(dy)
     _assert_within(bwd, x, IN_BWD, "instance_norm backward")
     assert x.grad is not None and w.grad is not None and b.grad is not None
+
+
+# GroupNorm, as instance_norm: a group (C/G channels x spatial) that fits a program is read once
+# forward and x, dy once backward; a larger one (few groups, as a batch-1 VAE decoder's) is split
+# across programs like a BatchNorm channel (floors 3 / 5).
+GN_CASES = {
+    "512-element groups, 2 channels each": ((2, 64, 16, 16), 32, IN_FWD, IN_BWD),
+    "4096-element groups, 4 channels each": ((2, 32, 32, 32), 8, IN_FWD, IN_BWD),
+    "40960-element groups, split": ((1, 4, 128, 160), 2, BN_TRAIN_FWD, BN_BWD),
+}
+
+
+@counting
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", list(GN_CASES))
+def test_group_norm_budget(case, layout, dtype):
+    shape, groups, fwd_budget, bwd_budget = GN_CASES[case]
+    group_numel = shape[1] // groups * math.prod(shape[2:])
+    assert fwd_budget == floors.floor_passes("fwd", group_numel)
+    assert bwd_budget == floors.floor_passes("bwd", group_numel)
+    x, w, b, _, _, dy = _inputs(shape, layout, dtype, grad=True)
+    with count_bytes(audit_min_numel=x.numel()) as fwd:
+        y = tn.group_norm(x, groups, w, b, eps=1e-5)
+    _assert_within(fwd, x, fwd_budget, f"group_norm forward ({case})")
+    with count_bytes(audit_min_numel=x.numel()) as bwd:
+        y.backward(dy)
+    _assert_within(bwd, x, bwd_budget, f"group_norm backward ({case})")
+    assert x.grad is not None and w.grad is not None and b.grad is not None

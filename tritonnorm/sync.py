@@ -223,8 +223,9 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         if x.numel() > 0:
             partials, num_partials = launch.stats_partials(x, red)
             _, _, _, local = launch.finalize_stats(
-                red, partials, num_partials, weight=None, bias=None, eps=eps, want_combined=True
-            )
+                red, partials, num_partials, weight=None, bias=None, eps=eps, want_coef=False,
+                want_combined=True,
+            )  # fmt: skip
         else:  # an empty batch: count 0, neutral in Chan's combination; still gathered
             local = torch.zeros((3, 1, red.view.C), dtype=red.acc_dtype, device=input.device)
         gathered = _all_gather(local.view(3, -1), process_group, world_size)  # (world, 3, C)

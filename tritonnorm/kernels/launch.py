@@ -303,11 +303,12 @@ def finalize_stats(
     running: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
     running_out: tuple[torch.Tensor, torch.Tensor] | None = None,
     momentum: float = 0.0,
+    want_coef: bool = True,
     want_combined: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Combine partials (or, with ``partials=None``, read the ``running`` statistics): returns
-    mean and rstd (rows, groups), apply coefficients (4, rows, C), and the combined (3, rows,
-    groups) if asked. With partials and running statistics, the updated running statistics are
+    mean and rstd (rows, groups), apply coefficients (4, rows, C) if asked (not when the fused
+    kernel has written y already), and the combined (3, rows, groups) if asked. With partials and running statistics, the updated running statistics are
     written into ``running_out`` (default: the running buffers themselves, in place)."""
     from_running = partials is None
     running_mean, running_var = running
@@ -317,7 +318,7 @@ def finalize_stats(
     dtype = red.acc_dtype
     mean = torch.empty((red.rows, red.groups), dtype=dtype, device=device)
     rstd = torch.empty_like(mean)
-    coef = torch.empty((4, red.rows, red.view.C), dtype=dtype, device=device)
+    coef = torch.empty((4, red.rows, red.view.C), dtype=dtype, device=device) if want_coef else None
     combined = torch.empty((3, *mean.shape), dtype=dtype, device=device) if want_combined else None
     grid, blocks = red.finalize_grid(ordered_rows=update)
     _norm_stats_finalize_kernel[grid](
@@ -412,7 +413,7 @@ def forward(
     )  # fmt: skip
     mean, rstd, coef, _ = finalize_stats(
         red, partials, num_partials, weight=weight, bias=bias, eps=eps, running=running,
-        running_out=running_out, momentum=momentum,
+        running_out=running_out, momentum=momentum, want_coef=not fused,
     )  # fmt: skip
     if not fused:
         apply(y, red, coef, x=x, epilogue_args=extras)

@@ -110,7 +110,7 @@ def _norm_stats_finalize_kernel(
     combined_ptr,  # (3, rows, groups) combined count, mean, M2, or None
     mean_ptr,  # (rows, groups) saved mean
     rstd_ptr,  # (rows, groups) saved 1/sqrt(var + eps)
-    coef_ptr,  # (4, rows, C) apply coefficients (named slots, common.py)
+    coef_ptr,  # (4, rows, C) apply coefficients (named slots, common.py), or None
     weight_ptr, bias_ptr,  # (C,) or None
     running_mean_ptr, running_var_ptr,  # (C,) or None: the running statistics read
     new_running_mean_ptr, new_running_var_ptr,  # (C,) updated running statistics, or None
@@ -156,9 +156,11 @@ def _norm_stats_finalize_kernel(
         rstd = inverse_std(count, m2, eps)
         tl.store(mean_ptr + stats, mean, mask=stats_mask)
         tl.store(rstd_ptr + stats, rstd, mask=stats_mask)
-        mu, k_x, k_c = forward_coefficients(mean[:, :, None], rstd[:, :, None], weight, bias)
-        coefs, coefs_mask = channel_offsets(r0, g0, rows, K, C, BLOCK_R, BLOCK_G, BLOCK_K)
-        store_coefficients(coef_ptr, coefs, coefs_mask, rows * C, mu, k_x, tl.zeros_like(k_x), k_c)
+        if coef_ptr is not None:
+            mu, k_x, k_c = forward_coefficients(mean[:, :, None], rstd[:, :, None], weight, bias)
+            coefs, coefs_mask = channel_offsets(r0, g0, rows, K, C, BLOCK_R, BLOCK_G, BLOCK_K)
+            zeros = tl.zeros_like(k_x)
+            store_coefficients(coef_ptr, coefs, coefs_mask, rows * C, mu, k_x, zeros, k_c)
         if new_running_mean_ptr is not None:  # K = 1: the batch average, as torch's IN
             sum_mean += tl.sum(tl.where(stats_mask, mean, 0.0), axis=0)
             unbiased_var = m2 / tl.maximum(count - 1.0, 1.0)
