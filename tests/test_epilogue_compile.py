@@ -60,10 +60,10 @@ print(json.dumps({
     "specs": len(specs),
     "errors": [f"{r.spec.kernel} {r.spec.scenario}: {r.error}" for r in results if r.error],
     "problems": problems(results, 90),
-    "epilogue_specs": sum(1 for s in specs if "EPILOGUE=1" in s.flags()),
+    "epilogue_specs": sum(1 for s in specs if "EPILOGUE=1" in s.describe()[0]),
     "fused_grad_specs": sum(
         1 for s in specs
-        if "grad_partial" in s.kernel and "FUSED=1" in s.flags() and "EPILOGUE=1" in s.flags()
+        if "grad_partial" in s.kernel and {"FUSED=1", "EPILOGUE=1"} <= set(s.describe()[0].split())
     ),
 }))
 """
