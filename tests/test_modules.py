@@ -290,6 +290,24 @@ def test_convert_lazy_then_materialise(device):
     assert type(m[0]) is tn.BatchNorm2d and type(m[1]) is tn.InstanceNorm2d
 
 
+def _train_in_lockstep(reference, candidate, batch, loss_fn, tol, steps=3):
+    """``steps`` optimiser steps of two (model, optimiser) pairs on the same batches; outputs
+    at every step and the final state_dicts must agree within ``tol``."""
+    for step in range(steps):
+        x, target = batch()
+        outs = []
+        for model, opt in (reference, candidate):
+            opt.zero_grad()
+            y = model(x)
+            loss_fn(y, target).backward()
+            opt.step()
+            outs.append(y.detach())
+        torch.testing.assert_close(outs[1], outs[0], **tol, msg=f"output at step {step}")
+    ref_state, our_state = reference[0].state_dict(), candidate[0].state_dict()
+    for (k, a), (_, b) in zip(our_state.items(), ref_state.items(), strict=True):
+        torch.testing.assert_close(a, b, **tol, msg=k)
+
+
 @pytest.mark.parametrize(
     "fmt", [torch.contiguous_format, torch.channels_last], ids=["contiguous", "channels_last"]
 )
@@ -301,19 +319,11 @@ def test_converted_cnn_trains_like_torch(device, fmt):
     # After 3 steps ours and torch float32 differ by the float32 noise of both, amplified by
     # the updates: compare at 1e-4 rather than the single-op float32 tolerance.
     tol = dict(rtol=1e-4, atol=1e-4)
-    for step in range(3):
-        x = torch.randn(4, 3, 8, 8, device=device).contiguous(memory_format=fmt)
-        target = torch.randint(0, 5, (4,), device=device)
-        outs = []
-        for model, opt in ((ref, opt_ref), (ours, opt_ours)):
-            opt.zero_grad()
-            y = model(x)
-            F.cross_entropy(y, target).backward()
-            opt.step()
-            outs.append(y.detach())
-        torch.testing.assert_close(outs[1], outs[0], **tol, msg=f"output at step {step}")
-    for (k, a), (_, b) in zip(ours.state_dict().items(), ref.state_dict().items(), strict=True):
-        torch.testing.assert_close(a, b, **tol, msg=k)
+    batch = lambda: (
+        torch.randn(4, 3, 8, 8, device=device).contiguous(memory_format=fmt),
+        torch.randint(0, 5, (4,), device=device),
+    )
+    _train_in_lockstep((ref, opt_ref), (ours, opt_ours), batch, F.cross_entropy, tol)
     assert ours[1].num_batches_tracked.item() == 3
     ref.eval()
     ours.eval()
@@ -358,19 +368,11 @@ def test_converted_diffusion_block_trains_like_torch(device, fmt):
     # is well above that and far below any real difference (a wrong group or gradient moves the
     # parameters by ~lr * |grad| ~ 1e-2).
     tol = dict(rtol=1e-4, atol=1e-4)
-    for step in range(3):
-        x = torch.randn(2, 3, 8, 8, device=device).contiguous(memory_format=fmt)
-        target = torch.randn(2, 3, 8, 8, device=device)  # denoising-style regression target
-        outs = []
-        for model, opt in ((ref, opt_ref), (ours, opt_ours)):
-            opt.zero_grad()
-            y = model(x)
-            F.mse_loss(y, target).backward()
-            opt.step()
-            outs.append(y.detach())
-        torch.testing.assert_close(outs[1], outs[0], **tol, msg=f"output at step {step}")
-    for (k, a), (_, b) in zip(ours.state_dict().items(), ref.state_dict().items(), strict=True):
-        torch.testing.assert_close(a, b, **tol, msg=k)
+    batch = lambda: (  # a denoising-style regression target
+        torch.randn(2, 3, 8, 8, device=device).contiguous(memory_format=fmt),
+        torch.randn(2, 3, 8, 8, device=device),
+    )
+    _train_in_lockstep((ref, opt_ref), (ours, opt_ours), batch, F.mse_loss, tol)
     x = torch.randn(2, 3, 8, 8, device=device).contiguous(memory_format=fmt)
     torch.testing.assert_close(ours(x), ref(x), **tol)
 

@@ -475,6 +475,22 @@ IN_MODULE_CASES = [
 ]
 
 
+def _steps_then_eval(ours, ref, ref64, shape, device, steps):
+    """Train-mode steps on shifting data, then one eval step: every output, gradient and buffer
+    of ``ours`` against the references (helpers.compare_modules)."""
+    mods = (ours, ref, ref64)
+    for step in range(steps):
+        x = torch.randn(shape, device=device) * (1 + step) + step
+        g = torch.randn(shape, device=device)
+        for m in mods:
+            m.zero_grad()
+        compare_modules(ours, ref, ref64, step_modules(mods, x, g))
+    for m in mods:
+        m.eval()
+    x, g = torch.randn(shape, device=device), torch.randn(shape, device=device)
+    compare_modules(ours, ref, ref64, step_modules(mods, x, g))
+
+
 def _C(name, shape):
     unbatched = len(shape) == int(name[-2]) + 1
     return shape[0] if unbatched else shape[1]
@@ -489,16 +505,7 @@ def test_in_module_track_running_stats_steps_then_eval(device, name, shape, mome
         getattr(tn, name), getattr(nn, name), device, momentum=momentum, **kw
     )
     assert isinstance(ours, getattr(nn, name))
-    for step in range(3):
-        x = torch.randn(shape, device=device) * (1 + step) + step
-        g = torch.randn(shape, device=device)
-        for m in (ours, ref, ref64):
-            m.zero_grad()
-        compare_modules(ours, ref, ref64, step_modules((ours, ref, ref64), x, g))
-    for m in (ours, ref, ref64):
-        m.eval()
-    x, g = torch.randn(shape, device=device), torch.randn(shape, device=device)
-    compare_modules(ours, ref, ref64, step_modules((ours, ref, ref64), x, g))
+    _steps_then_eval(ours, ref, ref64, shape, device, steps=3)
 
 
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
@@ -557,13 +564,4 @@ def test_gn_module_steps_then_eval(device, groups, C, shape, affine):
         tn.GroupNorm, nn.GroupNorm, device, num_groups=groups, num_channels=C, affine=affine
     )
     assert isinstance(ours, nn.GroupNorm)
-    for step in range(2):
-        x = torch.randn(shape, device=device) * (1 + step) + step
-        g = torch.randn(shape, device=device)
-        for m in (ours, ref, ref64):
-            m.zero_grad()
-        compare_modules(ours, ref, ref64, step_modules((ours, ref, ref64), x, g))
-    for m in (ours, ref, ref64):
-        m.eval()
-    x, g = torch.randn(shape, device=device), torch.randn(shape, device=device)
-    compare_modules(ours, ref, ref64, step_modules((ours, ref, ref64), x, g))
+    _steps_then_eval(ours, ref, ref64, shape, device, steps=2)
