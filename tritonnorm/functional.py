@@ -70,6 +70,17 @@ def _normalize_epilogue(input, weight, bias, running_mean, running_var, extras, 
     )  # fmt: skip
 
 
+def _normalize(input, torch_op, weight, bias, running_mean, running_var, extras, **settings):
+    """torch's own op (then the epilogue, unfused) where the kernels do not run; else the custom
+    op, with the epilogue fused when there are extras."""
+    if not runs_triton(input):
+        y = torch_op()
+        return y if extras is None else _torch_epilogue(y, **extras)
+    if extras is None:
+        return ops.normalize(input, weight, bias, running_mean, running_var, **settings)
+    return _normalize_epilogue(input, weight, bias, running_mean, running_var, extras, **settings)
+
+
 def batch_norm(
     input: Tensor,
     running_mean: Tensor | None,
@@ -90,21 +101,14 @@ def batch_norm(
     extras: see the module docstring."""
     validation.check_batch_norm(input, running_mean, running_var, weight, bias, training, eps)
     extras = _extras("batch_norm", input, scale, shift, residual, activation)
-    if extras is not None:
-        if not runs_triton(input):
-            y = F.batch_norm(
-                input, running_mean, running_var, weight, bias, training, momentum, eps
-            )
-            return _torch_epilogue(y, **extras)
-        return _normalize_epilogue(
-            input, weight, bias, running_mean, running_var, extras, use_input_stats=training,
-            reduce_batch=True, momentum=momentum, eps=eps,
-        )  # fmt: skip
-    if not runs_triton(input) or input.dim() == 1:  # 1-D: only an empty input passes the checks
-        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    return ops.normalize(
-        input, weight, bias, running_mean, running_var, use_input_stats=training,
-        reduce_batch=True, momentum=momentum, eps=eps,
+    torch_op = lambda: F.batch_norm(
+        input, running_mean, running_var, weight, bias, training, momentum, eps
+    )
+    if input.dim() == 1:  # only an empty input passes the checks: torch returns an empty tensor
+        return torch_op()
+    return _normalize(
+        input, torch_op, weight, bias, running_mean, running_var, extras,
+        use_input_stats=training, reduce_batch=True, momentum=momentum, eps=eps,
     )  # fmt: skip
 
 
@@ -131,23 +135,12 @@ def instance_norm(
         input, running_mean, running_var, weight, bias, use_input_stats, eps
     )
     extras = _extras("instance_norm", input, scale, shift, residual, activation)
-    if extras is not None:
-        if not runs_triton(input):
-            y = F.instance_norm(
-                input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps
-            )
-            return _torch_epilogue(y, **extras)
-        return _normalize_epilogue(
-            input, weight, bias, running_mean, running_var, extras,
-            use_input_stats=use_input_stats, reduce_batch=False, momentum=momentum, eps=eps,
-        )  # fmt: skip
-    if not runs_triton(input):
-        return F.instance_norm(
-            input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps
-        )
-    return ops.normalize(
-        input, weight, bias, running_mean, running_var, use_input_stats=use_input_stats,
-        reduce_batch=False, momentum=momentum, eps=eps,
+    torch_op = lambda: F.instance_norm(
+        input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps
+    )
+    return _normalize(
+        input, torch_op, weight, bias, running_mean, running_var, extras,
+        use_input_stats=use_input_stats, reduce_batch=False, momentum=momentum, eps=eps,
     )  # fmt: skip
 
 
@@ -169,16 +162,8 @@ def group_norm(
     is InstanceNorm without running statistics. Epilogue extras: see the module docstring."""
     num_groups = validation.check_group_norm(input, num_groups, weight, bias, eps)
     extras = _extras("group_norm", input, scale, shift, residual, activation)
-    if extras is not None:
-        if not runs_triton(input):
-            return _torch_epilogue(F.group_norm(input, num_groups, weight, bias, eps), **extras)
-        return _normalize_epilogue(
-            input, weight, bias, None, None, extras, use_input_stats=True, reduce_batch=False,
-            num_groups=num_groups, eps=eps,
-        )  # fmt: skip
-    if not runs_triton(input):
-        return F.group_norm(input, num_groups, weight, bias, eps)
-    return ops.normalize(
-        input, weight, bias, use_input_stats=True, reduce_batch=False, num_groups=num_groups,
-        eps=eps,
+    torch_op = lambda: F.group_norm(input, num_groups, weight, bias, eps)
+    return _normalize(
+        input, torch_op, weight, bias, None, None, extras, use_input_stats=True,
+        reduce_batch=False, num_groups=num_groups, eps=eps,
     )  # fmt: skip
