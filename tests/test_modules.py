@@ -48,13 +48,20 @@ def test_subclasses_torch(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_same_repr_keys_and_reset(name, kwargs):
     ours, ref = getattr(tn, name)(3, **kwargs), getattr(nn, name)(3, **kwargs)
+    attributes = ("num_features", "eps", "momentum", "affine", "track_running_stats")
+    _assert_same_module_api(ours, ref, attributes)
+
+
+def _assert_same_module_api(ours, ref, attributes):
+    """Same repr, state_dict keys and constructor attributes as torch's module, and
+    reset_parameters restores torch's initial state after every tensor is disturbed."""
     assert repr(ours) == repr(ref)
     assert list(ours.state_dict()) == list(ref.state_dict())
-    for a in ("num_features", "eps", "momentum", "affine", "track_running_stats"):
+    for a in attributes:
         assert getattr(ours, a) == getattr(ref, a), a
     for t in list(ours.parameters()) + list(ours.buffers()):
         with torch.no_grad():
-            t.add_(3)  # disturb everything, then reset must restore torch's initial state
+            t.add_(3)
     ours.reset_parameters()
     for (k, a), (k2, b) in zip(ours.state_dict().items(), ref.state_dict().items(), strict=True):
         assert k == k2
@@ -78,17 +85,7 @@ def test_group_norm_subclasses_torch():
 @pytest.mark.parametrize("args,kwargs", GN_VARIANTS)
 def test_group_norm_same_repr_keys_and_reset(args, kwargs):
     ours, ref = tn.GroupNorm(*args, **kwargs), nn.GroupNorm(*args, **kwargs)
-    assert repr(ours) == repr(ref)
-    assert list(ours.state_dict()) == list(ref.state_dict())
-    for a in ("num_groups", "num_channels", "eps", "affine"):
-        assert getattr(ours, a) == getattr(ref, a), a
-    for t in ours.parameters():
-        with torch.no_grad():
-            t.add_(3)  # disturb everything, then reset must restore torch's initial state
-    ours.reset_parameters()
-    for (k, a), (k2, b) in zip(ours.state_dict().items(), ref.state_dict().items(), strict=True):
-        assert k == k2
-        assert_bitwise_equal(a, b, k)
+    _assert_same_module_api(ours, ref, ("num_groups", "num_channels", "eps", "affine"))
 
 
 def _train_one_step(m, shape, device):
