@@ -43,7 +43,7 @@ def _norm_apply_kernel(
     res_stride_n, res_stride_c, res_stride_s,
     fwd_coef_ptr,  # (4, rows, C) forward coefficients, to recompute z in the backward, or None
     dres_ptr,  # residual gradient, same strides as x, or None (EPILOGUE backward)
-    slope,  # leaky_relu's negative slope
+    slope: tl.float64,  # leaky_relu's negative slope
     HAS_X: tl.constexpr,
     HAS_DY: tl.constexpr,
     EPILOGUE: tl.constexpr,  # scale/shift, residual or activation present

@@ -159,8 +159,16 @@ def tile_summary(x, mask, count, REDUCE_BATCH: tl.constexpr):
 @triton.jit
 def inverse_std(count, m2, eps):
     """1 / sqrt(biased variance + eps), correctly rounded (fp32's default ops are approximate;
-    fp64's are exact)."""
+    fp64's are exact).
+
+    Float scalar arguments (``eps``, ``momentum``, ``slope``) are declared ``tl.float64``: Triton
+    passes an undeclared float as float32, and float64 statistics showed the rounding on a GPU.
+    Float32 math casts them down where they are used, so it is not promoted to float64. The cast
+    is written out at each use, not in a helper: the interpreter rounds a Python float passed
+    into a jit function to float32."""
     var = m2 / tl.maximum(count, 1.0)
+    if var.dtype != tl.float64:
+        eps = tl.cast(eps, var.dtype)
     if var.dtype == tl.float64:
         return 1.0 / tl.sqrt(var + eps)
     else:
@@ -247,7 +255,10 @@ def _tanh(u):
 
 @triton.jit
 def activation(z, slope, ACTIVATION: tl.constexpr):
-    """act(z) for an activation code (0: identity); ``slope`` is leaky_relu's negative slope."""
+    """act(z) for an activation code (0: identity); ``slope`` is leaky_relu's negative slope
+    (a float64 scalar: inverse_std)."""
+    if z.dtype != tl.float64:
+        slope = tl.cast(slope, z.dtype)
     if ACTIVATION == RELU:
         out = tl.where(z > 0.0, z, 0.0)
     elif ACTIVATION == LEAKY_RELU:
@@ -266,6 +277,8 @@ def activation(z, slope, ACTIVATION: tl.constexpr):
 @triton.jit
 def activation_grad(z, slope, ACTIVATION: tl.constexpr):
     """d act / dz at z (torch's choice at the kinks: relu' (0) = 0, leaky' (0) = slope)."""
+    if z.dtype != tl.float64:
+        slope = tl.cast(slope, z.dtype)
     if ACTIVATION == RELU:
         out = tl.where(z > 0.0, 1.0, 0.0)
     elif ACTIVATION == LEAKY_RELU:

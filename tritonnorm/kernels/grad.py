@@ -59,7 +59,7 @@ def _norm_grad_partial_kernel(
     res_ptr,  # residual with its own strides, or None (EPILOGUE)
     res_stride_n, res_stride_c, res_stride_s,
     dres_ptr,  # residual gradient, same strides as x, or None; written only when FUSED
-    slope,  # leaky_relu's negative slope
+    slope: tl.float64,  # leaky_relu's negative slope
     REDUCE_BATCH: tl.constexpr,
     FUSED: tl.constexpr,  # whole reduction in this tile: write dx from registers
     # Sums of g = dy * act'(z) instead of dy (not with REDUCE_BATCH); when FUSED, dx from

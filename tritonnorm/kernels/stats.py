@@ -32,11 +32,11 @@ def _norm_stats_partial_kernel(
     K,  # channels per statistic (1: BatchNorm, InstanceNorm; C / num_groups: GroupNorm)
     stride_n, stride_c, stride_s,  # strides of x (and y)
     partial_stride_k, partial_stride_p,  # strides of the partials' first two axes
-    eps,
+    eps: tl.float64,  # float64 scalars: float64 inputs keep every digit (see inverse_std)
     scale_ptr, shift_ptr,  # (N, C) per-sample scale and shift, or None; read only when FUSED
     res_ptr,  # residual with its own strides, or None; read only when FUSED
     res_stride_n, res_stride_c, res_stride_s,
-    slope,  # leaky_relu's negative slope
+    slope: tl.float64,  # leaky_relu's negative slope
     REDUCE_BATCH: tl.constexpr,  # statistics over the batch axis too (BatchNorm)
     FUSED: tl.constexpr,  # the whole reduction is this tile: normalise in registers, write y
     EPILOGUE: tl.constexpr,  # y = act(y * scale + shift + residual) (common.pre_activation)
@@ -116,7 +116,7 @@ def _norm_stats_finalize_kernel(
     new_running_mean_ptr, new_running_var_ptr,  # (C,) updated running statistics, or None
     rows, C,
     K,  # channels per statistic
-    momentum, eps,
+    momentum: tl.float64, eps: tl.float64,  # float64: exact for float64 running statistics
     FROM_RUNNING: tl.constexpr,  # eval: statistics are the running ones (K = 1, one row)
     BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
@@ -170,6 +170,8 @@ def _norm_stats_finalize_kernel(
         c_mask = c < C
         running_mean = tl.load(running_mean_ptr + c, mask=c_mask, other=0.0).to(acc_dtype)
         running_var = tl.load(running_var_ptr + c, mask=c_mask, other=0.0).to(acc_dtype)
+        if acc_dtype != tl.float64:  # a float64 scalar (common.inverse_std)
+            momentum = tl.cast(momentum, acc_dtype)
         running_mean = (1.0 - momentum) * running_mean + momentum * (sum_mean / rows)
         running_var = (1.0 - momentum) * running_var + momentum * (sum_unbiased_var / rows)
         out_dtype = new_running_mean_ptr.dtype.element_ty
