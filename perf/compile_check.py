@@ -142,7 +142,8 @@ def recording(
             self, grid, candidates[:1], *a, **kw
         )
     try:
-        yield specs, scenario
+        with config.tuning_discarded():
+            yield specs, scenario
     finally:
         config.TunedKernel.launch = saved_launch
         config.target_programs = saved_programs

@@ -3,6 +3,12 @@
 Registering with ``torch.library`` lets ``torch.compile(fullgraph=True)`` trace models that use
 tritonnorm without graph breaks (the ops are opaque nodes with fake shape functions), and lets
 ``torch.library.opcheck`` verify the registration.
+
+Eager calls take a shorter road to the same implementations: an ``autograd.Function`` with the
+same context setup and backward. A custom op's Python dispatch (argument defaults filled, the
+autograd and backend layers re-entered, dynamo's guard around the kernel) cost several times
+the launches' own host time; :func:`normalize` and :func:`normalize_epilogue` use the ops only
+while torch.compile traces.
 """
 
 from __future__ import annotations
@@ -17,8 +23,7 @@ def _norm(use_input_stats: bool, reduce_batch: bool, num_groups: int) -> launch.
     return launch.Norm(reduce_batch, num_groups, use_input_stats)
 
 
-@torch.library.custom_op("tritonnorm::norm_forward", mutates_args=())
-def norm_forward(
+def _forward(
     input: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
@@ -48,6 +53,9 @@ def norm_forward(
         running_out=running_out,
     )  # fmt: skip
     return y, mean, rstd, new_mean, new_var
+
+
+norm_forward = torch.library.custom_op("tritonnorm::norm_forward", _forward, mutates_args=())
 
 
 def _new_running(input, running_mean, running_var, use_input_stats) -> tuple[Tensor, Tensor]:
@@ -92,7 +100,8 @@ def normalize(
     eps: float,
 ) -> Tensor:
     """norm_forward, then the running statistics copied into their buffers (one launch)."""
-    y, _, _, new_mean, new_var = norm_forward(
+    forward = norm_forward if torch.compiler.is_compiling() else _EagerNorm.apply
+    y, _, _, new_mean, new_var = forward(
         input, weight, bias, running_mean, running_var, use_input_stats, reduce_batch,
         num_groups, float(momentum), float(eps),
     )  # fmt: skip
@@ -102,8 +111,7 @@ def normalize(
     return y
 
 
-@torch.library.custom_op("tritonnorm::norm_backward", mutates_args=())
-def norm_backward(
+def _backward_impl(
     grad_output: Tensor,
     input: Tensor,
     weight: Tensor | None,
@@ -126,6 +134,11 @@ def norm_backward(
     return dx, dweight, dbias
 
 
+norm_backward = torch.library.custom_op(
+    "tritonnorm::norm_backward", _backward_impl, mutates_args=()
+)
+
+
 @norm_backward.register_fake
 def _norm_backward_fake(
     grad_output, input, weight, mean, rstd, use_input_stats, reduce_batch, num_groups,
@@ -146,21 +159,47 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(mean, rstd, new_mean, new_var)
 
 
-def _backward(ctx, grad_y, *_grad_statistics):
-    input, weight, mean, rstd = ctx.saved_tensors
-    needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
-    dx, dweight, dbias = norm_backward(
-        grad_y, input, weight, mean, rstd, *ctx.settings, needs_weight or needs_bias
-    )
-    return (
-        dx if needs_input else None,
-        dweight if needs_weight else None,
-        dbias.to(ctx.bias_dtype) if needs_bias else None,
-        *([None] * 7),
-    )
+def _backward_by(norm_backward_fn):
+    """The backward of norm_forward, computing with ``norm_backward_fn`` (the custom op, or in
+    eager its implementation)."""
+
+    def backward(ctx, grad_y, *_grad_statistics):
+        input, weight, mean, rstd = ctx.saved_tensors
+        needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        dx, dweight, dbias = norm_backward_fn(
+            grad_y, input, weight, mean, rstd, *ctx.settings, needs_weight or needs_bias
+        )
+        return (
+            dx if needs_input else None,
+            dweight if needs_weight else None,
+            dbias.to(ctx.bias_dtype) if needs_bias else None,
+            *([None] * 7),
+        )
+
+    return backward
 
 
-torch.library.register_autograd("tritonnorm::norm_forward", _backward, setup_context=_setup_context)
+torch.library.register_autograd(
+    "tritonnorm::norm_forward", _backward_by(norm_backward), setup_context=_setup_context
+)
+
+
+def _eager_function(name: str, forward, setup_context, backward) -> type:
+    """An autograd.Function running ``forward`` with the custom op's context setup and
+    backward: what eager calls use instead of the op (module docstring)."""
+
+    def forward_and_setup(ctx, *args):
+        # One method, not forward + setup_context: with setup_context, apply() binds default
+        # arguments through inspect.signature on every call.
+        output = forward(*args)
+        setup_context(ctx, args, output)
+        return output
+
+    methods = dict(forward=staticmethod(forward_and_setup), backward=staticmethod(backward))
+    return type(name, (torch.autograd.Function,), methods)
+
+
+_EagerNorm = _eager_function("_EagerNorm", _forward, _setup_context, _backward_by(_backward_impl))
 
 
 # --------------------------------------------------------------------------------------------
@@ -176,8 +215,7 @@ def _epilogue(scale, shift, residual, activation, slope) -> launch.Epilogue:
     return launch.Epilogue(_contiguous(scale), _contiguous(shift), residual, activation, slope)
 
 
-@torch.library.custom_op("tritonnorm::norm_epilogue_forward", mutates_args=())
-def norm_epilogue_forward(
+def _epilogue_forward(
     input: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
@@ -209,6 +247,11 @@ def norm_epilogue_forward(
     return y, mean, rstd, new_mean, new_var
 
 
+norm_epilogue_forward = torch.library.custom_op(
+    "tritonnorm::norm_epilogue_forward", _epilogue_forward, mutates_args=()
+)
+
+
 @norm_epilogue_forward.register_fake
 def _norm_epilogue_forward_fake(
     input, weight, bias, running_mean, running_var, scale, shift, residual, use_input_stats,
@@ -220,8 +263,7 @@ def _norm_epilogue_forward_fake(
     )  # fmt: skip
 
 
-@torch.library.custom_op("tritonnorm::norm_epilogue_backward", mutates_args=())
-def norm_epilogue_backward(
+def _epilogue_backward_impl(
     grad_output: Tensor,
     input: Tensor,
     weight: Tensor | None,
@@ -251,6 +293,11 @@ def norm_epilogue_backward(
     return tuple(
         t if t is not None else mean.new_empty(0) for t in (dx, dw, db, dscale, dshift, dres)
     )
+
+
+norm_epilogue_backward = torch.library.custom_op(
+    "tritonnorm::norm_epilogue_backward", _epilogue_backward_impl, mutates_args=()
+)
 
 
 @norm_epilogue_backward.register_fake
@@ -283,32 +330,45 @@ def _setup_epilogue_context(ctx, inputs, output):
     ctx.mark_non_differentiable(mean, rstd, new_mean, new_var)
 
 
-def _epilogue_backward(ctx, grad_y, *_grad_statistics):
-    input, weight, bias, mean, rstd, scale, shift, residual = ctx.saved_tensors
-    needs = ctx.needs_input_grad
-    param_grads = needs[1] or needs[2]
-    scale_grads = needs[5] or needs[6]
-    residual_grad = needs[7]
-    dx, dw, db, dscale, dshift, dres = norm_epilogue_backward(
-        grad_y, input, weight, bias, mean, rstd, scale, shift, residual, *ctx.settings,
-        param_grads, scale_grads, residual_grad,
-    )  # fmt: skip
-    bias_dtype, shift_dtype = ctx.dtypes
-    return (
-        dx if needs[0] else None,
-        dw if needs[1] else None,
-        db.to(bias_dtype) if needs[2] else None,
-        None,
-        None,
-        dscale if needs[5] else None,
-        dshift.to(shift_dtype) if needs[6] else None,
-        dres if needs[7] else None,
-        *([None] * 7),
-    )
+def _epilogue_backward_by(norm_epilogue_backward_fn):
+    """The backward of norm_epilogue_forward, computing with ``norm_epilogue_backward_fn``."""
+
+    def backward(ctx, grad_y, *_grad_statistics):
+        input, weight, bias, mean, rstd, scale, shift, residual = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        param_grads = needs[1] or needs[2]
+        scale_grads = needs[5] or needs[6]
+        residual_grad = needs[7]
+        dx, dw, db, dscale, dshift, dres = norm_epilogue_backward_fn(
+            grad_y, input, weight, bias, mean, rstd, scale, shift, residual, *ctx.settings,
+            param_grads, scale_grads, residual_grad,
+        )  # fmt: skip
+        bias_dtype, shift_dtype = ctx.dtypes
+        return (
+            dx if needs[0] else None,
+            dw if needs[1] else None,
+            db.to(bias_dtype) if needs[2] else None,
+            None,
+            None,
+            dscale if needs[5] else None,
+            dshift.to(shift_dtype) if needs[6] else None,
+            dres if needs[7] else None,
+            *([None] * 7),
+        )
+
+    return backward
 
 
 torch.library.register_autograd(
-    "tritonnorm::norm_epilogue_forward", _epilogue_backward, setup_context=_setup_epilogue_context
+    "tritonnorm::norm_epilogue_forward",
+    _epilogue_backward_by(norm_epilogue_backward),
+    setup_context=_setup_epilogue_context,
+)
+_EagerNormEpilogue = _eager_function(
+    "_EagerNormEpilogue",
+    _epilogue_forward,
+    _setup_epilogue_context,
+    _epilogue_backward_by(_epilogue_backward_impl),
 )
 
 
@@ -331,7 +391,8 @@ def normalize_epilogue(
     eps: float,
 ) -> Tensor:
     """norm_epilogue_forward, then the running statistics copied into their buffers."""
-    y, _, _, new_mean, new_var = norm_epilogue_forward(
+    forward = norm_epilogue_forward if torch.compiler.is_compiling() else _EagerNormEpilogue.apply
+    y, _, _, new_mean, new_var = forward(
         input, weight, bias, running_mean, running_var, scale, shift, residual, use_input_stats,
         reduce_batch, num_groups, float(momentum), float(eps), int(activation), float(slope),
     )  # fmt: skip

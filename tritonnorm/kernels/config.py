@@ -64,7 +64,7 @@ MAX_SPLIT = 1024
 LAUNCH_OPTIONS = {"enable_fp_fusion": True}
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Overrides:
     fused: bool | None = None
     split: int | None = None
@@ -72,7 +72,7 @@ class _Overrides:
 
 
 _overrides = _Overrides()
-_chosen: dict[str, str] = {}
+_chosen: dict[str, triton.Config] = {}
 
 
 @contextlib.contextmanager
@@ -99,7 +99,7 @@ def index_64(span: int) -> bool:
 
 def chosen_configs() -> dict[str, str]:
     """The config of the most recent launch of each kernel (for reports)."""
-    return dict(_chosen)
+    return {name: describe(config) for name, config in _chosen.items()}
 
 
 def reset_chosen_configs() -> None:
@@ -126,8 +126,15 @@ class Shape:
         return self.C // self.group_size
 
 
+def cdiv(a: int, b: int) -> int:
+    # Plain integer arithmetic, as _pow2: triton.cdiv is a jit-aware function, slow on the host.
+    return -(-a // b)
+
+
 def _pow2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
+    # Plain bit arithmetic: triton.next_power_of_2 is a jit-aware function, ~10x slower per call
+    # on the host, and the launchers call this dozens of times per op.
+    return 1 << (max(int(n), 1) - 1).bit_length()
 
 
 def _warps(tile: int) -> int:
@@ -171,6 +178,11 @@ def fused_blocks(shape: Shape, backward: bool = False, epilogue: bool = False) -
     erf GELU spilled on sm_90."""
     if _overrides.fused is False:
         return None
+    return _fused_blocks(shape, backward, epilogue)
+
+
+@functools.lru_cache(maxsize=4096)
+def _fused_blocks(shape: Shape, backward: bool, epilogue: bool) -> Blocks | None:
     small = backward or epilogue
     limit = (FUSED_GRAD_TILE_BYTES if small else FUSED_TILE_BYTES) // shape.acc_bytes
     if backward and epilogue:  # x, dy, the residual, z, g and du live together: half again
@@ -193,15 +205,17 @@ def fused_blocks(shape: Shape, backward: bool = False, epilogue: bool = False) -
     return reduced_n, block_g, block_k, _pow2(shape.S)
 
 
-def _split_candidates(shape: Shape, blocks: Blocks) -> list[int]:
+def _split_candidates(
+    shape: Shape, blocks: Blocks, programs: int, forced_split: int | None
+) -> list[int]:
     block_n, block_g, _, block_s = blocks
-    s_tiles = triton.cdiv(shape.S, block_s)
-    n_blocks = triton.cdiv(shape.N, block_n)
-    kept = triton.cdiv(shape.groups, block_g) * (1 if shape.reduce_batch else n_blocks)
+    s_tiles = cdiv(shape.S, block_s)
+    n_blocks = cdiv(shape.N, block_n)
+    kept = cdiv(shape.groups, block_g) * (1 if shape.reduce_batch else n_blocks)
     tiles = s_tiles * (n_blocks if shape.reduce_batch else 1)
-    if _overrides.split is not None:
-        return [max(1, _overrides.split)]
-    base = max(1, min(tiles, MAX_SPLIT, triton.cdiv(target_programs(), kept)))
+    if forced_split is not None:
+        return [max(1, forced_split)]
+    base = max(1, min(tiles, MAX_SPLIT, cdiv(programs, kept)))
     return sorted({base, max(1, base // 2), min(tiles, MAX_SPLIT, base * 2)})
 
 
@@ -210,17 +224,25 @@ _BLOCK_NAMES = ("BLOCK_N", "BLOCK_G", "BLOCK_K", "BLOCK_S")
 
 def reduction_configs(
     shape: Shape, fused: bool, backward: bool = False, epilogue: bool = False
-) -> list[triton.Config]:
+) -> tuple[triton.Config, ...]:
     """Candidates for the statistics / gradient-sum kernels, heuristic choice first. With an
     ``epilogue`` the streamed gradient-sum tiles are halved, quartered for float64 (recomputing
-    the pre-activation and a GELU's derivative spilled on sm_90 at the plain tiles)."""
+    the pre-activation and a GELU's derivative spilled on sm_90 at the plain tiles). Cached per
+    shape (and test override and device size): the same tuple object for the same launch."""
+    return _reduction_configs(shape, fused, backward, epilogue, _overrides, target_programs())
+
+
+@functools.lru_cache(maxsize=4096)
+def _reduction_configs(
+    shape: Shape, fused: bool, backward: bool, epilogue: bool, overrides: _Overrides, programs: int
+) -> tuple[triton.Config, ...]:
     if fused:
         blocks = fused_blocks(shape, backward, epilogue)
         assert blocks is not None
         words = math.prod(blocks) * shape.acc_bytes // 4  # 32-bit registers
         kw = dict(zip(_BLOCK_NAMES, blocks, strict=True), SPLIT=1)
         warps = sorted({_warps(words), min(2 * _warps(words), MAX_WARPS)})
-        return [triton.Config(kw, num_warps=w) for w in warps]
+        return tuple(triton.Config(kw, num_warps=w) for w in warps)
     configs = []
     tiles = (4096, *STREAM_TILES[:-1]) if not INTERPRET else (4096,)
     if epilogue:  # float64 values take two registers each: a quarter
@@ -228,13 +250,14 @@ def reduction_configs(
     for tile in tiles:
         blocks = _blocks(shape, tile)
         warps = _warps(math.prod(blocks))
-        for split in _split_candidates(shape, blocks):
+        for split in _split_candidates(shape, blocks, programs, overrides.split):
             kw = dict(zip(_BLOCK_NAMES, blocks, strict=True), SPLIT=split)
             configs.append(triton.Config(kw, num_warps=warps))
     return _unique(configs)
 
 
-def apply_configs(shape: Shape, epilogue: bool = False) -> list[triton.Config]:
+@functools.lru_cache(maxsize=4096)
+def apply_configs(shape: Shape, epilogue: bool = False) -> tuple[triton.Config, ...]:
     """Candidates for the elementwise apply kernel (y or dx), heuristic choice first. It reads
     per-(sample, channel) coefficients: tiles as for one-channel statistics of each sample. With
     an ``epilogue``, float64 tiles are halved (a GELU's recomputed derivative spilled)."""
@@ -255,6 +278,7 @@ FINALIZE_TILE = 1024
 FINALIZE_CHANNELS = 128
 
 
+@functools.lru_cache(maxsize=4096)
 def finalize_blocks(rows: int, groups: int, group_size: int) -> tuple[int, int, int]:
     """(BLOCK_R, BLOCK_G, BLOCK_K) of the finalize kernels."""
     block_k = _pow2(group_size)
@@ -263,14 +287,32 @@ def finalize_blocks(rows: int, groups: int, group_size: int) -> tuple[int, int, 
     return block_r, block_g, block_k
 
 
-def _unique(configs: list[triton.Config]) -> list[triton.Config]:
+def _unique(configs: list[triton.Config]) -> tuple[triton.Config, ...]:
     seen, out = set(), []
     for cfg in configs:
         ident = (tuple(sorted(cfg.kwargs.items())), cfg.num_warps)
         if ident not in seen:
             seen.add(ident)
             out.append(cfg)
-    return out
+    return tuple(out)
+
+
+@contextlib.contextmanager
+def tuning_discarded() -> Iterator[None]:
+    """Within the block, autotuning results are not kept. For launches that only record their
+    specialisations (perf.compile_check, perf.gpu's warm stage): their "timings" are of no
+    kernel, and since the autotune key is the shapes, strides and dtypes, meta tensors' results
+    would otherwise become the GPU's choice for the same shapes (on the first H100 run every
+    tuned launch kept its first candidate this way)."""
+    saved = [(k, dict(k._best), dict(k.tuned.cache)) for k in TunedKernel.instances]
+    try:
+        yield
+    finally:
+        for kernel, best, cache in saved:
+            kernel._best.clear()
+            kernel._best.update(best)
+            kernel.tuned.cache.clear()
+            kernel.tuned.cache.update(cache)
 
 
 def describe(config: triton.Config) -> str:
@@ -278,12 +320,27 @@ def describe(config: triton.Config) -> str:
     return " ".join([*parts, f"warps={config.num_warps}"])
 
 
+def _tuning_bench(kernel_call: Callable, quantiles: tuple[float, ...]):
+    """Times one autotune candidate: the driver's benchmarker with a shorter warm-up and fewer
+    repeats than Triton's default (25 ms + 100 ms per candidate, over a second for each new shape
+    of a training step); 25 ms still takes a hundred samples of these kernels."""
+    from triton.runtime import driver
+
+    return driver.active.get_benchmarker()(kernel_call, quantiles=quantiles, warmup=5, rep=25)
+
+
 class TunedKernel:
     """A ``@triton.jit`` kernel launched with per-shape candidate configs.
 
-    ``launch(grid, candidates, *args, **kwargs)`` runs the kernel and returns the config used.
-    ``grid`` is a function of the config's meta-parameters. The kernel must be idempotent (no
-    state updates): autotuning runs every candidate several times.
+    ``launch(grid, candidates, *args, tune_key=..., **kwargs)`` runs the kernel and returns the
+    config used. ``grid`` is a function of the config's meta-parameters. The kernel must be
+    idempotent (no state updates): autotuning runs every candidate several times.
+
+    The first launch of a (candidates, ``tune_key``) pair goes through ``triton.autotune``; its
+    winner is remembered here and later launches call the kernel directly with it: the
+    autotuner's per-call key building (a scan of every argument) cost more host time than the
+    launch itself. ``candidates`` are the cached tuples of :func:`reduction_configs` /
+    :func:`apply_configs`, so equal candidates mean an equally valid set of configs.
     """
 
     # Placeholders: triton.autotune only tunes when it holds more than one config; the real
@@ -292,26 +349,37 @@ class TunedKernel:
         triton.Config({}, num_warps=4),
         triton.Config({}, num_warps=8),
     ]
+    instances: ClassVar[list[TunedKernel]] = []
 
     def __init__(self, fn, key: list[str]):
         self.fn = fn
         self.name = fn.__name__
         self._candidates: list[triton.Config] = []
+        self._best: dict[tuple, triton.Config] = {}
         self.tuned = triton.autotune(
             configs=self._PLACEHOLDERS,
             key=key,
             prune_configs_by={"early_config_prune": lambda configs, nargs, **kw: self._candidates},
+            do_bench=_tuning_bench,
         )(fn)
+        TunedKernel.instances.append(self)
 
     def launch(
-        self, grid: Callable[[dict], tuple[int, ...]], candidates: list[triton.Config], *args, **kw
+        self,
+        grid: Callable[[dict], tuple[int, ...]],
+        candidates: tuple[triton.Config, ...],
+        *args,
+        tune_key: object = None,
+        **kw,
     ) -> triton.Config:
-        self._candidates = candidates
         if INTERPRET or len(candidates) == 1 or _overrides != _Overrides():
             config = candidates[0]
-            self.fn[grid](*args, **kw, **config.all_kwargs(), **LAUNCH_OPTIONS)
-        else:
+        elif (config := self._best.get((candidates, tune_key))) is None:
+            self._candidates = list(candidates)
             self.tuned[grid](*args, **kw, **LAUNCH_OPTIONS)
-            config = self.tuned.best_config
-        _chosen[self.name] = describe(config)
+            config = self._best[candidates, tune_key] = self.tuned.best_config
+            _chosen[self.name] = config
+            return config
+        self.fn[grid](*args, **kw, **config.all_kwargs(), **LAUNCH_OPTIONS)
+        _chosen[self.name] = config
         return config

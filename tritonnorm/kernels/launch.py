@@ -18,12 +18,12 @@ pre-activation from x and the saved statistics instead of saving it.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import triton
 
 from . import config
 from .apply import _norm_apply_kernel
@@ -166,7 +166,7 @@ class Reduction:
     def acc_dtype(self) -> torch.dtype:
         return acc_dtype(self.dtype)
 
-    @property
+    @functools.cached_property
     def shape(self) -> config.Shape:
         v = self.view
         return config.Shape(
@@ -184,63 +184,95 @@ class Reduction:
 
     def stats_programs(self, meta: dict) -> int:
         """Programs along the kept axes of a reduction launched with blocks ``meta``."""
-        blocks = triton.cdiv(self.groups, meta["BLOCK_G"])
-        return blocks if self.reduce_batch else blocks * triton.cdiv(self.view.N, meta["BLOCK_N"])
+        blocks = config.cdiv(self.groups, meta["BLOCK_G"])
+        return blocks if self.reduce_batch else blocks * config.cdiv(self.view.N, meta["BLOCK_N"])
 
     def finalize_grid(self, ordered_rows: bool) -> tuple[tuple[int, int], dict]:
         """Grid and blocks of a finalize kernel. ``ordered_rows``: the kernel sums over rows
         (running statistics, parameter gradients), so one program walks all rows of its groups."""
         block_r, block_g, block_k = config.finalize_blocks(self.rows, self.groups, self.group_size)
-        row_programs = 1 if ordered_rows else triton.cdiv(self.rows, block_r)
-        grid = (triton.cdiv(self.groups, block_g), row_programs)
+        row_programs = 1 if ordered_rows else config.cdiv(self.rows, block_r)
+        grid = (config.cdiv(self.groups, block_g), row_programs)
         return grid, dict(BLOCK_R=block_r, BLOCK_G=block_g, BLOCK_K=block_k)
 
 
-def _flat_view(t: torch.Tensor) -> View | None:
-    """(N, C, S) strides of t, or None when its spatial axes cannot share one stride."""
-    sizes_strides = zip(t.shape[2:], t.stride()[2:], strict=True)
-    spatial = [(size, stride) for size, stride in sizes_strides if size != 1]
+# Views and plans are pure functions of (sizes, strides, dtype, settings), cached: a training
+# step sees a handful of shapes, and recomputing them was a large share of each call's host time.
+
+
+@functools.lru_cache(maxsize=4096)
+def _flat_view(sizes: tuple[int, ...], strides: tuple[int, ...]) -> View | None:
+    """(N, C, S) view of a tensor of these sizes and strides, or None when its spatial axes
+    cannot share one stride."""
+    spatial = [
+        (size, stride) for size, stride in zip(sizes[2:], strides[2:], strict=True) if size != 1
+    ]
     for (_, outer), (inner_size, inner) in itertools.pairwise(spatial):
         if outer != inner * inner_size:
             return None
     S = 1
-    for size in t.shape[2:]:
+    for size in sizes[2:]:
         S *= size
     stride_s = spatial[-1][1] if spatial else 1
-    return View(t.shape[0], t.shape[1], S, t.stride(0), t.stride(1), stride_s)
+    return View(sizes[0], sizes[1], S, strides[0], strides[1], stride_s)
+
+
+def _packed(sizes: Sequence[int], strides: Sequence[int]) -> bool:
+    """Row-major contiguous (strides of size-1 axes ignored, as torch does)."""
+    expected = 1
+    for size, stride in zip(reversed(sizes), reversed(strides), strict=True):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+@functools.lru_cache(maxsize=4096)
+def _dense(sizes: tuple[int, ...], strides: tuple[int, ...]) -> bool:
+    if 0 in sizes or _packed(sizes, strides):
+        return True
+    order = (0, *range(2, len(sizes)), 1)  # channels last
+    return _packed([sizes[i] for i in order], [strides[i] for i in order])
 
 
 def is_dense(t: torch.Tensor) -> bool:
     """Contiguous in NC* or N*C (channels last) order: handled natively, output alike."""
-    return t.is_contiguous() or t.movedim(1, -1).is_contiguous()
+    try:
+        return _dense(tuple(t.shape), t.stride())
+    except TypeError:  # symbolic sizes (fake tensors while torch.compile traces): not hashable
+        return t.is_contiguous() or t.movedim(1, -1).is_contiguous()
 
 
-def input_view(x: torch.Tensor, fold_batch: bool) -> tuple[torch.Tensor, View]:
-    """x (densified if needed: one copy, documented) and its kernel view. When the batch axis is
-    reduced (``fold_batch``), a layout where it continues the spatial one (channels last, or
-    S == 1) is seen as one long spatial axis (N = 1), so tiles never straddle samples."""
-    if not is_dense(x):
-        x = x.contiguous()
-    view = _flat_view(x)
+@functools.lru_cache(maxsize=4096)
+def _plan(
+    sizes: tuple[int, ...], strides: tuple[int, ...], dtype: torch.dtype, norm: Norm, fold: bool
+) -> Reduction:
+    view = _flat_view(sizes, strides)
     assert view is not None
-    if fold_batch and view.N > 1 and (view.S == 1 or view.stride_n == view.S * view.stride_s):
+    # With the batch axis reduced (``fold``), a layout where it continues the spatial one
+    # (channels last, or S == 1) is seen as one long spatial axis (N = 1): tiles never straddle
+    # samples.
+    if fold and view.N > 1 and (view.S == 1 or view.stride_n == view.S * view.stride_s):
         stride_s = view.stride_n if view.S == 1 else view.stride_s
         view = View(1, view.C, view.N * view.S, view.N * view.S * stride_s, view.stride_c, stride_s)
-    return x, view
+    groups = norm.stats_shape(sizes)[1]
+    return Reduction(view, view.C // max(groups, 1), norm.batch_reduced, dtype)
 
 
 def plan(x: torch.Tensor, norm: Norm, fold_batch: bool = True) -> tuple[torch.Tensor, Reduction]:
-    """x (densified if needed) and the :class:`Reduction` of ``norm`` over it. ``fold_batch=False``
-    keeps the sample axis even when the batch is reduced (per-sample scale/shift need it)."""
-    x, view = input_view(x, fold_batch=norm.batch_reduced and fold_batch)
-    groups = norm.stats_shape(x.shape)[1]
-    return x, Reduction(view, view.C // max(groups, 1), norm.batch_reduced, x.dtype)
+    """x (densified if needed: one copy, documented) and the :class:`Reduction` of ``norm`` over
+    it. ``fold_batch=False`` keeps the sample axis even when the batch is reduced (per-sample
+    scale/shift need it)."""
+    if not is_dense(x):
+        x = x.contiguous()
+    fold = norm.batch_reduced and fold_batch
+    return x, _plan(tuple(x.shape), x.stride(), x.dtype, norm, fold)
 
 
 def grad_view(dy: torch.Tensor, x: torch.Tensor, x_view: View) -> tuple[torch.Tensor, View]:
     """dy seen with x's (N, C, S) geometry: its own strides where possible, else a copy in x's
     layout."""
-    view = _flat_view(dy)
+    view = _flat_view(tuple(dy.shape), dy.stride())
     if view is not None and (view.N, view.S) == (x_view.N, x_view.S):
         return dy, view
     # x's batch axis may have been folded into S: dy must fold the same way.
@@ -283,6 +315,7 @@ def stats_partials(
     used = _stats_partial.launch(
         lambda meta: (red.stats_programs(meta), meta["SPLIT"]),
         candidates,
+        tune_key=red,
         x_ptr=x, y_ptr=fused_y, weight_ptr=weight, bias_ptr=bias, partial_ptr=partials,
         **red.kernel_args(),
         partial_stride_k=partials.stride(0), partial_stride_p=partials.stride(1), eps=eps,
@@ -354,11 +387,12 @@ def apply(
     view = red.view
     _apply.launch(
         lambda meta: (
-            triton.cdiv(view.N, meta["BLOCK_N"])
-            * triton.cdiv(view.C, meta["BLOCK_C"])
-            * triton.cdiv(view.S, meta["BLOCK_S"]),
+            config.cdiv(view.N, meta["BLOCK_N"])
+            * config.cdiv(view.C, meta["BLOCK_C"])
+            * config.cdiv(view.S, meta["BLOCK_S"]),
         ),
         config.apply_configs(red.shape, epilogue=epilogue_args["EPILOGUE"]),
+        tune_key=(red, dy_view),
         x_ptr=x, dy_ptr=dy, out_ptr=out, coef_ptr=coef,
         N=view.N, C=view.C, S=view.S,
         stride_n=view.stride_n, stride_c=view.stride_c, stride_s=view.stride_s,
@@ -447,6 +481,7 @@ def grad_partials(
     used = _grad_partial.launch(
         lambda meta: (red.stats_programs(meta), meta["SPLIT"]),
         candidates,
+        tune_key=(red, dy_view),
         x_ptr=x, dy_ptr=dy, dx_ptr=fused_dx, mean_ptr=mean, rstd_ptr=rstd, weight_ptr=weight,
         bias_ptr=bias, partial_ptr=partials, **red.kernel_args(), **epilogue_args,
         dres_ptr=d_residual,
