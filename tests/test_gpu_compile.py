@@ -188,8 +188,11 @@ def test_recording_leaves_no_autotune_results_behind():
         "with recording(90) as (specs, scenario):\n"
         "    for label, thunk in todo:\n"
         "        thunk()\n"
-        "    inside = count()\n"
-        "print(inside, count())"
+        "    inside, log = count(), config.tuning_log()\n"
+        "chosen = {}\n"
+        "for kernel, key, cfg, ms, best in log:\n"
+        "    chosen[kernel, key] = chosen.get((kernel, key), 0) + best\n"
+        "print((set(chosen.values()), len(log), len(config.tuning_log()), inside, count()))"
     )
     proc = subprocess.run(
         [sys.executable, "-c", code],
@@ -200,6 +203,9 @@ def test_recording_leaves_no_autotune_results_behind():
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    inside, after = map(int, proc.stdout.split()[-2:])
+    chosen, logged, logged_after, inside, after = eval(proc.stdout.strip().splitlines()[-1])
     assert inside > 0, "the recording no longer autotunes: this test checks nothing"
     assert after == 0
+    # While it lasted, the tuning log held every candidate, one chosen per launch; after, none.
+    assert logged > 0 and chosen == {1}
+    assert logged_after == 0

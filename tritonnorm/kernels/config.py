@@ -97,6 +97,23 @@ def index_64(span: int) -> bool:
     return _overrides.index_64 if _overrides.index_64 is not None else span >= INT32_SPAN
 
 
+# What autotuning measured: (kernel, tune key, config, median ms, chosen), for reports.
+_tuning: list[tuple[str, str, str, float, bool]] = []
+_TUNING_LOG_MAX = 20000
+
+
+def _record_tuning(name: str, tune_key, best: triton.Config, timings: dict) -> None:
+    for config, t in timings.items():
+        if len(_tuning) < _TUNING_LOG_MAX:
+            median = t[0] if isinstance(t, list | tuple) else t
+            _tuning.append((name, repr(tune_key), describe(config), float(median), config is best))
+
+
+def tuning_log() -> list[tuple[str, str, str, float, bool]]:
+    """Every autotuned launch's candidates, as (kernel, tune key, config, median ms, chosen)."""
+    return list(_tuning)
+
+
 def chosen_configs() -> dict[str, str]:
     """The config of the most recent launch of each kernel (for reports)."""
     return {name: describe(config) for name, config in _chosen.items()}
@@ -305,9 +322,11 @@ def tuning_discarded() -> Iterator[None]:
     would otherwise become the GPU's choice for the same shapes (on the first H100 run every
     tuned launch kept its first candidate this way)."""
     saved = [(k, dict(k._best), dict(k.tuned.cache)) for k in TunedKernel.instances]
+    logged = len(_tuning)
     try:
         yield
     finally:
+        del _tuning[logged:]
         for kernel, best, cache in saved:
             kernel._best.clear()
             kernel._best.update(best)
@@ -379,6 +398,7 @@ class TunedKernel:
             self.tuned[grid](*args, **kw, **LAUNCH_OPTIONS)
             config = self._best[candidates, tune_key] = self.tuned.best_config
             _chosen[self.name] = config
+            _record_tuning(self.name, tune_key, config, getattr(self.tuned, "configs_timings", {}))
             return config
         self.fn[grid](*args, **kw, **config.all_kwargs(), **LAUNCH_OPTIONS)
         _chosen[self.name] = config
