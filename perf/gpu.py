@@ -10,8 +10,9 @@ ones leave goes to the later ones, and each stops cleanly at its deadline and wr
 soon as it ends (a later crash loses nothing). Every case's exception is recorded as a failure.
 
 1. env: GPU, SM count, L2, driver, torch, triton; device-to-device copy bandwidth (read + write).
-2. warm: compile what stages 3-4 launch, one process per core, into Triton's cache (on a fresh
-   machine the JIT would otherwise compile some 2000 specialisations one after another).
+2. warm: compile what stages 3-4 launch (the fused epilogues' kernels included), one process per
+   core, into Triton's cache (on a fresh machine the JIT would otherwise compile some 2500
+   specialisations one after another).
 3. correctness: every kernel path (BN train / eval, IN with and without running statistics, GN;
    fused and split forced both ways; forward + backward) x contiguous / channels_last / strided x
    float32 / bfloat16 / float16 / float64 x odd shapes, the large-offset and long-reduction
@@ -123,7 +124,8 @@ class Run:
         todo = [
             ("sweep", functools.partial(safe, sweep, *c)) for c in self.cases() if c != ("big",)
         ]
-        todo += [(label, functools.partial(safe, fn)) for label, fn in cc.scenarios(shape_set)
+        scenarios = itertools.chain(cc.scenarios(shape_set), cc.epilogue_scenarios(shape_set))
+        todo += [(label, functools.partial(safe, fn)) for label, fn in scenarios
                  if label.split()[-3] in timed]  # fmt: skip
         arch = int(self.env["capability"].replace(".", ""))
         specs = cc.record(arch, shape_set, sms=self.env["sm_count"], todo=todo)
