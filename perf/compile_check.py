@@ -172,6 +172,29 @@ def _run_norm(x, norm, affine=True, running=True, param_dtype=None):
     launch.backward(torch.empty_like(x), x, w, mean, rstd, norm=norm, param_grads=affine)
 
 
+def _run_epilogue(x, norm, epilogue, running: bool):
+    """An op with a fused epilogue (``perf.ops.Epilogue``) as tritonnorm's custom ops launch it:
+    the forward (running statistics updated into new buffers), then the backward with every
+    gradient (weight, bias, and scale and shift or the residual)."""
+    from tritonnorm.kernels import launch
+
+    (n, c), dt = x.shape[:2], x.dtype
+    w, b = _meta((c,), dt), _meta((c,), dt)
+    rm, rv = (_meta((c,), dt), _meta((c,), dt)) if running else (None, None)
+    scale = shift = None
+    if epilogue.scale_shift:
+        scale, shift = _meta((n, c), dt), _meta((n, c), dt)
+    residual = torch.empty_like(x) if epilogue.residual else None  # in x's layout
+    code = launch.ACTIVATIONS[epilogue.activation] if epilogue.activation else 0
+    ep = launch.Epilogue(scale, shift, residual, code)
+    out = (_meta((c,), dt), _meta((c,), dt)) if running else None
+    _, mean, rstd = launch.forward(x, w, b, rm, rv, norm=norm, momentum=0.1, eps=1e-5,
+                                   running_out=out, epilogue=ep)  # fmt: skip
+    launch.backward_epilogue(torch.empty_like(x), x, w, b, mean, rstd, ep, norm=norm,
+                             param_grads=True, scale_grads=epilogue.scale_shift,
+                             residual_grad=epilogue.residual)  # fmt: skip
+
+
 def _run_sync(x, param_dtype, world=2):
     """SyncBatchNorm's own function, forward and backward, its collectives replaced."""
     from unittest import mock
@@ -238,6 +261,31 @@ def scenarios(shape_set: str) -> Iterator[tuple[str, Callable[[], None]]]:
             f"{kind} float64 {shape_str(shape)}",
             functools.partial(_run_norm, _meta(shape, torch.float64), norm),
         )
+
+
+def epilogue_scenarios(shape_set: str) -> Iterator[tuple[str, Callable[[], None]]]:
+    """(label, thunk) for the fused-epilogue ops the report times (``perf.ops.OPS`` with an
+    epilogue) over their shape classes, every dtype and layout; labels as ``scenarios``'."""
+    from perf.ops import NORMS, OPS
+    from tritonnorm.kernels.launch import Norm
+
+    table = SETS[shape_set]
+    fused = {(op.norm, op.epilogue): op.shape_classes for op in OPS.values() if op.epilogue}
+    for (dname, dtype), layout in itertools.product(DTYPES.items(), LAYOUTS):
+        for (norm, epilogue), classes in fused.items():
+            name, kw, running = NORMS[norm]
+            for shape in [s for c in classes for s in table.get(c, [])]:
+                launch_norm = (
+                    Norm(False, num_groups=math.gcd(shape[1], 32)) if name == "group_norm"
+                    else Norm(name == "batch_norm",
+                              use_input_stats=kw.get("training", kw.get("use_input_stats", True)))
+                )  # fmt: skip
+                yield (
+                    f"{norm}+{epilogue.tag} {shape_str(shape)} {layout} {dname}",
+                    functools.partial(
+                        _run_epilogue, _meta(shape, dtype, layout), launch_norm, epilogue, running
+                    ),
+                )
 
 
 def record(arch: int, shape_set: str, heuristic=False, sms=None, todo=None) -> list[Spec]:

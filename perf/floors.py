@@ -26,10 +26,20 @@ NEGLIGIBLE_PASSES = 0.05
 #   fwd : read x for the statistics [, read x again], write y
 #   bwd : read x, dy for the per-group sums [, read x, dy again], write dx
 #   eval: read x, write y (statistics are given)
+# The rule: every input-sized tensor a pass needs is read in that pass; each input-sized output
+# is written once. The fused epilogue y = act((x_hat * w + b) * scale + shift + residual) adds
+# nothing with per-sample scale and shift ((N, C): per-channel traffic) and an elementwise
+# activation (its derivative is recomputed from x where dy is read). An input-sized residual r,
+# with an activation, is a tensor of its own ("+residual" stages):
+#   fwd+residual: read x for the statistics [, read x again], read r, write y
+#   bwd+residual: read x, dy, r for the sums (r: the pre-activation z = x_hat*w + b + r, whose
+#                 sign / derivative gates dy) [, read x, dy, r again], write dx, dr
 FLOOR_PASSES: dict[str, tuple[int, int]] = {
     "fwd": (2, 3),
     "bwd": (3, 5),
     "eval": (2, 2),
+    "fwd+residual": (3, 4),
+    "bwd+residual": (5, 8),
 }
 
 
@@ -43,7 +53,7 @@ def fits_on_chip(group_numel: int | None) -> bool:
 
 
 def floor_passes(stage: str, group_numel: int | None) -> int:
-    """Passes over the input at the floor for one stage ("fwd", "bwd" or "eval")."""
+    """Passes over the input at the floor for one stage (a ``FLOOR_PASSES`` key)."""
     on_chip, streamed = FLOOR_PASSES[stage]
     return on_chip if fits_on_chip(group_numel) else streamed
 

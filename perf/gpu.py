@@ -10,14 +10,18 @@ ones leave goes to the later ones, and each stops cleanly at its deadline and wr
 soon as it ends (a later crash loses nothing). Every case's exception is recorded as a failure.
 
 1. env: GPU, SM count, L2, driver, torch, triton; device-to-device copy bandwidth (read + write).
-2. warm: compile what stages 3-4 launch, one process per core, into Triton's cache (on a fresh
-   machine the JIT would otherwise compile some 2000 specialisations one after another).
+2. warm: compile what stages 3-4 launch (the fused epilogues' kernels included), one process per
+   core, into Triton's cache (on a fresh machine the JIT would otherwise compile some 2500
+   specialisations one after another).
 3. correctness: every kernel path (BN train / eval, IN with and without running statistics, GN;
    fused and split forced both ways; forward + backward) x contiguous / channels_last / strided x
    float32 / bfloat16 / float16 / float64 x odd shapes, the large-offset and long-reduction
    numerics, and (GPU only) one bf16 tensor of more than 2**31 elements; against torch in float64
    by the suite's tolerances, outputs poisoned with NaN first, a second call bitwise equal.
-4. timing: the report's quick set (perf/report.py): tritonnorm vs eager vs torch.compile.
+4. timing: the report's quick set (perf/report.py): tritonnorm vs eager vs torch.compile, the
+   fused epilogues (GroupNorm + scale/shift + SiLU, BatchNorm + residual + ReLU) against the same
+   composition in torch. Per case and provider: the time per call (do_bench, host overhead
+   included), the time under CUDA-graph replay (the GPU's alone) and the peak memory of a call.
 5. pytest: the suite natively with what is left (SyncBatchNorm's multi-process tests and the
    CPU-side tools excluded), in a subprocess with a wall-clock limit.
 
@@ -120,7 +124,8 @@ class Run:
         todo = [
             ("sweep", functools.partial(safe, sweep, *c)) for c in self.cases() if c != ("big",)
         ]
-        todo += [(label, functools.partial(safe, fn)) for label, fn in cc.scenarios(shape_set)
+        scenarios = itertools.chain(cc.scenarios(shape_set), cc.epilogue_scenarios(shape_set))
+        todo += [(label, functools.partial(safe, fn)) for label, fn in scenarios
                  if label.split()[-3] in timed]  # fmt: skip
         arch = int(self.env["capability"].replace(".", ""))
         specs = cc.record(arch, shape_set, sms=self.env["sm_count"], todo=todo)
@@ -379,7 +384,8 @@ class Run:
         print(f"{'stage':<12} {'seconds':>7}  status")
         for name, (status, sec) in self.status.items():
             print(f"{name:<12} {sec:>7.1f}  {status[:110]}")
-        print(f"worst fraction of copy {head['worst_frac_of_copy']}; slowest speedup (x) vs eager "
+        print(f"worst fraction of copy {head['worst_frac_of_copy']} (graph replay "
+              f"{head['worst_graph_frac_of_copy']}); slowest speedup (x) vs eager "
               f"{head['min_vs_eager']}, vs compile {head['min_vs_compile']}; out: {self.out}")  # fmt: skip
         return 1 if any(s.startswith(("FAIL", "CRASHED")) for s, _ in self.status.values()) else 0
 

@@ -1,12 +1,16 @@
 """One declarative description per benchmarked op, and the inputs every runner builds from it.
 
 A norm joins the report and the GPU sweep by adding one row to ``NORMS`` (which torch.nn.functional
-/ tritonnorm function, with which keywords) and one ``OpSpec`` per stage set to ``OPS``. Every op
-function takes ``(x, running_mean, running_var, weight, bias)``; ``None`` where unused.
+/ tritonnorm function, with which keywords) and one ``OpSpec`` per stage set to ``OPS``; a fused
+epilogue (per-sample scale and shift, residual, activation) is an ``Epilogue`` of the ``OpSpec``
+on one of those norms. Every op function takes ``(x, running_mean, running_var, weight, bias,
+*extras)``: ``None`` where unused, then the epilogue's extra tensors (``Epilogue.extras``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,31 +35,88 @@ NORMS: dict[str, tuple[str, dict, bool]] = {
 }
 
 
-def norm_fn(norm: str, tritonnorm: bool) -> Callable:
-    """The op function of ``norm``: torch.nn.functional's, or tritonnorm's (imported on first
-    call: TRITON_INTERPRET must be decided before tritonnorm is imported)."""
+# The epilogue's activations as torch composes them (the references, eager and torch.compile).
+ACTIVATIONS: dict[str, Callable] = {
+    "relu": F.relu,
+    "leaky_relu": F.leaky_relu,  # tritonnorm's default slope is torch's, 0.01
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
+}
+# Activations with a kink at 0: where the pre-activation z is within rounding error of 0, a float32
+# result may fall on the other side than the float64 reference, and its gradient differs by all of
+# dy (eager float32 does, once in the 25.7M elements of ResNet's (32, 256, 56, 56)). Inputs with a
+# residual are kept at least KINK_CLEARANCE off it (OpSpec.inputs); values do not change timings.
+KINKED = ("relu", "leaky_relu")
+KINK_CLEARANCE = 1e-3
+
+
+@dataclass(frozen=True)
+class Epilogue:
+    """A fused epilogue, y = act((x_hat * w + b) * scale + shift + residual). The op function
+    takes its extra tensors positionally after ``bias``, in ``extras`` order: ``scale`` and
+    ``shift`` of shape (N, C) (scale is the caller's ``1 + scale``, as a diffusion block passes
+    it), ``residual`` of the input's shape and layout."""
+
+    scale_shift: bool = False
+    residual: bool = False
+    activation: str | None = None
+
+    @property
+    def extras(self) -> tuple[str, ...]:
+        return ("scale", "shift")[: 2 * self.scale_shift] + ("residual",)[: int(self.residual)]
+
+    @property
+    def tag(self) -> str:
+        return "_".join([*self.extras, *([self.activation] if self.activation else [])])
+
+    def keywords(self, *extras: torch.Tensor) -> dict:
+        """tritonnorm's keyword arguments for the extra tensors."""
+        return {**dict(zip(self.extras, extras, strict=True)), "activation": self.activation}
+
+    def compose(self, y: torch.Tensor, *extras: torch.Tensor) -> torch.Tensor:
+        """The same epilogue from torch ops, on the norm's output ``y``."""
+        kw = dict(zip(self.extras, extras, strict=True))
+        if self.scale_shift:  # scale[:, :, None, None] for 4-D inputs
+            per_sample = (*y.shape[:2], *[1] * (y.dim() - 2))
+            y = y * kw["scale"].reshape(per_sample) + kw["shift"].reshape(per_sample)
+        if self.residual:
+            y = y + kw["residual"]
+        return ACTIVATIONS[self.activation](y) if self.activation else y
+
+
+def norm_fn(norm: str, tritonnorm: bool, epilogue: Epilogue | None = None) -> Callable:
+    """The op function of ``norm`` (and ``epilogue``): torch.nn.functional's, the epilogue
+    composed after it, or tritonnorm's, the epilogue fused (tritonnorm is imported on first call:
+    TRITON_INTERPRET must be decided before tritonnorm is imported)."""
     name, kw, _ = NORMS[norm]
 
     if name == "group_norm":
 
-        def fn(x, rm, rv, w, b):
-            lib = __import__("tritonnorm") if tritonnorm else F
-            return lib.group_norm(x, math.gcd(x.shape[1], 32), w, b, eps=1e-5)
-
-    elif not tritonnorm:
-        torch_fn = getattr(F, name)
-
-        def fn(x, rm, rv, w, b):
-            return torch_fn(x, rm, rv, w, b, momentum=0.1, eps=1e-5, **kw)
+        def call(lib, x, rm, rv, w, b, **extra):
+            return lib.group_norm(x, math.gcd(x.shape[1], 32), w, b, eps=1e-5, **extra)
 
     else:
 
-        def fn(x, rm, rv, w, b):
+        def call(lib, x, rm, rv, w, b, **extra):
+            return getattr(lib, name)(x, rm, rv, w, b, momentum=0.1, eps=1e-5, **kw, **extra)
+
+    if tritonnorm:
+
+        def fn(x, rm, rv, w, b, *extras):
             import tritonnorm
 
-            return getattr(tritonnorm, name)(x, rm, rv, w, b, momentum=0.1, eps=1e-5, **kw)
+            extra = epilogue.keywords(*extras) if epilogue else {}
+            return call(tritonnorm, x, rm, rv, w, b, **extra)
 
-    fn.__name__ = f"{'tn' if tritonnorm else 'torch'}_{norm}"
+    else:
+
+        def fn(x, rm, rv, w, b, *extras):
+            y = call(F, x, rm, rv, w, b)
+            return epilogue.compose(y, *extras) if epilogue else y
+
+    tag = f"_{epilogue.tag}" if epilogue else ""
+    fn.__name__ = f"{'tn' if tritonnorm else 'torch'}_{norm}{tag}"
     return fn
 
 
@@ -114,20 +175,24 @@ def make_inputs(
     backward: bool,
     seed: int = 0,
     offset: float = 0.5,
+    epilogue: Epilogue | None = None,
 ) -> Inputs:
     """Random (never zero) inputs; parameters and running stats in the input dtype, as a module
     converted with ``.to(dtype)`` has them. ``layout`` "strided": every other element of the last
-    axis (a view no kernel reads natively)."""
+    axis (a view no kernel reads natively). The ``epilogue``'s extras come after the rest (the
+    other tensors are the same with or without them): scale 1 + 0.1 * randn and shift
+    0.5 * randn of shape (N, C), a residual of unit variance in the input's layout; with
+    ``backward`` the gradient is taken with respect to them too."""
     g = torch.Generator(device=device).manual_seed(seed)  # generated where it is used: fast
     c = shape[1]
 
     def rand(*s, scale=1.0, shift=0.0):
         return torch.randn(*s, generator=g, device=device).mul_(scale).add_(shift).to(dtype)
 
-    def big():
+    def big(scale=2.0):
         if layout == "strided":
-            return rand(*shape[:-1], 2 * shape[-1], scale=2.0, shift=offset)[..., ::2]
-        return rand(*shape, scale=2.0, shift=offset).contiguous(
+            return rand(*shape[:-1], 2 * shape[-1], scale=scale, shift=offset)[..., ::2]
+        return rand(*shape, scale=scale, shift=offset).contiguous(
             memory_format=memory_format(layout, len(shape))
         )
 
@@ -138,22 +203,28 @@ def make_inputs(
         rm = rand(c, scale=0.1)
         rv = (torch.rand(c, generator=g, device=device) + 0.5).to(dtype)
     dy = None
+    offset = 0.0  # dy and the residual are centred
     if backward:
-        for t in (x, weight, bias):
-            t.requires_grad_(True)
-        offset = 0.0
         dy = big()
-    grad_inputs = (x, weight, bias) if backward else ()
+    extras = []
+    if epilogue and epilogue.scale_shift:
+        extras += [rand(shape[0], c, scale=0.1, shift=1.0), rand(shape[0], c, scale=0.5)]
+    if epilogue and epilogue.residual:
+        extras.append(big(scale=1.0))
+    grad_inputs = (x, weight, bias, *extras) if backward else ()
+    for t in grad_inputs:
+        t.requires_grad_(True)
     state = tuple(t for t in (rm, rv) if t is not None)
-    return Inputs((x, rm, rv, weight, bias), grad_inputs, dy, state)
+    return Inputs((x, rm, rv, weight, bias, *extras), grad_inputs, dy, state)
 
 
 @dataclass(frozen=True)
 class OpSpec:
     name: str
     norm: str  # NORMS key
-    stages: tuple[str, ...]  # floors.FLOOR_PASSES keys; "bwd" means the op runs a backward
+    stages: tuple[str, ...]  # "fwd", "eval", "bwd" ("bwd": the op runs a backward)
     shape_classes: tuple[str, ...]
+    epilogue: Epilogue | None = None  # fused extras after the norm
 
     @property
     def backward(self) -> bool:
@@ -161,11 +232,11 @@ class OpSpec:
 
     @property
     def torch_fn(self) -> Callable:
-        return norm_fn(self.norm, tritonnorm=False)
+        return norm_fn(self.norm, tritonnorm=False, epilogue=self.epilogue)
 
     @property
     def tn_fn(self) -> Callable:
-        return norm_fn(self.norm, tritonnorm=True)
+        return norm_fn(self.norm, tritonnorm=True, epilogue=self.epilogue)
 
     def group_numel(self, shape: Shape) -> int | None:
         """Elements of one reduction group (an instance, a group), which may stay on chip; None
@@ -175,19 +246,45 @@ class OpSpec:
         per_group = shape[1] // math.gcd(shape[1], 32) if self.norm == "gn" else 1
         return per_group * math.prod(shape[2:])
 
+    def floor_stage(self, stage: str) -> str:
+        """The floors.FLOOR_PASSES key of one of the op's stages: an input-sized residual is a
+        tensor of its own ("+residual"); scale, shift and the activation add nothing."""
+        return f"{stage}+residual" if self.epilogue and self.epilogue.residual else stage
+
     def stage_floor(self, stage: str, shape: Shape) -> int:
-        return floor_passes(stage, self.group_numel(shape))
+        return floor_passes(self.floor_stage(stage), self.group_numel(shape))
 
     def floor_passes(self, shape: Shape) -> int:
         return sum(self.stage_floor(s, shape) for s in self.stages)
 
     def inputs(self, shape: Shape, layout: str, dtype: torch.dtype, device: str, seed=0) -> Inputs:
         running = NORMS[self.norm][2]
-        return make_inputs(shape, layout, dtype, device, running_stats=running,
-                           backward=self.backward, seed=seed)  # fmt: skip
+        inp = make_inputs(shape, layout, dtype, device, running_stats=running,
+                          backward=self.backward, seed=seed, epilogue=self.epilogue)  # fmt: skip
+        if self.epilogue and self.epilogue.residual and self.epilogue.activation in KINKED:
+            self._clear_of_kink(inp)
+        return inp
+
+    def _clear_of_kink(self, inp: Inputs) -> None:
+        """Move the residual, where the pre-activation z (in float64, as the reference computes
+        it) is within KINK_CLEARANCE of 0, away from 0 on z's side, by enough to survive the
+        rounding to the residual's dtype: then |z| > KINK_CLEARANCE everywhere (about 0.06% of
+        the elements move, by at most 2 * KINK_CLEARANCE + eps * |r|)."""
+        linear = dataclasses.replace(self.epilogue, activation=None)
+        with torch.no_grad():
+            z = norm_fn(self.norm, False, linear)(*inp.copy(torch.float64).args)
+            r = inp.args[-1]
+            r64 = r.double()
+            side = torch.where(z >= 0, 1.0, -1.0).to(z)
+            push = side * (2 * KINK_CLEARANCE + torch.finfo(r.dtype).eps * r64.abs())
+            r.copy_(torch.where(z.abs() < KINK_CLEARANCE, r64 + push, r64))
 
 
 _BN, _IN = ("resnet50_bn", "small_c_bn"), ("style_in", "medical3d_in")
+# A diffusion ResBlock's GroupNorm, time-embedding scale (1 + scale) and shift, then SiLU; the
+# end of a ResNet bottleneck: BatchNorm (training), + the identity, then ReLU.
+GN_SILU = Epilogue(scale_shift=True, activation="silu")
+BN_RES_RELU = Epilogue(residual=True, activation="relu")
 OPS: dict[str, OpSpec] = {
     op.name: op
     for op in (
@@ -198,6 +295,10 @@ OPS: dict[str, OpSpec] = {
         OpSpec("in_fwd_bwd", "in", ("fwd", "bwd"), _IN),
         OpSpec("gn_fwd", "gn", ("fwd",), ("diffusion_gn",)),
         OpSpec("gn_fwd_bwd", "gn", ("fwd", "bwd"), ("diffusion_gn",)),
+        OpSpec("gn_silu_fwd", "gn", ("fwd",), ("diffusion_gn",), GN_SILU),
+        OpSpec("gn_silu_fwd_bwd", "gn", ("fwd", "bwd"), ("diffusion_gn",), GN_SILU),
+        OpSpec("bn_res_relu_fwd", "bn_train", ("fwd",), ("resnet50_bn",), BN_RES_RELU),
+        OpSpec("bn_res_relu_fwd_bwd", "bn_train", ("fwd", "bwd"), ("resnet50_bn",), BN_RES_RELU),
     )
 }
 

@@ -6,13 +6,20 @@ provider's outputs, gradients and running statistics are first checked against t
 by the test suite's rule (tests/tolerances.py); a mismatch is recorded and not timed.
 
 GPU mode: median of ``triton.testing.do_bench``, input sets rotated so the working set is several
-times L2. CPU mode (no GPU, ``--cpu``, and ``python -m perf.gpu --dry-run``): tritonnorm through
-Triton's interpreter, a perf_counter timer, small shapes: NOT a GPU measurement. It also counts
-the bytes each tritonnorm stage moves (perf/bytecount.py) against its floor (PERF.md).
+times L2: the time per call as a user calls it, the host's launch overhead included when it
+exceeds the GPU's time. Besides it, on CUDA only: the time per call replayed from a CUDA graph
+(``triton.testing.do_bench_cudagraph``: the GPU's time without the host's overhead; one input
+set, see ``graph_timer``) and the peak memory one call allocates (``peak_mib``).
+
+CPU mode (no GPU, ``--cpu``, and ``python -m perf.gpu --dry-run``): tritonnorm through Triton's
+interpreter, a perf_counter timer, small shapes: NOT a GPU measurement (no graph time, no peak
+memory). It also counts the bytes each tritonnorm stage moves (perf/bytecount.py) against its
+floor (PERF.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import functools
@@ -93,10 +100,66 @@ def providers(names: list[str] | None = None) -> dict[str, Callable]:
 
 
 def gpu_timer(step: Callable) -> float:
-    """Median milliseconds of ``triton.testing.do_bench`` (warm-up excluded, L2 flushed)."""
+    """Median milliseconds of ``triton.testing.do_bench`` (warm-up excluded, L2 flushed): wall
+    time between events around each call, so the host's time to issue the launches when it is
+    longer than the GPU's."""
     import triton.testing
 
     return float(triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median"))
+
+
+GRAPH_REP_MS = 10  # do_bench_cudagraph's rep: one graph holds ~rep / (ms per eager call) calls,
+# replayed 10 times: about 0.1 s per row where the GPU's time dominates
+
+
+def graph_timer(step: Callable) -> float:
+    """Median milliseconds per call of ``step`` replayed from one CUDA graph
+    (``triton.testing.do_bench_cudagraph``, same signature in Triton 3.6 and 3.9): the GPU's
+    time without the host's launch overhead.
+
+    ``step`` must have run before: autotuning, Triton's JIT and torch.compile's compilation
+    cannot happen inside a capture (do_bench_cudagraph runs it six more times on a side stream,
+    then captures calls unrolled into one graph; a backward is captured with its forward). One
+    input set: a graph replays the same tensors, so the inputs cannot be rotated through L2 as
+    ``gpu_timer`` does; a working set under the L2's size is timed warm (the quick set's tensors
+    are 42 MB and more, the H100's L2 50 MB)."""
+    import gc
+
+    import triton.testing
+
+    # Triton 3.9 turns the garbage collector off during the capture, 3.6 does not: a collected
+    # Triton kernel unloads its module, which is illegal while a stream is capturing.
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return float(
+            triton.testing.do_bench_cudagraph(step, rep=GRAPH_REP_MS, return_mode="median")
+        )
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def peak_mib(step: Callable) -> float:
+    """MiB that one call of ``step`` allocates on the GPU at its peak above what was allocated
+    before it (outputs, gradients, saved tensors, workspaces; the caching allocator's count)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out = step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    del out
+    return peak / 2**20
+
+
+def _clear_cuda_error() -> None:
+    """A failed capture can leave CUDA's last error set, which the next eager launch's check
+    would raise: absorb it here, in a launch of our own."""
+    with contextlib.suppress(Exception):
+        torch.zeros(1, device="cuda").add_(1)
+    with contextlib.suppress(Exception):
+        torch.cuda.synchronize()
 
 
 def cpu_timer(step: Callable) -> float:
@@ -147,10 +210,37 @@ class Row:
     ms: float | None = None  # None: not timed (mismatch, error, or out of budget)
     gbps: float | None = None  # floor bytes / time
     frac_of_copy: float | None = None
+    # CUDA only (None elsewhere, or with the reason in the note): median ms per call replayed from
+    # a CUDA graph (no host overhead; one input set), its fraction of copy bandwidth, and the peak
+    # MiB one call allocates above what was allocated before it
+    graph_ms: float | None = None
+    graph_frac_of_copy: float | None = None
+    peak_mib: float | None = None
     first_call_s: float | None = None  # includes torch.compile's compilation / autotuning
     passes: str = ""  # CPU mode, tritonnorm: passes counted per stage / floor
     over_floor: bool = False
-    note: str = ""  # tritonnorm's chosen configs; or why the row was not timed
+    note: str = ""  # tritonnorm's chosen configs; why the row (or its graph) was not timed
+
+
+def gpu_extras(row: Row, step: Callable, floor_bytes: float, copy: float,
+               graph: Callable = graph_timer, peak: Callable = peak_mib) -> None:  # fmt: skip
+    """CUDA only: ``row.peak_mib``, then ``row.graph_ms`` and ``row.graph_frac_of_copy`` of a
+    ``step`` that has run already. A failure leaves its field None and says why in the note
+    ("peak: ...", "graph: ..."); the row keeps its other numbers."""
+    why = lambda e: f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"
+    notes = []
+    try:
+        row.peak_mib = peak(step)
+    except Exception as e:
+        notes.append(f"peak: {why(e)}")
+    try:
+        row.graph_ms = graph(step)
+        row.graph_frac_of_copy = floor_bytes / (row.graph_ms * 1e-3) / 1e9 / copy
+    except Exception as e:  # autograd or a host sync under capture, an invalidated capture...
+        row.graph_ms = row.graph_frac_of_copy = None
+        notes.append(f"graph: {why(e)}")
+        _clear_cuda_error()
+    row.note = "; ".join([*notes, *([row.note] if row.note else [])])
 
 
 def _counted(op: OpSpec, shape, inp) -> tuple[tuple, str, bool]:
@@ -173,13 +263,15 @@ def _counted(op: OpSpec, shape, inp) -> tuple[tuple, str, bool]:
         big, small = t.split(numel)
         bad = not within_floor(big, small, pass_bytes, floor) or bool(t.torch_ops)
         over |= bad
-        found.append(f"{stage} {t.passes(pass_bytes):.3f}/{floor}{' OVER' if bad else ''}")
+        found.append(f"{op.floor_stage(stage)} {t.passes(pass_bytes):.3f}/{floor}"
+                     f"{' OVER' if bad else ''}")  # fmt: skip
     return (y, *grads, *inp.state), " ".join(found), over
 
 
 def run_case(op: OpSpec, cls: str, shape, layout: str, dtype_name: str, device: str, provs: dict,
              copy: float, deadline: float = math.inf) -> list[Row]:  # fmt: skip
-    """Check, then time, every provider on one case; none starts after ``deadline``."""
+    """Check, then time, every provider on one case; none starts after ``deadline``. On CUDA
+    also each provider's peak memory and its time under CUDA-graph replay (``gpu_extras``)."""
     from perf.ops import DTYPES
 
     dtype, timer = DTYPES[dtype_name], gpu_timer if device == "cuda" else cpu_timer
@@ -219,6 +311,8 @@ def run_case(op: OpSpec, cls: str, shape, layout: str, dtype_name: str, device: 
                 steps = [s.copy().step(fn, op.backward) for s in sets]
                 turn = itertools.count()  # rotate through the input sets
                 row.ms = timer(lambda s=steps, t=turn: s[next(t) % len(s)]())
+                if device == "cuda":  # one input set: a graph cannot rotate them
+                    gpu_extras(row, steps[0], floor_bytes, copy)
         except Exception as e:
             row.note = error(e)
             continue
@@ -227,7 +321,8 @@ def run_case(op: OpSpec, cls: str, shape, layout: str, dtype_name: str, device: 
         if name == "tritonnorm":
             from tritonnorm.kernels import config
 
-            row.note = "; ".join(f"{k}: {v}" for k, v in sorted(config.chosen_configs().items()))
+            chosen = [f"{k}: {v}" for k, v in sorted(config.chosen_configs().items())]
+            row.note = "; ".join([*([row.note] if row.note else []), *chosen])
     return rows
 
 
@@ -258,27 +353,57 @@ def speedups(rows: list[Row]) -> dict[tuple[str, str], list[float]]:
 
 
 def headline(rows: list[Row]) -> dict[str, float | None]:
-    """Worst fraction of copy bandwidth (tritonnorm), slowest speedup vs eager and vs compile."""
-    fracs = [r.frac_of_copy for r in rows if r.provider == "tritonnorm" and r.frac_of_copy]
+    """Worst fraction of copy bandwidth (tritonnorm), per call and under CUDA-graph replay
+    (None off CUDA), slowest speedup vs eager and vs compile."""
+    ours = [r for r in rows if r.provider == "tritonnorm"]
+    fracs = [r.frac_of_copy for r in ours if r.frac_of_copy]
+    graph_fracs = [r.graph_frac_of_copy for r in ours if r.graph_frac_of_copy]
     sp = speedups(rows)
     slowest = {p: min((x for (_, q), xs in sp.items() if q == p for x in xs), default=None)
                for p in ("eager", "compile")}  # fmt: skip
-    return {"worst_frac_of_copy": min(fracs, default=None), "min_vs_eager": slowest["eager"],
-            "min_vs_compile": slowest["compile"]}  # fmt: skip
+    return {"worst_frac_of_copy": min(fracs, default=None),
+            "worst_graph_frac_of_copy": min(graph_fracs, default=None),
+            "min_vs_eager": slowest["eager"], "min_vs_compile": slowest["compile"]}  # fmt: skip
+
+
+def _median(xs: list[float]) -> float:
+    return sorted(xs)[len(xs) // 2] if xs else float("nan")
 
 
 def summary_lines(rows: list[Row]) -> list[str]:
-    """Per op: tritonnorm's fraction of copy bandwidth, speedups, byte counts, failures."""
-    med = lambda xs: sorted(xs)[len(xs) // 2] if xs else float("nan")
-    lines = ["| op | tritonnorm: worst / median fraction of copy | vs provider | n | min | "
-             "median speedup |", "|---|---|---|---|---|---|"]  # fmt: skip
+    """Per op: tritonnorm's fraction of copy bandwidth (per call, and under CUDA-graph replay),
+    speedups; per op and provider (CUDA): times, host overhead and peak memory; byte counts,
+    failures."""
+    med = _median
+    worst_med = lambda xs: f"{min(xs):.1%} / {med(xs):.1%}" if xs else "-"
+    lines = ["| op | tritonnorm: worst / median fraction of copy | graph: worst / median "
+             "fraction of copy | vs provider | n | min | median speedup |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
     sp = speedups(rows)
     for op in dict.fromkeys(r.op for r in rows):
-        fr = [r.frac_of_copy for r in rows if r.op == op and r.provider == "tritonnorm" and r.ms]
-        frac = f"{min(fr):.1%} / {med(fr):.1%}" if fr else "-"
+        ours = [r for r in rows if r.op == op and r.provider == "tritonnorm" and r.ms]
+        frac = worst_med([r.frac_of_copy for r in ours])
+        graph = worst_med([r.graph_frac_of_copy for r in ours if r.graph_frac_of_copy])
         for prov, xs in [(p, xs) for (o, p), xs in sp.items() if o == op] or [("-", [])]:
-            lines.append(f"| {op} | {frac} | {prov} | {len(xs)} | "
+            lines.append(f"| {op} | {frac} | {graph} | {prov} | {len(xs)} | "
                          f"{min(xs, default=float('nan')):.3g}x | {med(xs):.3g}x |")  # fmt: skip
+    gpu = [r for r in rows if r.ms and (r.graph_ms is not None or r.peak_mib is not None)]
+    if gpu:
+        lines += ["", "Per op and provider, medians over its timed cases: ms per call (do_bench, "
+                  "as a user calls it), graph ms (CUDA-graph replay: the GPU's time), host "
+                  "overhead (ms - graph ms, per case), peak MiB one call allocates.", "",
+                  "| op | provider | n | ms | graph ms | host overhead ms | peak MiB |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        fmt = lambda xs, f: format(med(xs), f) if xs else "-"
+        for op, prov in dict.fromkeys((r.op, r.provider) for r in gpu):
+            mine = [r for r in gpu if r.op == op and r.provider == prov]
+            timed = [r for r in mine if r.graph_ms is not None]
+            lines.append(
+                f"| {op} | {prov} | {len(mine)} | {fmt([r.ms for r in mine], '.4g')} | "
+                f"{fmt([r.graph_ms for r in timed], '.4g')} | "
+                f"{fmt([r.ms - r.graph_ms for r in timed], '.4g')} | "
+                f"{fmt([r.peak_mib for r in mine if r.peak_mib is not None], '.1f')} |"
+            )
     counted = [r for r in rows if r.passes]
     if counted:
         over = [r for r in counted if r.over_floor]
@@ -307,13 +432,19 @@ def write_plots(rows: list[Row], out: Path, banner: str = "") -> list[Path]:
     fig, axes = plt.subplots(1, len(ops), figsize=(3.2 * len(ops), 3.4), squeeze=False)
     for ax, op in zip(axes[0], ops, strict=True):
         for prov in dict.fromkeys(r.provider for r in rows):
-            pts = [(math.prod(map(int, r.shape.split("x"))), r.frac_of_copy)
-                   for r in rows if r.op == op and r.provider == prov and r.ms]  # fmt: skip
-            if pts:
-                ax.scatter(*zip(*pts, strict=True), label=prov, s=14)
+            mine = [r for r in rows if r.op == op and r.provider == prov and r.ms]
+            numel = lambda r: math.prod(map(int, r.shape.split("x")))
+            if not mine:
+                continue
+            dots = ax.scatter([numel(r) for r in mine], [r.frac_of_copy for r in mine],
+                              label=prov, s=14)  # fmt: skip
+            graph = [(numel(r), r.graph_frac_of_copy) for r in mine if r.graph_frac_of_copy]
+            if graph:  # hollow, in the provider's colour: the same case without host overhead
+                ax.scatter(*zip(*graph, strict=True), s=30, facecolors="none",
+                           edgecolors=dots.get_facecolor()[:1], label=f"{prov} (graph)")  # fmt: skip
         ax.axhline(0.9, color="grey", linestyle=":", linewidth=1)
         ax.set(xscale="log", title=op, xlabel="elements")
-    axes[0][0].set_ylabel("fraction of copy bandwidth")
+    axes[0][0].set_ylabel("fraction of copy bandwidth\n(hollow: CUDA-graph replay)")
     axes[0][0].legend(fontsize=7)
     fig.suptitle(banner or "effective bandwidth at the byte floor / measured copy bandwidth")
     fig.tight_layout()
