@@ -25,8 +25,8 @@ soon as it ends (a later crash loses nothing). Every case's exception is recorde
 5. pytest: the suite natively with what is left (SyncBatchNorm's multi-process tests and the
    CPU-side tools excluded), in a subprocess with a wall-clock limit.
 
-Output under --out (at most 8 files): env.json, correctness.csv, results.csv, pytest.txt,
-fraction_of_copy.png, speedup.png, summary.md. The last lines printed are the stage table.
+Output under --out (at most 8 files): env.json, correctness.csv, results.csv, tuning.csv (every
+autotune candidate's time), pytest.txt, fraction_of_copy.png, speedup.png, summary.md. The last lines printed are the stage table.
 ``--dry-run`` runs every stage but warm on the CPU through Triton's interpreter with tiny shapes
 and a CPU timer: NOT a GPU measurement (CI runs it: tests/test_perf_gpu.py).
 """
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import dataclasses
 import functools
 import itertools
@@ -289,6 +290,7 @@ class Run:
             self.rows += report.run_case(*case, self.device, provs, self.env["copy_gbps"], deadline)
         report.write_csv(self.rows, self.out / "results.csv")
         report.write_plots(self.rows, self.out, DRY_BANNER if self.dry else "")
+        self.write_tuning()
         first = {p: sum(r.first_call_s or 0 for r in self.rows if r.provider == p) for p in provs}
         self.env["first_call_s"] = {p: round(s, 1) for p, s in first.items()}
         timed = sum(r.ms is not None for r in self.rows)
@@ -297,6 +299,19 @@ class Run:
         return (f"{'FAIL' if ours else 'ok'}: {timed}/{len(todo) * len(provs)} timed; mismatch/"
                 f"error: {ours} tritonnorm, {len(bad) - ours} others; first calls (s): "
                 f"{self.env['first_call_s']}")  # fmt: skip
+
+    def write_tuning(self) -> None:
+        """tuning.csv: every candidate the autotuner timed (median ms), the chosen one marked:
+        what a later session needs to revise the candidate lists without a GPU."""
+        from tritonnorm.kernels import config
+
+        with (self.out / "tuning.csv").open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["kernel", "tune_key", "config", "median_ms", "chosen"])
+            w.writerows(
+                (k, key, cfg, f"{ms:.6g}", int(best))
+                for k, key, cfg, ms, best in config.tuning_log()
+            )
 
     # --- stage 4 ----------------------------------------------------------------------------
     def pytest_stage(self, deadline: float) -> str:

@@ -65,6 +65,9 @@ def test_dry_run_runs_every_stage_and_writes_every_file(dry):
     assert len(files) <= 8 and all(len(p.relative_to(tmp_path).parts) <= 2 for p in files)
     names = {p.name for p in files}
     assert {"env.json", "correctness.csv", "results.csv", "summary.md", "pytest.txt"} <= names
+    # The interpreter never autotunes: the tuning log is its header alone (filled on a GPU).
+    header = (tmp_path / "tuning.csv").read_text().splitlines()
+    assert header == ["kernel,tune_key,config,median_ms,chosen"]
     assert any(n.endswith(".png") for n in names)
     checks = _rows(tmp_path / "correctness.csv")
     assert checks and all(r["status"] == "ok" for r in checks), [
