@@ -13,6 +13,8 @@ soon as it ends (a later crash loses nothing). Every case's exception is recorde
 2. warm: compile what stages 3-4 launch (the fused epilogues' kernels included), one process per
    core, into Triton's cache (on a fresh machine the JIT would otherwise compile some 2500
    specialisations one after another).
+2b. host: where a call's host time goes (host time to issue a call against the time per call,
+   tritonnorm and eager, on three cases; cProfile of tritonnorm's calls into summary.md).
 3. correctness: every kernel path (BN train / eval, IN with and without running statistics, GN;
    fused and split forced both ways; forward + backward) x contiguous / channels_last / strided x
    float32 / bfloat16 / float16 / float64 x odd shapes, the large-offset and long-reduction
@@ -48,7 +50,14 @@ import time
 from pathlib import Path
 
 # Of the budget, at most (plus what earlier stages left): compiling dominates a fresh machine.
-SHARES = {"env": 0.03, "warm": 0.25, "correctness": 0.25, "timing": 0.45, "pytest": 1.0}
+SHARES = {
+    "env": 0.03,
+    "warm": 0.25,
+    "host": 0.05,
+    "correctness": 0.25,
+    "timing": 0.45,
+    "pytest": 1.0,
+}
 FORCED = {"auto": {}, "fused": {"fused": True}, "split": {"fused": False, "split": 3}}
 MARGIN_S = 10  # kept back for writing the outputs
 BIG_SHAPE = "1x3x32768x22000"  # 2.16e9 > 2**31 elements: 4.3 GB in bfloat16
@@ -78,6 +87,7 @@ class Run:
         self.env: dict = {"mode": DRY_BANNER if self.dry else "gpu", "budget_s": args.budget}
         self.checks: list[Check] = []
         self.rows: list = []
+        self.host_profile = ""
         self.pytest_tail = ""
         self.torch = torch
 
@@ -134,6 +144,70 @@ class Run:
         self.env["warm"] = {"specialisations": len(specs), "compiled": done, "errors": errors[:5]}
         cut = "" if done == len(specs) else f", stopped at budget after {done}/{len(specs)}"
         return f"{'FAIL' if errors else 'ok'}: {done} compiled, {len(errors)} errors{cut}"
+
+    # --- stage 1c ---------------------------------------------------------------------------
+    def host_stage(self, deadline: float) -> str:
+        """Where a call's host time goes. The first H100 runs found each call costing far more
+        host (Python) time than GPU time, more than the library's own Python accounts for on a
+        CPU (perf.hostcost): per case, the host time to issue a call (no synchronisation) and
+        the time per call including the GPU's, for tritonnorm and eager; then cProfile of
+        tritonnorm's calls of the first case (the top of the table goes to summary.md)."""
+        import cProfile
+        import io
+        import pstats
+
+        from perf.ops import DTYPES, make_inputs, norm_fn
+
+        torch = self.torch
+        dtype = DTYPES["bfloat16"] if not self.dry else torch.float32
+        shapes = {
+            "bn_train": (32, 256, 56, 56),
+            "bn_eval": (32, 256, 56, 56),
+            "gn": (16, 320, 64, 64),
+        }
+        if self.dry:
+            shapes = {k: (2, 8, 4, 4) for k in shapes}
+        calls = 5 if self.dry else 50
+        sync = (lambda: None) if self.dry else torch.cuda.synchronize
+        found, text = {}, ""
+        for norm, shape in shapes.items():
+            backward = norm != "bn_eval"
+            inp = make_inputs(shape, "contiguous", dtype, self.device, running_stats=norm != "gn",
+                              backward=backward)  # fmt: skip
+            for provider in ("tritonnorm", "eager"):
+                if time.monotonic() > deadline:
+                    break
+                step = inp.copy().step(norm_fn(norm, provider == "tritonnorm"), backward)
+                for _ in range(3):
+                    step()
+                sync()
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    step()
+                issued = time.perf_counter()
+                sync()
+                done = time.perf_counter()
+                key = f"{norm}{'_fwd_bwd' if backward else '_fwd'} {provider}"
+                found[key] = {"host_us": round((issued - t0) / calls * 1e6, 1),
+                              "per_call_us": round((done - t0) / calls * 1e6, 1)}  # fmt: skip
+                if provider == "tritonnorm" and not text:
+                    prof = cProfile.Profile()
+                    prof.enable()
+                    for _ in range(calls):
+                        step()
+                    sync()
+                    prof.disable()
+                    buf = io.StringIO()
+                    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(25)
+                    text = f"{key}, {calls} calls, by own time:\n{buf.getvalue()}"
+        self.env["host"] = found
+        self.host_profile = text
+        if not found:
+            return "stopped at budget"
+        first = next(iter(found))
+        return f"ok: {first} {found[first]['host_us']} us host / call" + "".join(
+            f"; {k} {v['host_us']}" for k, v in list(found.items())[1:]
+        )
 
     # --- stage 2 ----------------------------------------------------------------------------
     def cases(self):
@@ -358,6 +432,17 @@ class Run:
             lines += ["", "## Correctness failures", ""]
             lines += [f"- {c.case} {c.path} {c.layout} {c.dtype} {c.shape}: {c.detail}"
                       for c in self.checks if c.status != "ok"] or ["none"]  # fmt: skip
+        if "host" in ran:
+            lines += [
+                "",
+                "## Host time per call (us)",
+                "",
+                "| case | host | per call |",
+                "|---|---|---|",
+            ]
+            lines += [f"| {k} | {v['host_us']} | {v['per_call_us']} |"
+                      for k, v in self.env.get("host", {}).items()]  # fmt: skip
+            lines += ["", "```", self.host_profile.strip()[-6000:], "```"]
         if "timing" in ran:
             lines += ["", "## Timing", "", *summary_lines(self.rows)]
         if "pytest" in ran:
@@ -368,7 +453,7 @@ class Run:
         self.out.mkdir(parents=True, exist_ok=True)
         start = time.monotonic()
         budget = self.end - start
-        stages = {"env": self.env_stage, "warm": self.warm_stage,
+        stages = {"env": self.env_stage, "warm": self.warm_stage, "host": self.host_stage,
                   "correctness": self.correctness_stage, "timing": self.timing_stage,
                   "pytest": self.pytest_stage}  # fmt: skip
         only = self.args.stages.split(",") if self.args.stages else list(stages)
@@ -411,7 +496,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="perf/results/gpu-run")
     p.add_argument("--budget", type=float, default=480.0, help="seconds for all stages")
     p.add_argument("--dry-run", action="store_true", help="on the CPU: NOT a GPU measurement")
-    p.add_argument("--stages", help="comma-separated subset of env,warm,correctness,timing,pytest")
+    p.add_argument(
+        "--stages", help="comma-separated subset of env,warm,host,correctness,timing,pytest"
+    )
     t = p.add_argument_group("timing stage (the report)")
     t.add_argument(
         "--set", choices=("quick", "full", "cpu", "dry-run"), help="shapes (perf/shapes.py)"
