@@ -188,11 +188,15 @@ def _run_epilogue(x, norm, epilogue, running: bool):
     code = launch.ACTIVATIONS[epilogue.activation] if epilogue.activation else 0
     ep = launch.Epilogue(scale, shift, residual, code)
     out = (_meta((c,), dt), _meta((c,), dt)) if running else None
-    _, mean, rstd = launch.forward(x, w, b, rm, rv, norm=norm, momentum=0.1, eps=1e-5,
+    y, mean, rstd = launch.forward(x, w, b, rm, rv, norm=norm, momentum=0.1, eps=1e-5,
                                    running_out=out, epilogue=ep)  # fmt: skip
+    # As the ops do: with a residual and ReLU, the backward reads act' off the saved output.
+    from_output = residual is not None and launch.derivative_from_output(code, ep.slope)
+    if from_output:
+        ep = launch.Epilogue(scale, shift, y, code)
     launch.backward_epilogue(torch.empty_like(x), x, w, b, mean, rstd, ep, norm=norm,
                              param_grads=True, scale_grads=epilogue.scale_shift,
-                             residual_grad=epilogue.residual)  # fmt: skip
+                             residual_grad=epilogue.residual, z_from_output=from_output)  # fmt: skip
 
 
 def _run_sync(x, param_dtype, world=2):

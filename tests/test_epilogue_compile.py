@@ -48,12 +48,16 @@ with recording(90, heuristic=True) as (specs, scenario):
         for act in acts:
             scenario[0] = f"{shape} {dtype} cl={cl} act={act}"
             ep = launch.Epilogue(sc, sc, res, act, 0.01)
-            _, mean, rstd = launch.forward(
+            y, mean, rstd = launch.forward(
                 x, w, b, rm, rv, norm=norm, momentum=0.1, eps=1e-5, epilogue=ep
             )
+            # as the ops do: with a residual and ReLU / leaky ReLU, act' is read off the output
+            from_output = has_res and launch.derivative_from_output(act, 0.01)
+            if from_output:
+                ep = launch.Epilogue(sc, sc, y, act, 0.01)
             launch.backward_epilogue(
                 torch.empty_like(x), x, w, b, mean, rstd, ep, norm=norm, param_grads=True,
-                scale_grads=has_scale, residual_grad=has_res,
+                scale_grads=has_scale, residual_grad=has_res, z_from_output=from_output,
             )
 results = [compile_one(s, 90) for s in specs]
 print(json.dumps({
@@ -61,6 +65,7 @@ print(json.dumps({
     "errors": [f"{r.spec.kernel} {r.spec.scenario}: {r.error}" for r in results if r.error],
     "problems": problems(results, 90),
     "epilogue_specs": sum(1 for s in specs if "EPILOGUE=1" in s.describe()[0]),
+    "from_output_specs": sum(1 for s in specs if "Z_FROM_OUTPUT=1" in s.describe()[0]),
     "fused_grad_specs": sum(
         1 for s in specs
         if "grad_partial" in s.kernel and {"FUSED=1", "EPILOGUE=1"} <= set(s.describe()[0].split())
@@ -81,5 +86,6 @@ def test_epilogue_kernels_compile_for_sm90_without_spilling_at_the_cap(tmp_path)
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["epilogue_specs"] > 10, report
     assert report["fused_grad_specs"] > 0, report
+    assert report["from_output_specs"] > 0, report  # ReLU's derivative read off the output
     assert not report["errors"], "\n".join(report["errors"])
     assert not report["problems"], "\n".join(report["problems"])

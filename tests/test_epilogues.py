@@ -18,6 +18,7 @@ from tolerances import assert_bitwise_equal, assert_close_to_reference
 from torch import nn
 
 import tritonnorm as tn
+from tritonnorm.functional import apply_activation
 
 EPS, MOMENTUM, GROUPS = 1e-5, 0.1, 2
 
@@ -250,13 +251,14 @@ def test_gradcheck(device, norm):
 
 
 def saved_tensors(fn):
-    """Distinct tensors autograd saves while ``fn()`` runs (by storage), as (numel, bytes)."""
+    """Distinct tensors autograd saves while ``fn()`` runs, as (storage pointer, numel,
+    bytes)."""
     seen = {}
 
     def pack(t):
         if t.numel():
             key = (t.untyped_storage().data_ptr(), t.dtype, tuple(t.shape))
-            seen[key] = (t.numel(), t.numel() * t.element_size())
+            seen[key] = (key[0], t.numel(), t.numel() * t.element_size())
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -278,16 +280,55 @@ def test_group_norm_scale_shift_silu_saves_only_the_input(device):
     _, theirs = saved_tensors(
         lambda: F.silu(F.group_norm(x, 4, w, b) * scale[:, :, None, None] + shift[:, :, None, None])
     )
-    full = [n for n, _ in ours if n > N * C]
+    full = [n for _, n, _ in ours if n > N * C]
     assert full == [x.numel()], f"full-size tensors saved: {full} (only x allowed)"
-    ours_bytes, theirs_bytes = sum(b for _, b in ours), sum(b for _, b in theirs)
+    ours_bytes, theirs_bytes = sum(b for *_, b in ours), sum(b for *_, b in theirs)
     assert ours_bytes <= x.numel() * 4 + 6 * N * C * 4, ours
-    theirs_full = sum(1 for n, _ in theirs if n >= x.numel())
+    theirs_full = sum(1 for _, n, _ in theirs if n >= x.numel())
     assert theirs_full >= 3, theirs
     print(
         f"saved bytes, GN+scale/shift+SiLU {tuple(x.shape)} fp32: tritonnorm {ours_bytes} "
         f"(input {x.numel() * 4}), torch composition {theirs_bytes} ({theirs_full} full-size)"
     )
+
+
+@pytest.mark.parametrize(
+    "activation, kept",
+    [("relu", "output"), (("leaky_relu", 0.2), "output"), (("leaky_relu", -0.2), "residual"),
+     ("silu", "residual")],
+)  # fmt: skip
+def test_relu_with_a_residual_keeps_the_output_not_the_residual(device, activation, kept):
+    # ReLU (and a leaky ReLU of slope >= 0) has act'(z) = act'(y): the op keeps its output, which
+    # its consumer keeps anyway (torch's relu saves its result too), and the residual is freed.
+    # A negative slope or a smooth activation needs z itself: the residual stays.
+    x = torch.randn(4, 3, 5, 5, device=device, requires_grad=True)
+    residual = torch.randn(4, 3, 5, 5, device=device, requires_grad=True)
+    w, b = torch.rand(3, device=device) + 0.5, torch.randn(3, device=device)
+    y, saved = saved_tensors(
+        lambda: tn.batch_norm(x, None, None, w, b, True, residual=residual, activation=activation)
+    )
+    storages = {s for s, *_ in saved}
+    expected = {"output": y, "residual": residual}[kept]
+    assert x.untyped_storage().data_ptr() in storages
+    assert expected.untyped_storage().data_ptr() in storages
+    other = residual if kept == "output" else y
+    assert other.untyped_storage().data_ptr() not in storages
+    full = [n for _, n, _ in saved if n == x.numel()]
+    assert len(full) == 2, saved  # the input and one of (output, residual)
+    # Kept beyond the op's input, parameters and output: the residual only where z is needed
+    # (and the (1, C) statistics).
+    own = {t.untyped_storage().data_ptr() for t in (x, w, b, y)}
+    beyond = sum(nbytes for s, _, nbytes in saved if s not in own)
+    assert beyond == (residual.numel() * 4 if kept == "residual" else 0) + 2 * 3 * 4, saved
+    dy = torch.randn_like(y)
+    name, slope = (activation, 0.01) if isinstance(activation, str) else activation
+    z = F.batch_norm(x, None, None, w, b, True) + residual
+    ref = apply_activation(z, name, slope)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    got = torch.autograd.grad(y, (x, residual), dy)
+    want = torch.autograd.grad(ref, (x, residual), dy)
+    for g, r in zip(got, want, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
 
 
 # --------------------------------------------------------------------------------------------

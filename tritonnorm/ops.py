@@ -281,14 +281,17 @@ def _epilogue_backward_impl(
     param_grads: bool,
     scale_grads: bool,
     residual_grad: bool,
+    z_from_output: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """grad_input, grad_weight, grad_bias, grad_scale, grad_shift, grad_residual (empty where
-    not asked). shift and residual are needed only with an activation (to recompute z)."""
+    not asked). shift and residual are needed only with an activation (to recompute z); with
+    ``z_from_output`` the ``residual`` argument is the forward's output y instead, whose sign
+    gives the activation's derivative (launch.derivative_from_output)."""
     dx, dw, db, dscale, dshift, dres = launch.backward_epilogue(
         grad_output, input, _contiguous(weight), _contiguous(bias), mean, rstd,
         _epilogue(scale, shift, residual, activation, slope),
         norm=_norm(use_input_stats, reduce_batch, num_groups), param_grads=param_grads,
-        scale_grads=scale_grads, residual_grad=residual_grad,
+        scale_grads=scale_grads, residual_grad=residual_grad, z_from_output=z_from_output,
     )  # fmt: skip
     return tuple(
         t if t is not None else mean.new_empty(0) for t in (dx, dw, db, dscale, dshift, dres)
@@ -304,6 +307,7 @@ norm_epilogue_backward = torch.library.custom_op(
 def _norm_epilogue_backward_fake(
     grad_output, input, weight, bias, mean, rstd, scale, shift, residual, use_input_stats,
     reduce_batch, num_groups, activation, slope, param_grads, scale_grads, residual_grad,
+    z_from_output,
 ):  # fmt: skip
     dx, dw, db = _norm_backward_fake(
         grad_output, input, weight, mean, rstd, use_input_stats, reduce_batch, num_groups,
@@ -317,14 +321,18 @@ def _norm_epilogue_backward_fake(
 def _setup_epilogue_context(ctx, inputs, output):
     input, weight, bias, _, _, scale, shift, residual, use_input_stats, reduce_batch = inputs[:10]
     num_groups, activation, slope = inputs[10], inputs[13], inputs[14]
-    _, mean, rstd, new_mean, new_var = output
-    # Only what the gradient needs: no output, no pre-activation; shift and the residual only
-    # when an activation's derivative needs z.
-    keep = activation != 0
+    y, mean, rstd, new_mean, new_var = output
+    # Only what the gradient needs: no pre-activation; shift and the residual only when an
+    # activation's derivative needs z. Where the output's sign is enough (ReLU, leaky ReLU of
+    # slope >= 0), the output instead of the residual: a consumer of y keeps it anyway (as
+    # torch's relu saves its result), while the residual would be kept for this op alone.
+    from_output = residual is not None and launch.derivative_from_output(activation, slope)
+    keep = activation != 0 and not from_output
     ctx.save_for_backward(
         input, weight, bias, mean, rstd, scale, shift if keep else None,
-        residual if keep else None,
+        y if from_output else residual if keep else None,
     )  # fmt: skip
+    ctx.z_from_output = from_output
     ctx.settings = (use_input_stats, reduce_batch, num_groups, activation, slope)
     ctx.dtypes = tuple(t.dtype if t is not None else None for t in (bias, shift))
     ctx.mark_non_differentiable(mean, rstd, new_mean, new_var)
@@ -341,7 +349,7 @@ def _epilogue_backward_by(norm_epilogue_backward_fn):
         residual_grad = needs[7]
         dx, dw, db, dscale, dshift, dres = norm_epilogue_backward_fn(
             grad_y, input, weight, bias, mean, rstd, scale, shift, residual, *ctx.settings,
-            param_grads, scale_grads, residual_grad,
+            param_grads, scale_grads, residual_grad, ctx.z_from_output,
         )  # fmt: skip
         bias_dtype, shift_dtype = ctx.dtypes
         return (
@@ -452,6 +460,11 @@ def _sample_epilogue_inputs(make, x, x_cl, w, b, running, bn, inst, gn) -> list[
     ]  # fmt: skip
     y, mean, rstd, _, _ = fwd(x, w, b, None, None, scale, shift, residual, True, *gn, 0.0, 1e-5, 3, 0.01)  # fmt: skip
     args = (torch.randn_like(y), x, w.detach(), b.detach(), mean, rstd, scale.detach(),
-            shift.detach(), residual.detach(), True, *gn, 3, 0.01, True, True, True)  # fmt: skip
+            shift.detach(), residual.detach(), True, *gn, 3, 0.01, True, True, True, False)  # fmt: skip
+    samples.append((bwd, args, {}))
+    # BN + residual + ReLU: the backward reads the derivative off the saved output
+    y, mean, rstd, _, _ = fwd(x, w, b, None, None, None, None, residual, True, *bn, 0.1, 1e-5, 1, 0.01)  # fmt: skip
+    args = (torch.randn_like(y), x, w.detach(), b.detach(), mean, rstd, None, None, y.detach(),
+            True, *bn, 1, 0.01, True, False, True, True)  # fmt: skip
     samples.append((bwd, args, {}))
     return samples

@@ -50,6 +50,7 @@ def _norm_apply_kernel(
     ACTIVATION: tl.constexpr,  # activation code (common.py), 0 for none
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     INDEX_64: tl.constexpr,  # int64 element offsets (a tensor spans 2**30 elements or more)
+    Z_FROM_OUTPUT: tl.constexpr = False,  # res_ptr holds the output y (grad.py)
 ):  # fmt: skip
     # Tiles are the reductions' 4-D tiles with one channel per group: [BLOCK_N, BLOCK_C, 1, S].
     pid = tl.program_id(0)
@@ -88,7 +89,7 @@ def _norm_apply_kernel(
                 g, dy = epilogue_output_grad(
                     x, dy, f_mu, f_k_x, f_k_c, scale_ptr, shift_ptr, res_ptr, n0, c0, s0,
                     N, C, S, 1, res_stride_n, res_stride_c, res_stride_s, slope, ACTIVATION,
-                    BLOCK_N, BLOCK_C, 1, BLOCK_S, INDEX_64,
+                    Z_FROM_OUTPUT, BLOCK_N, BLOCK_C, 1, BLOCK_S, INDEX_64,
                 )  # fmt: skip
                 if dres_ptr is not None:
                     tl.store(dres_ptr + offsets, g.to(dres_ptr.dtype.element_ty), mask=mask)

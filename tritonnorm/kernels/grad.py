@@ -69,6 +69,9 @@ def _norm_grad_partial_kernel(
     SPLIT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
     INDEX_64: tl.constexpr,  # int64 element offsets (a tensor spans 2**30 elements or more)
+    # res_ptr holds the forward's output y, not the residual: act'(z) = act'(y) (ReLU, leaky
+    # ReLU with a slope >= 0), so z is not recomputed (common.epilogue_output_grad).
+    Z_FROM_OUTPUT: tl.constexpr = False,
 ):  # fmt: skip
     acc_dtype = partial_ptr.dtype.element_ty
     ROWS: tl.constexpr = 1 if REDUCE_BATCH else BLOCK_N
@@ -95,7 +98,7 @@ def _norm_grad_partial_kernel(
             g, dy = epilogue_output_grad(
                 x, dy, mean, rstd * w_e[:, :, :, None], b_e[:, :, :, None],
                 scale_ptr, shift_ptr, res_ptr, n_first, g0, 0, N, C, S, K,
-                res_stride_n, res_stride_c, res_stride_s, slope, ACTIVATION,
+                res_stride_n, res_stride_c, res_stride_s, slope, ACTIVATION, Z_FROM_OUTPUT,
                 BLOCK_N, BLOCK_G, BLOCK_K, BLOCK_S, INDEX_64,
             )  # fmt: skip
             if dres_ptr is not None:
@@ -132,7 +135,7 @@ def _norm_grad_partial_kernel(
                 dy, _ = epilogue_output_grad(
                     x, dy, mean, rstd * weight[:, :, :, None], bias[:, :, :, None],
                     scale_ptr, shift_ptr, res_ptr, n0, g0, s0, N, C, S, K,
-                    res_stride_n, res_stride_c, res_stride_s, slope, ACTIVATION,
+                    res_stride_n, res_stride_c, res_stride_s, slope, ACTIVATION, Z_FROM_OUTPUT,
                     BLOCK_N, BLOCK_G, BLOCK_K, BLOCK_S, INDEX_64,
                 )  # fmt: skip
             sum_dy += reduce_positions(dy, REDUCE_BATCH)

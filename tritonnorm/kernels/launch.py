@@ -47,6 +47,16 @@ _apply = config.TunedKernel(
 
 # Activation names of the epilogue -> the kernels' codes (common.py).
 ACTIVATIONS = {"relu": 1, "leaky_relu": 2, "silu": 3, "gelu": 4, "gelu_tanh": 5}
+# Whose derivative depends on the sign of the pre-activation alone (leaky_relu: slope >= 0).
+_SIGN_ACTIVATIONS = (ACTIVATIONS["relu"], ACTIVATIONS["leaky_relu"])
+
+
+def derivative_from_output(activation: int, slope: float) -> bool:
+    """Whether act'(z) can be read off the output y = act(z): y > 0 exactly where z > 0 (ReLU;
+    leaky ReLU with slope >= 0; a negative slope makes y > 0 where z < 0)."""
+    return activation == ACTIVATIONS["relu"] or (
+        activation == ACTIVATIONS["leaky_relu"] and slope >= 0
+    )
 
 
 @dataclass(frozen=True)
@@ -590,6 +600,7 @@ def backward_epilogue(
     param_grads: bool,
     scale_grads: bool,
     residual_grad: bool,
+    z_from_output: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """dx, dweight, dbias, dscale, dshift, dresidual (None where not asked) of
     y = act((x_hat * w + b) * scale + shift + residual), recomputing x_hat and the
@@ -601,7 +612,11 @@ def backward_epilogue(
     sums of g and g * x_hat (reads x, dy, and the residual when there is an activation); small
     (N, C) torch ops and the finalize kernel; the apply pass (reads x, dy, the residual; writes dx
     and dresidual). When an instance or group fits one tile (InstanceNorm, GroupNorm), the first
-    kernel writes dx and dresidual from registers and there is no apply pass."""
+    kernel writes dx and dresidual from registers and there is no apply pass.
+
+    ``z_from_output``: ``epilogue.residual`` is the forward's output y, not the residual, and the
+    activation (ReLU, or a leaky ReLU of slope >= 0) has act'(z) = act'(y): z is not rebuilt.
+    ``residual_grad`` still asks for the residual's gradient (g)."""
     x, red = plan(x, norm, fold_batch=False)
     view = red.view
     N, C = view.N, view.C
@@ -619,6 +634,9 @@ def backward_epilogue(
     dy, dy_view = grad_view(dy, x, view)
     # EPILOGUE even when nothing of it is left to read (a residual without activation: g = dy)
     extras = {**_epilogue_args(epilogue, x, view), "EPILOGUE": True}
+    if z_from_output:
+        assert epilogue.residual is not None and epilogue.activation in _SIGN_ACTIVATIONS
+        extras["Z_FROM_OUTPUT"] = True
     # Gradient sums per (sample, channel) even when the batch axis is reduced: the statistics are
     # repeated for every sample ((N, groups): negligible next to x).
     per_sample = Reduction(view, red.group_size, False, red.dtype)
@@ -657,7 +675,7 @@ def backward_epilogue(
     if fused:
         return dx, dweight, dbias, d_scale, d_shift, d_res
     fwd_coef = None
-    if epilogue.activation:  # forward coefficients, as finalize_stats wrote them
+    if epilogue.activation and not z_from_output:  # forward coefficients, as finalize_stats wrote
         mu = mean.repeat_interleave(red.group_size, dim=1)
         k_x = rstd.repeat_interleave(red.group_size, dim=1) * w
         fwd_coef = torch.stack([mu, k_x, torch.zeros_like(k_x), b.expand_as(k_x)]).contiguous()
