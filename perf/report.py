@@ -153,6 +153,24 @@ def peak_mib(step: Callable) -> float:
     return peak / 2**20
 
 
+def saved_mib(fn: Callable, args: tuple) -> tuple[float, float]:
+    """What autograd keeps for the backward of one forward ``fn(*args)``, by distinct storage
+    (``torch.autograd.graph.saved_tensors_hooks``; any device): MiB in all, and MiB of storages
+    that are neither an argument nor the output (what the op alone keeps alive; the caller holds
+    its inputs, and the next layer its output)."""
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = fn(*args)
+    own = {t.untyped_storage().data_ptr() for t in (*args, y) if isinstance(t, torch.Tensor)}
+    beyond = sum(n for ptr, n in saved.items() if ptr not in own)
+    return sum(saved.values()) / 2**20, beyond / 2**20
+
+
 def _clear_cuda_error() -> None:
     """A failed capture can leave CUDA's last error set, which the next eager launch's check
     would raise: absorb it here, in a launch of our own."""
@@ -216,6 +234,10 @@ class Row:
     graph_ms: float | None = None
     graph_frac_of_copy: float | None = None
     peak_mib: float | None = None
+    # Ops with a backward, any device: MiB autograd keeps for it (distinct storages), and of
+    # those neither an input nor the output (saved_mib)
+    saved_mib: float | None = None
+    saved_extra_mib: float | None = None
     first_call_s: float | None = None  # includes torch.compile's compilation / autotuning
     passes: str = ""  # CPU mode, tritonnorm: passes counted per stage / floor
     over_floor: bool = False
@@ -313,6 +335,11 @@ def run_case(op: OpSpec, cls: str, shape, layout: str, dtype_name: str, device: 
                 row.ms = timer(lambda s=steps, t=turn: s[next(t) % len(s)]())
                 if device == "cuda":  # one input set: a graph cannot rotate them
                     gpu_extras(row, steps[0], floor_bytes, copy)
+                if op.backward:
+                    try:
+                        row.saved_mib, row.saved_extra_mib = saved_mib(fn, base.copy().args)
+                    except Exception as e:  # e.g. hooks a compiled function refuses
+                        row.note = "; ".join(filter(None, [f"saved: {error(e)}", row.note]))
         except Exception as e:
             row.note = error(e)
             continue
@@ -404,6 +431,16 @@ def summary_lines(rows: list[Row]) -> list[str]:
                 f"{fmt([r.ms - r.graph_ms for r in timed], '.4g')} | "
                 f"{fmt([r.peak_mib for r in mine if r.peak_mib is not None], '.1f')} |"
             )
+    saved = [r for r in rows if r.saved_mib is not None]
+    if saved:
+        lines += ["", "Saved for the backward (saved_tensors_hooks, distinct storages), median "
+                  "MiB per op and provider: in all / beyond the op's inputs and output.", "",
+                  "| op | provider | n | saved MiB | beyond inputs and output MiB |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        for op, prov in dict.fromkeys((r.op, r.provider) for r in saved):
+            mine = [r for r in saved if r.op == op and r.provider == prov]
+            lines.append(f"| {op} | {prov} | {len(mine)} | {med([r.saved_mib for r in mine]):.3g}"
+                         f" | {med([r.saved_extra_mib for r in mine]):.3g} |")  # fmt: skip
     counted = [r for r in rows if r.passes]
     if counted:
         over = [r for r in counted if r.over_floor]

@@ -143,6 +143,23 @@ def test_cuda_only_fields_are_in_every_row_and_empty_on_the_cpu(dry):
     assert "(graph replay n/a)" in proc.stdout.strip().splitlines()[-1]
 
 
+def test_saved_bytes_are_reported_for_every_backward_against_the_composition(dry):
+    # saved_tensors_hooks work on the CPU too: every forward+backward row of tritonnorm and
+    # eager has them; the fused GN + scale/shift + SiLU keeps nothing beyond its input and
+    # output where eager's composition keeps its intermediates.
+    proc, out = dry
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    rows = [r for r in _rows(out / "results.csv") if r["op"].endswith("_fwd_bwd") and r["ms"]]
+    mine = [r for r in rows if r["provider"] in ("tritonnorm", "eager")]
+    assert mine and all(r["saved_mib"] and r["saved_extra_mib"] for r in mine), mine
+    assert all(r["saved_mib"] == "" for r in _rows(out / "results.csv") if "fwd_bwd" not in r["op"])
+    silu = {
+        r["provider"]: float(r["saved_extra_mib"]) for r in mine if r["op"] == "gn_silu_fwd_bwd"
+    }
+    assert silu["tritonnorm"] < silu["eager"], silu
+    assert "Saved for the backward" in (out / "summary.md").read_text()
+
+
 def test_floors_of_the_fused_epilogue_ops_are_the_table_s():
     # scale/shift and the activation add nothing; a residual adds its read (fwd), its reads with
     # x and dy and its gradient's write (bwd)
