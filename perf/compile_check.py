@@ -95,7 +95,7 @@ class Spec:
         dtypes of the pointers)."""
         names = list(self.signature)
         consts = {names[i]: v for (i,), v in sorted(self.constants.items())}
-        tuned = lambda n: n.isupper() and n.startswith(("BLOCK", "SPLIT"))
+        tuned = lambda n: n.isupper() and n.startswith(("BLOCK", "SPLIT", "LANES"))
         flags = [f"{n}={int(v)}" if n.isupper() else f"{n}=None" for n, v in consts.items()
                  if (n.isupper() and not tuned(n)) or v is None]  # fmt: skip
         config = [f"{n}={v}" for n, v in sorted(consts.items()) if tuned(n)]

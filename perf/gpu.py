@@ -58,7 +58,12 @@ SHARES = {
     "timing": 0.45,
     "pytest": 1.0,
 }
-FORCED = {"auto": {}, "fused": {"fused": True}, "split": {"fused": False, "split": 3}}
+FORCED = {
+    "auto": {},
+    "fused": {"fused": True},
+    "split": {"fused": False, "split": 3},
+    "lanes": {"fused": False, "split": 3, "lanes": True},
+}
 MARGIN_S = 10  # kept back for writing the outputs
 BIG_SHAPE = "1x3x32768x22000"  # 2.16e9 > 2**31 elements: 4.3 GB in bfloat16
 DRY_BANNER = "CPU MODE (Triton interpreter, perf_counter timer): NOT A GPU MEASUREMENT"
@@ -218,7 +223,7 @@ class Run:
         layouts = ("contiguous", "channels_last", "strided")
         main = (2, 3, 5, 7) if self.dry else (8, 64, 32, 32)
         for dt in dtypes[:1] if self.dry else dtypes:
-            for i, (norm, path) in enumerate(itertools.product(NORMS, ("auto", "fused", "split"))):
+            for i, (norm, path) in enumerate(itertools.product(NORMS, FORCED)):
                 for layout in layouts[i % 3 :][:1] if self.dry else layouts:  # dry: one each
                     yield norm, path, layout, dt, main, 0.5
         if not self.dry:
@@ -233,7 +238,7 @@ class Run:
                         yield norm, path, "channels_last", dt, shape, 0.5
         # numerics: a large common offset (cancellation); long reductions (~1e6 values)
         for norm in ("bn_train", "in", "gn"):
-            for path in ("fused", "split"):
+            for path in ("fused", "split", "lanes"):
                 yield norm, path, "contiguous", "float32", (4, 3, 16, 32), 1e4
             yield norm, "auto", "contiguous", "float32", (2, 2, 64, 64) if self.dry else (
                 4, 2, 512, 512), 0.5  # fmt: skip

@@ -32,6 +32,8 @@ def kernel_path(path: str, split: int = 3):
         return forced(fused=True)
     if path == "split":
         return forced(fused=False, split=split)
+    if path == "lanes":  # split, with per-element accumulators (the LANES autotune choice)
+        return forced(fused=False, split=split, lanes=True)
     raise ValueError(path)
 
 

@@ -132,7 +132,7 @@ def _norm_fn(norm):
     return ours, ref, {}
 
 
-@pytest.mark.parametrize("path", ["fused", "split"])
+@pytest.mark.parametrize("path", ["fused", "split", "lanes"])
 @pytest.mark.parametrize("norm", ["batch", "instance", "group"])
 def test_large_offset_gradients(device, norm, path):
     # The backward re-centres with the saved mean: same cancellation, same bound (relative to the
@@ -161,7 +161,7 @@ LONG_VAR_RTOL = 3e-5
 LONG_Y_ATOL = 2e-4
 
 
-@pytest.mark.parametrize("path", ["auto", "split"])
+@pytest.mark.parametrize("path", ["auto", "split", "lanes"])
 def test_long_reduction_batch_norm(device, path):
     x = (3.0 + torch.randn(4, 2, 512 * 256, dtype=torch.float64, device=device)).float()
     t0 = time.perf_counter()
@@ -238,7 +238,7 @@ def _nan_input(device):
     return x
 
 
-@pytest.mark.parametrize("path", ["fused", "split"])
+@pytest.mark.parametrize("path", ["fused", "split", "lanes"])
 def test_nan_stays_in_its_channel_batch_norm(device, path):
     x = _nan_input(device)
     g = torch.randn_like(x)
@@ -282,7 +282,7 @@ def test_nan_stays_in_its_instance_instance_norm(device, path):
         assert_close_to_reference(ours[k][[0, 2]], ref[k][[0, 2]], name=k)
 
 
-@pytest.mark.parametrize("path", ["fused", "split"])
+@pytest.mark.parametrize("path", ["fused", "split", "lanes"])
 def test_nan_stays_in_its_group_group_norm(device, path):
     # 3 groups of 2 channels; the NaN at (sample 1, channel 2) is in group 1 of sample 1 only.
     x = torch.randn(4, 6, 5, device=device)

@@ -14,6 +14,7 @@ of the report's shapes (committed: perf/results/sm90-static/).
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -209,3 +210,32 @@ def test_recording_leaves_no_autotune_results_behind():
     # While it lasted, the tuning log held every candidate, one chosen per launch; after, none.
     assert logged > 0 and chosen == {1}
     assert logged_after == 0
+
+
+def test_lane_accumulation_variants_compile_without_spilling():
+    # The streamed reductions' per-element accumulators (LANES, an autotune choice) hold three
+    # tiles of values: one specialisation of each kernel, flag set and dtype of the small shape
+    # set, forced to LANES, compiled for sm_90 and checked against the spill rule.
+    code = (
+        "import json\n"
+        "from perf.compile_check import compile_one, problems, record, scenarios\n"
+        "from tritonnorm.kernels import config\n"
+        "with config.forced(fused=False, lanes=True):\n"
+        "    specs = record(90, 'dry-run', heuristic=True, todo=list(scenarios('dry-run')))\n"
+        "pick = {}\n"
+        "for s in specs:\n"
+        "    flags, cfg, dtypes = s.describe()\n"
+        "    if 'LANES=True' in cfg:\n"
+        "        pick.setdefault((s.kernel, flags, dtypes), s)\n"
+        "results = [compile_one(s, 90) for s in pick.values()]\n"
+        "print(json.dumps({'compiled': len(results), 'dtypes': sorted({k[2] for k in pick}),\n"
+        "    'errors': [r.error for r in results if r.error], 'problems': problems(results, 90)}))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["compiled"] >= 8 and "fp64" in report["dtypes"], report
+    assert not report["errors"] and not report["problems"], report

@@ -75,13 +75,25 @@ def test_forced_fused_launches_single_program_reductions(device, norm):
     assert splits and set(splits.values()) == {1}, splits
 
 
+@pytest.mark.parametrize("norm", NORMS)
+def test_forced_lanes_launch_per_element_accumulation(device, norm):
+    _run(norm, torch.randn(_shape(norm, (2, 3, 5)), device=device), "lanes", 2)
+    partial = {k: v for k, v in config.chosen_configs().items() if "partial" in k}
+    assert len(partial) == 2 and all("LANES=True" in v for v in partial.values()), partial
+    _run(norm, torch.randn(_shape(norm, (2, 3, 5)), device=device), "split", 2)
+    partial = {k: v for k, v in config.chosen_configs().items() if "partial" in k}
+    assert all("LANES=False" in v for v in partial.values()), partial
+
+
+@pytest.mark.parametrize("path", ["split", "lanes"])
 @pytest.mark.parametrize("split", [2, 7])
 @pytest.mark.parametrize("norm", NORMS)
-def test_empty_split_programs_are_harmless(device, norm, split):
+def test_empty_split_programs_are_harmless(device, norm, split, path):
     # More split programs than values in a reduction: the empty partials (count 0) must not
     # disturb Chan's combination (no 0/0 NaN, no bias). GN (3, 2, 2): 2 groups of 1 channel.
+    # With lanes, most lanes of a tile stay empty too.
     x = torch.randn(3, 2, 2, device=device, dtype=torch.float64)
-    y, gx = _run(norm, x, "split", split)
+    y, gx = _run(norm, x, path, split)
     xr = x.clone().requires_grad_()
     yr = _call(F, norm, xr)
     yr.backward(torch.ones_like(yr))

@@ -140,7 +140,7 @@ def _forward_params():
     return out
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", [*PATHS, "lanes"])
 @pytest.mark.parametrize("norm,shape", _forward_params())
 def test_forward_backward_matches_torch(device, norm, shape, path):
     check(norm, device, shape, path=path)

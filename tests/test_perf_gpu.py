@@ -79,7 +79,7 @@ def test_dry_run_runs_every_stage_and_writes_every_file(dry):
         r for r in checks if r["status"] != "ok"
     ]
     assert {r["case"].split()[0] for r in checks} >= {"bn_train", "bn_eval", "in", "gn"}
-    assert {r["path"] for r in checks} == {"auto", "fused", "split"}
+    assert {r["path"] for r in checks} == {"auto", "fused", "split", "lanes"}
     timed = _rows(tmp_path / "results.csv")
     assert {r["provider"] for r in timed} >= {"tritonnorm", "eager", "compile"}
     assert all(r["ms"] for r in timed if r["provider"] == "tritonnorm")

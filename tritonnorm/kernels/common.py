@@ -157,6 +157,28 @@ def tile_summary(x, mask, count, REDUCE_BATCH: tl.constexpr):
 
 
 @triton.jit
+def lane_update(count, mean, m2, x, mask):
+    """Welford's update of per-element (count, mean, M2) accumulators with one tile: every
+    element of the tile is a lane of its own, so no value crosses threads until the end
+    (lanes_summary)."""
+    count += tl.where(mask, 1.0, 0.0)
+    delta = tl.where(mask, x - mean, 0.0)
+    mean += delta / tl.maximum(count, 1.0)
+    m2 += delta * tl.where(mask, x - mean, 0.0)
+    return count, mean, m2
+
+
+@triton.jit
+def lanes_summary(count, mean, m2, REDUCE_BATCH: tl.constexpr):
+    """(count, mean, M2) per statistic from per-element accumulators, by the exact parallel
+    combination M2 = sum_i (M2_i + n_i (mean_i - mean)^2): one reduction across the tile."""
+    total = reduce_tile(count, REDUCE_BATCH)
+    combined_mean = reduce_tile(count * mean, REDUCE_BATCH) / tl.maximum(total, 1.0)
+    spread = mean - combined_mean[:, :, None, None]
+    return total, combined_mean, reduce_tile(m2 + count * spread * spread, REDUCE_BATCH)
+
+
+@triton.jit
 def inverse_std(count, m2, eps):
     """1 / sqrt(biased variance + eps), correctly rounded (fp32's default ops are approximate;
     fp64's are exact).

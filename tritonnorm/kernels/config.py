@@ -69,6 +69,7 @@ class _Overrides:
     fused: bool | None = None
     split: int | None = None
     index_64: bool | None = None
+    lanes: bool | None = None
 
 
 _overrides = _Overrides()
@@ -77,15 +78,19 @@ _chosen: dict[str, triton.Config] = {}
 
 @contextlib.contextmanager
 def forced(
-    fused: bool | None = None, split: int | None = None, index_64: bool | None = None
+    fused: bool | None = None,
+    split: int | None = None,
+    index_64: bool | None = None,
+    lanes: bool | None = None,
 ) -> Iterator[None]:
     """Force the kernel path (for tests): ``fused=False`` always splits the reduction, ``split=k``
     uses k programs per channel/instance. ``fused=True`` fuses wherever the reduction fits a tile.
-    ``index_64=True`` uses int64 element offsets whatever the size. Forced configs bypass
+    ``index_64=True`` uses int64 element offsets whatever the size. ``lanes`` picks the streamed
+    reductions' accumulation (per-element, or per-tile summaries). Forced configs bypass
     autotuning."""
     global _overrides
     previous = _overrides
-    _overrides = _Overrides(fused, split, index_64)
+    _overrides = _Overrides(fused, split, index_64, lanes)
     try:
         yield
     finally:
@@ -257,19 +262,26 @@ def _reduction_configs(
         blocks = fused_blocks(shape, backward, epilogue)
         assert blocks is not None
         words = math.prod(blocks) * shape.acc_bytes // 4  # 32-bit registers
-        kw = dict(zip(_BLOCK_NAMES, blocks, strict=True), SPLIT=1)
+        kw = dict(zip(_BLOCK_NAMES, blocks, strict=True), SPLIT=1, LANES=False)
         warps = sorted({_warps(words), min(2 * _warps(words), MAX_WARPS)})
         return tuple(triton.Config(kw, num_warps=w) for w in warps)
     configs = []
     tiles = (4096, *STREAM_TILES[:-1]) if not INTERPRET else (4096,)
     if epilogue:  # float64 values take two registers each: a quarter
         tiles = tuple(t // (2 * shape.acc_bytes // 4) for t in tiles)
-    for tile in tiles:
-        blocks = _blocks(shape, tile)
-        warps = _warps(math.prod(blocks))
-        for split in _split_candidates(shape, blocks, programs, overrides.split):
-            kw = dict(zip(_BLOCK_NAMES, blocks, strict=True), SPLIT=split)
-            configs.append(triton.Config(kw, num_warps=warps))
+    # Both accumulations (per-tile summaries; per-element lanes, LANES) for the two largest
+    # tiles: the first H100 run left channels_last statistics at a quarter of copy bandwidth with
+    # per-tile summaries, which reduce across threads on every tile.
+    # float64 lanes take a quarter of the tile: three accumulators of two registers per value
+    # spilled at 4096 and 2048 values per program on sm_90 (16 values per thread).
+    lanes_options = (False, True) if overrides.lanes is None else (overrides.lanes,)
+    for i, tile in enumerate(tiles):
+        for lanes in lanes_options if i < 2 else lanes_options[:1]:
+            blocks = _blocks(shape, tile // 4 if lanes and shape.acc_bytes == 8 else tile)
+            warps = _warps(math.prod(blocks))
+            for split in _split_candidates(shape, blocks, programs, overrides.split):
+                kw = dict(zip(_BLOCK_NAMES, blocks, strict=True), SPLIT=split, LANES=lanes)
+                configs.append(triton.Config(kw, num_warps=warps))
     return _unique(configs)
 
 

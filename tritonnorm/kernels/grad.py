@@ -67,6 +67,7 @@ def _norm_grad_partial_kernel(
     EPILOGUE: tl.constexpr,
     ACTIVATION: tl.constexpr,  # activation code (common.py), 0 for none
     SPLIT: tl.constexpr,
+    LANES: tl.constexpr,  # streamed: per-element sums, reduced once at the end (stats.py)
     BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
     INDEX_64: tl.constexpr,  # int64 element offsets (a tensor spans 2**30 elements or more)
     # res_ptr holds the forward's output y, not the residual: act'(z) = act'(y) (ReLU, leaky
@@ -120,6 +121,9 @@ def _norm_grad_partial_kernel(
         t_end = tl.minimum(t_begin + tiles_per_split, num_tiles)
         sum_dy = tl.zeros([ROWS, BLOCK_G, BLOCK_K], acc_dtype)
         sum_dy_xhat = tl.zeros([ROWS, BLOCK_G, BLOCK_K], acc_dtype)
+        if LANES:
+            lane_dy = tl.zeros([BLOCK_N, BLOCK_G, BLOCK_K, BLOCK_S], acc_dtype)
+            lane_dy_xhat = tl.zeros([BLOCK_N, BLOCK_G, BLOCK_K, BLOCK_S], acc_dtype)
         if EPILOGUE:
             weight = channel_values(weight_ptr, g0, K, C, 1.0, acc_dtype, BLOCK_G, BLOCK_K)
             bias = channel_values(bias_ptr, g0, K, C, 0.0, acc_dtype, BLOCK_G, BLOCK_K)
@@ -138,8 +142,15 @@ def _norm_grad_partial_kernel(
                     res_stride_n, res_stride_c, res_stride_s, slope, ACTIVATION, Z_FROM_OUTPUT,
                     BLOCK_N, BLOCK_G, BLOCK_K, BLOCK_S, INDEX_64,
                 )  # fmt: skip
-            sum_dy += reduce_positions(dy, REDUCE_BATCH)
-            sum_dy_xhat += reduce_positions(dy * x_hat, REDUCE_BATCH)
+            if LANES:
+                lane_dy += dy
+                lane_dy_xhat += dy * x_hat
+            else:
+                sum_dy += reduce_positions(dy, REDUCE_BATCH)
+                sum_dy_xhat += reduce_positions(dy * x_hat, REDUCE_BATCH)
+        if LANES:
+            sum_dy = reduce_positions(lane_dy, REDUCE_BATCH)
+            sum_dy_xhat = reduce_positions(lane_dy_xhat, REDUCE_BATCH)
 
     sums, sums_mask = channel_offsets(n_first, g0, rows, K, C, ROWS, BLOCK_G, BLOCK_K)
     sums += tl.program_id(1) * partial_stride_p

@@ -13,6 +13,8 @@ from .common import (
     epilogue,
     forward_coefficients,
     inverse_std,
+    lane_update,
+    lanes_summary,
     load_tile,
     pre_activation,
     stat_offsets,
@@ -42,6 +44,10 @@ def _norm_stats_partial_kernel(
     EPILOGUE: tl.constexpr,  # y = act(y * scale + shift + residual) (common.pre_activation)
     ACTIVATION: tl.constexpr,  # activation code (common.py), 0 for none
     SPLIT: tl.constexpr,  # programs sharing one statistic's reduction
+    # Streamed: per-element Welford accumulators reduced once at the end (lane_update), instead
+    # of a (count, mean, M2) summary of every tile: no cross-thread reduction per tile. An
+    # autotune choice (config.py); each is deterministic.
+    LANES: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
     INDEX_64: tl.constexpr,  # int64 element offsets (the tensor spans 2**30 elements or more)
 ):  # fmt: skip
@@ -78,9 +84,14 @@ def _norm_stats_partial_kernel(
         tiles_per_split = tl.cdiv(num_tiles, SPLIT)
         t_begin = tl.program_id(1) * tiles_per_split
         t_end = tl.minimum(t_begin + tiles_per_split, num_tiles)
-        count = tl.zeros([ROWS, BLOCK_G], acc_dtype)
-        mean = tl.zeros([ROWS, BLOCK_G], acc_dtype)
-        m2 = tl.zeros([ROWS, BLOCK_G], acc_dtype)
+        if LANES:
+            lane_count = tl.zeros([BLOCK_N, BLOCK_G, BLOCK_K, BLOCK_S], acc_dtype)
+            lane_mean = tl.zeros([BLOCK_N, BLOCK_G, BLOCK_K, BLOCK_S], acc_dtype)
+            lane_m2 = tl.zeros([BLOCK_N, BLOCK_G, BLOCK_K, BLOCK_S], acc_dtype)
+        else:
+            count = tl.zeros([ROWS, BLOCK_G], acc_dtype)
+            mean = tl.zeros([ROWS, BLOCK_G], acc_dtype)
+            m2 = tl.zeros([ROWS, BLOCK_G], acc_dtype)
         for t in range(t_begin, t_end):
             n0 = n_first + (t // num_s_tiles) * BLOCK_N
             s0 = (t % num_s_tiles) * BLOCK_S
@@ -88,12 +99,19 @@ def _norm_stats_partial_kernel(
                 x_ptr, n0, g0, s0, N, C, S, K, stride_n, stride_c, stride_s, acc_dtype,
                 BLOCK_N, BLOCK_G, BLOCK_K, BLOCK_S, INDEX_64,
             )  # fmt: skip
-            valid = K * tl.minimum(S - s0, BLOCK_S)
-            if REDUCE_BATCH:
-                valid *= tl.minimum(N - n0, BLOCK_N)
-            tile_count = tl.zeros([ROWS, BLOCK_G], acc_dtype) + valid
-            tile_mean, tile_m2 = tile_summary(x, mask, tile_count, REDUCE_BATCH)
-            count, mean, m2 = chan_combine(count, mean, m2, tile_count, tile_mean, tile_m2)
+            if LANES:
+                lane_count, lane_mean, lane_m2 = lane_update(
+                    lane_count, lane_mean, lane_m2, x, mask
+                )
+            else:
+                valid = K * tl.minimum(S - s0, BLOCK_S)
+                if REDUCE_BATCH:
+                    valid *= tl.minimum(N - n0, BLOCK_N)
+                tile_count = tl.zeros([ROWS, BLOCK_G], acc_dtype) + valid
+                tile_mean, tile_m2 = tile_summary(x, mask, tile_count, REDUCE_BATCH)
+                count, mean, m2 = chan_combine(count, mean, m2, tile_count, tile_mean, tile_m2)
+        if LANES:
+            count, mean, m2 = lanes_summary(lane_count, lane_mean, lane_m2, REDUCE_BATCH)
 
     stats, stats_mask = stat_offsets(n_first, g0, 1 if REDUCE_BATCH else N, groups, ROWS, BLOCK_G)
     stats += tl.program_id(1) * partial_stride_p
