@@ -110,6 +110,18 @@ def test_every_launch_path_was_compiled(compiled):
         assert any(dtype in d for d in dtypes), dtypes
 
 
+def _run_compiled(code: str, timeout: int = 300) -> str:
+    """The last line ``code`` prints, run in a fresh interpreter without TRITON_INTERPRET
+    (kernels are compilable there only)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip().splitlines()[-1]
+
+
 def test_the_recording_holds_every_autotune_candidate():
     # Without --heuristic the tool compiles every candidate: a statistics launch of the
     # (32, 256, 56, 56) shape on 132 SMs has three split factors, each its own specialisation.
@@ -119,16 +131,7 @@ def test_the_recording_holds_every_autotune_candidate():
         "print(sorted({s.describe()[1] for s in specs if s.kernel.endswith('_norm_stats_partial_kernel')"
         " and s.scenario == 'bn train 32x256x56x56 contiguous float32' and 'FUSED=0' in s.describe()[0]}))"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=ROOT,
-        env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    configs = eval(proc.stdout.strip().splitlines()[-1])
+    configs = eval(_run_compiled(code))
     splits = {c.split("SPLIT=")[1].split()[0] for c in configs}
     assert len(splits) == 3, configs
 
@@ -163,16 +166,7 @@ def test_float_scalars_reach_the_kernels_as_float64():
         "print(sorted({(n, t) for s in specs for n, t in s.signature.items()"
         " if n in ('momentum', 'eps', 'slope')}))"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=ROOT,
-        env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    found = eval(proc.stdout.strip().splitlines()[-1])
+    found = eval(_run_compiled(code))
     assert {n for n, _ in found} == {"momentum", "eps", "slope"}, found
     assert all(t == "fp64" for _, t in found), found
 
@@ -195,16 +189,7 @@ def test_recording_leaves_no_autotune_results_behind():
         "    chosen[kernel, key] = chosen.get((kernel, key), 0) + best\n"
         "print((set(chosen.values()), len(log), len(config.tuning_log()), inside, count()))"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=ROOT,
-        env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    chosen, logged, logged_after, inside, after = eval(proc.stdout.strip().splitlines()[-1])
+    chosen, logged, logged_after, inside, after = eval(_run_compiled(code))
     assert inside > 0, "the recording no longer autotunes: this test checks nothing"
     assert after == 0
     # While it lasted, the tuning log held every candidate, one chosen per launch; after, none.
@@ -231,11 +216,6 @@ def test_lane_accumulation_variants_compile_without_spilling():
         "print(json.dumps({'compiled': len(results), 'dtypes': sorted({k[2] for k in pick}),\n"
         "    'errors': [r.error for r in results if r.error], 'problems': problems(results, 90)}))"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = json.loads(_run_compiled(code, timeout=900))
     assert report["compiled"] >= 8 and "fp64" in report["dtypes"], report
     assert not report["errors"] and not report["problems"], report
