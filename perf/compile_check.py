@@ -270,26 +270,21 @@ def scenarios(shape_set: str) -> Iterator[tuple[str, Callable[[], None]]]:
 def epilogue_scenarios(shape_set: str) -> Iterator[tuple[str, Callable[[], None]]]:
     """(label, thunk) for the fused-epilogue ops the report times (``perf.ops.OPS`` with an
     epilogue) over their shape classes, every dtype and layout; labels as ``scenarios``'."""
-    from perf.ops import NORMS, OPS
-    from tritonnorm.kernels.launch import Norm
+    from perf.ops import NORMS, OPS, launch_norm
 
     table = SETS[shape_set]
     fused = {(op.norm, op.epilogue): op.shape_classes for op in OPS.values() if op.epilogue}
     for (dname, dtype), layout in itertools.product(DTYPES.items(), LAYOUTS):
         for (norm, epilogue), classes in fused.items():
-            name, kw, running = NORMS[norm]
+            running = NORMS[norm][2]
             for shape in [s for c in classes for s in table.get(c, [])]:
-                launch_norm = (
-                    Norm(False, num_groups=math.gcd(shape[1], 32)) if name == "group_norm"
-                    else Norm(name == "batch_norm",
-                              use_input_stats=kw.get("training", kw.get("use_input_stats", True)))
-                )  # fmt: skip
                 yield (
                     f"{norm}+{epilogue.tag} {shape_str(shape)} {layout} {dname}",
                     functools.partial(
-                        _run_epilogue, _meta(shape, dtype, layout), launch_norm, epilogue, running
+                        _run_epilogue, _meta(shape, dtype, layout), launch_norm(norm, shape[1]),
+                        epilogue, running,
                     ),
-                )
+                )  # fmt: skip
 
 
 def record(arch: int, shape_set: str, heuristic=False, sms=None, todo=None) -> list[Spec]:

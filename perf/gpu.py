@@ -115,21 +115,16 @@ class Run:
         if self.dry:
             return "skipped: dry run (the interpreter compiles nothing)"
         from perf import compile_check as cc
-        from perf.ops import DTYPES, NORMS
+        from perf.ops import DTYPES, NORMS, launch_norm
         from perf.shapes import SETS, shape_str
         from tritonnorm.kernels import config
-        from tritonnorm.kernels.launch import Norm
 
-        norms = {"bn_train": Norm(True), "bn_eval": Norm(True, use_input_stats=False),
-                 "in": Norm(False), "in_running": Norm(False),
-                 "in_eval_running": Norm(False, use_input_stats=False)}  # fmt: skip
         dtypes = {**DTYPES, "float64": self.torch.float64}
 
         def sweep(norm, path, layout, dt, shape, _offset):
             x = cc._meta(shape, dtypes[dt], "contiguous" if layout == "strided" else layout)
-            with config.forced(**FORCED[path]):  # GroupNorm: 32 groups where C allows
-                n = norms.get(norm) or Norm(False, num_groups=math.gcd(shape[1], 32))
-                cc._run_norm(x, n, running=NORMS[norm][2])
+            with config.forced(**FORCED[path]):
+                cc._run_norm(x, launch_norm(norm, shape[1]), running=NORMS[norm][2])
 
         def safe(fn, *a):
             with contextlib.suppress(Exception):  # a launch not recorded is compiled lazily

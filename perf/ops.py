@@ -35,6 +35,17 @@ NORMS: dict[str, tuple[str, dict, bool]] = {
 }
 
 
+def launch_norm(norm: str, channels: int):
+    """The ``tritonnorm.kernels.launch.Norm`` a ``NORMS`` row launches for ``channels`` channels
+    (what perf.compile_check and perf.gpu's warm stage record without the public functions)."""
+    from tritonnorm.kernels.launch import Norm
+
+    name, kw, _ = NORMS[norm]
+    if name == "group_norm":
+        return Norm(False, num_groups=math.gcd(channels, 32))
+    return Norm(name == "batch_norm", use_input_stats=kw.get("training", kw.get("use_input_stats")))
+
+
 # The epilogue's activations as torch composes them (the references, eager and torch.compile).
 ACTIVATIONS: dict[str, Callable] = {
     "relu": F.relu,
