@@ -39,23 +39,42 @@ def _forward(
     Returns y; the (rows, groups) mean and 1/sqrt(var + eps) used; and the updated running mean
     and var (empty when there is nothing to update). Functional, as autograd requires: the
     caller copies the new running statistics into its buffers (:func:`normalize`)."""
-    weight = weight.contiguous() if weight is not None else None
-    bias = bias.contiguous() if bias is not None else None
-    new_mean, new_var = _new_running(input, running_mean, running_var, use_input_stats)
+    return _run_forward(
+        input, weight, bias, running_mean, running_var,
+        _norm(use_input_stats, reduce_batch, num_groups), momentum, eps,
+    )  # fmt: skip
+
+
+norm_forward = torch.library.custom_op("tritonnorm::norm_forward", _forward, mutates_args=())
+
+
+def _run_forward(
+    input, weight, bias, running_mean, running_var, norm: launch.Norm, momentum, eps,
+    epilogue: launch.Epilogue | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """The body of both forward ops: launch.forward with the updated running statistics written
+    into new tensors (empty when there is nothing to update)."""
+    new_mean, new_var = _new_running(input, running_mean, running_var, norm.use_input_stats)
     running_out = (new_mean, new_var) if new_mean.numel() else None
     if running_out is not None and input.numel() == 0:
         new_mean.copy_(running_mean), new_var.copy_(running_var)  # an empty batch changes nothing
     y, mean, rstd = launch.forward(
-        input, weight, bias,
-        running_mean.contiguous() if running_mean is not None else None,
-        running_var.contiguous() if running_var is not None else None,
-        norm=_norm(use_input_stats, reduce_batch, num_groups), momentum=momentum, eps=eps,
-        running_out=running_out,
+        input, _contiguous(weight), _contiguous(bias), _contiguous(running_mean),
+        _contiguous(running_var), norm=norm, momentum=momentum, eps=eps, running_out=running_out,
+        epilogue=epilogue,
     )  # fmt: skip
     return y, mean, rstd, new_mean, new_var
 
 
-norm_forward = torch.library.custom_op("tritonnorm::norm_forward", _forward, mutates_args=())
+def _store_running(running_mean, running_var, new_mean: Tensor, new_var: Tensor) -> None:
+    """Copy the forward's updated running statistics into the buffers (one launch), if any."""
+    if new_mean.numel():
+        with torch.no_grad():
+            torch._foreach_copy_([running_mean, running_var], [new_mean, new_var])
+
+
+def _contiguous(t: Tensor | None) -> Tensor | None:
+    return t.contiguous() if t is not None else None
 
 
 def _new_running(input, running_mean, running_var, use_input_stats) -> tuple[Tensor, Tensor]:
@@ -105,9 +124,7 @@ def normalize(
         input, weight, bias, running_mean, running_var, use_input_stats, reduce_batch,
         num_groups, float(momentum), float(eps),
     )  # fmt: skip
-    if new_mean.numel():
-        with torch.no_grad():
-            torch._foreach_copy_([running_mean, running_var], [new_mean, new_var])
+    _store_running(running_mean, running_var, new_mean, new_var)
     return y
 
 
@@ -207,10 +224,6 @@ _EagerNorm = _eager_function("_EagerNorm", _forward, _setup_context, _backward_b
 # Separate ops, so the plain ones keep their schema; activation is a launch.ACTIVATIONS code.
 
 
-def _contiguous(t: Tensor | None) -> Tensor | None:
-    return t.contiguous() if t is not None else None
-
-
 def _epilogue(scale, shift, residual, activation, slope) -> launch.Epilogue:
     return launch.Epilogue(_contiguous(scale), _contiguous(shift), residual, activation, slope)
 
@@ -234,17 +247,11 @@ def _epilogue_forward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """norm_forward followed, in the pass that writes y, by y = act(y * scale + shift +
     residual): scale and shift (N, C), both or neither; residual of input's shape."""
-    new_mean, new_var = _new_running(input, running_mean, running_var, use_input_stats)
-    running_out = (new_mean, new_var) if new_mean.numel() else None
-    if running_out is not None and input.numel() == 0:
-        new_mean.copy_(running_mean), new_var.copy_(running_var)
-    y, mean, rstd = launch.forward(
-        input, _contiguous(weight), _contiguous(bias), _contiguous(running_mean),
-        _contiguous(running_var), norm=_norm(use_input_stats, reduce_batch, num_groups),
-        momentum=momentum, eps=eps, running_out=running_out,
-        epilogue=_epilogue(scale, shift, residual, activation, slope),
+    return _run_forward(
+        input, weight, bias, running_mean, running_var,
+        _norm(use_input_stats, reduce_batch, num_groups), momentum, eps,
+        _epilogue(scale, shift, residual, activation, slope),
     )  # fmt: skip
-    return y, mean, rstd, new_mean, new_var
 
 
 norm_epilogue_forward = torch.library.custom_op(
@@ -404,9 +411,7 @@ def normalize_epilogue(
         input, weight, bias, running_mean, running_var, scale, shift, residual, use_input_stats,
         reduce_batch, num_groups, float(momentum), float(eps), int(activation), float(slope),
     )  # fmt: skip
-    if new_mean.numel():
-        with torch.no_grad():
-            torch._foreach_copy_([running_mean, running_var], [new_mean, new_var])
+    _store_running(running_mean, running_var, new_mean, new_var)
     return y
 
 
