@@ -47,8 +47,6 @@ _apply = config.TunedKernel(
 
 # Activation names of the epilogue -> the kernels' codes (common.py).
 ACTIVATIONS = {"relu": 1, "leaky_relu": 2, "silu": 3, "gelu": 4, "gelu_tanh": 5}
-# Whose derivative depends on the sign of the pre-activation alone (leaky_relu: slope >= 0).
-_SIGN_ACTIVATIONS = (ACTIVATIONS["relu"], ACTIVATIONS["leaky_relu"])
 
 
 def derivative_from_output(activation: int, slope: float) -> bool:
@@ -635,7 +633,8 @@ def backward_epilogue(
     # EPILOGUE even when nothing of it is left to read (a residual without activation: g = dy)
     extras = {**_epilogue_args(epilogue, x, view), "EPILOGUE": True}
     if z_from_output:
-        assert epilogue.residual is not None and epilogue.activation in _SIGN_ACTIVATIONS
+        assert epilogue.residual is not None
+        assert derivative_from_output(epilogue.activation, epilogue.slope)
         extras["Z_FROM_OUTPUT"] = True
     # Gradient sums per (sample, channel) even when the batch axis is reduced: the statistics are
     # repeated for every sample ((N, groups): negligible next to x).
