@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import compare_three, kernel_path
 from tolerances import assert_bitwise_equal
 from torch import nn
 
@@ -180,6 +181,9 @@ CASES = [
     Case("bn-negative-eps-train", bn_call((4, C), training=True, eps=-1e-3), "eps"),
     Case("bn-zero-eps-train", bn_call((4, C), training=True, eps=0.0), "eps"),
     Case("bn-negative-eps-eval", bn_call((4, C), training=False, eps=-1e-3), "eps"),
+    Case(
+        "bn-nobuffers-zero-eps-train", bn_call((4, C), buffers=False, training=True, eps=0.0), "eps"
+    ),
     Case("bn-running-stats-dtype", custom(_bn_buffers_dtype), r"(?i)dtype|type|float|double"),
     Case("bn-running-stats-device", custom(_bn_buffers_device), r"(?i)device"),
     # -- instance_norm, functional --
@@ -253,6 +257,12 @@ CASES = [
         "InstanceNorm2d-tracked-one-spatial",
         module_call("InstanceNorm2d", (2, C, 1, 1), affine=True, track_running_stats=True),
         SPATIAL,
+    ),
+    Case("BatchNorm2d-zero-eps-train", module_call("BatchNorm2d", (2, C, 2, 2), eps=0.0), "eps"),
+    Case(
+        "BatchNorm1d-negative-eps-eval",
+        module_call("BatchNorm1d", (2, C), training=False, eps=-1e-3),
+        "eps",
     ),
     Case(
         "GroupNorm-wrong-C",
@@ -331,14 +341,146 @@ def test_half_input_with_fp32_params_is_not_an_error(device):
     assert y.dtype == torch.float16
 
 
-@pytest.mark.parametrize("eps", [-1e-3, -1.0])
-def test_group_norm_negative_eps_is_an_error(device, eps):
-    # Deliberate deviation from torch, like batch_norm's eps cases above: torch's group_norm
-    # accepts a negative eps (and returns NaN wherever var + eps < 0); we raise ValueError.
-    x = torch.randn(2, 6, 4, device=device)
-    F.group_norm(x, 2, eps=eps)  # torch: no error
-    with pytest.raises(ValueError, match="eps"):
-        tn.group_norm(x, 2, eps=eps)
+# -- eps: where torch computes, we compute the same -----------------------------------------------
+# torch.nn.functional.batch_norm raises for eps <= 0 in training and eps < 0 in eval (the CASES
+# above); everything else torch computes: batch_norm in eval with eps = 0, and instance_norm and
+# group_norm with any eps, giving NaN wherever variance + eps < 0. So do we, on every kernel path.
+
+# The exact (biased) variance of each statistic of the eps input, and the running variances of the
+# eval rows: with eps = -0.5 the first and last give var + eps < 0 (NaN), the middle one does not.
+# Margins of 0.1 or more: far beyond what rounding the input to bfloat16 moves a variance.
+VARIANCES = (0.1, 2.0, 0.4)
+EPS_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+
+def _eps_input(device) -> torch.Tensor:
+    """(2, 3, 16) float64, each (sample, channel) row with mean 0.3 and variance VARIANCES[c];
+    reshaped to (2, 6, 8) the 3 groups of 2 channels hold those same rows."""
+    x = torch.randn(2, C, 16, dtype=torch.float64, device=device)
+    x = (x - x.mean(-1, keepdim=True)) / x.std(-1, unbiased=False, keepdim=True)
+    var = torch.tensor(VARIANCES, dtype=torch.float64, device=device)
+    return x * var.sqrt()[None, :, None] + 0.3
+
+
+@dataclass
+class EpsCase:
+    id: str
+    # call(lib, x, weight, bias, running_mean, running_var, eps); x is (2, 3, 16)
+    call: Callable
+    buffers: bool = False
+    eps_values: tuple[float, ...] = (-0.5, 0.0)
+
+
+EPS_CASES = [
+    EpsCase(
+        "group_norm",
+        lambda lib, x, w, b, rm, rv, eps: lib.group_norm(
+            x.reshape(2, 2 * C, 8), C, w.repeat_interleave(2), b.repeat_interleave(2), eps=eps
+        ),
+    ),
+    EpsCase(
+        "instance_norm",
+        lambda lib, x, w, b, rm, rv, eps: lib.instance_norm(x, None, None, w, b, eps=eps),
+    ),
+    EpsCase(
+        "instance_norm-running",
+        lambda lib, x, w, b, rm, rv, eps: lib.instance_norm(
+            x, rm, rv, w, b, use_input_stats=True, momentum=0.3, eps=eps
+        ),
+        buffers=True,
+    ),
+    EpsCase(
+        "instance_norm-eval",
+        lambda lib, x, w, b, rm, rv, eps: lib.instance_norm(
+            x, rm, rv, w, b, use_input_stats=False, eps=eps
+        ),
+        buffers=True,
+    ),
+    EpsCase(
+        "batch_norm-eval",
+        lambda lib, x, w, b, rm, rv, eps: lib.batch_norm(x, rm, rv, w, b, training=False, eps=eps),
+        buffers=True,
+        eps_values=(0.0,),
+    ),
+]
+EPS_PARAMS = [
+    pytest.param(case, eps, id=f"{case.id}-eps{eps}")
+    for case in EPS_CASES
+    for eps in case.eps_values
+]
+
+
+def _run_eps_case(lib, case: EpsCase, x, eps, dtype) -> dict:
+    """Forward and backward of ``case`` on copies cast to ``dtype``; output, gradients, buffers."""
+    device = x.device
+    grad = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    w = torch.linspace(0.5, 1.5, C, dtype=torch.float64)
+    b = torch.linspace(-0.2, 0.4, C, dtype=torch.float64)
+    leaves = [t.to(device, dtype).requires_grad_() for t in (x, w, b)]
+    rm = rv = None
+    if case.buffers:
+        rm = torch.full((C,), 0.3, dtype=dtype, device=device)
+        rv = torch.tensor(VARIANCES, dtype=dtype, device=device)
+    y = case.call(lib, *leaves, rm, rv, eps)
+    y.backward(grad.to(device, y.dtype).reshape(y.shape))
+    out = {"out": y.detach().reshape(x.shape)}
+    out.update(
+        {f"grad_{n}": t.grad for n, t in zip(("input", "weight", "bias"), leaves, strict=True)}
+    )
+    if case.buffers:
+        out.update(running_mean=rm, running_var=rv)
+    return out
+
+
+@pytest.mark.parametrize("dtype", EPS_DTYPES, ids=str)
+@pytest.mark.parametrize("path", ["fused", "split"])
+@pytest.mark.parametrize(("case", "eps"), EPS_PARAMS)
+def test_eps_torch_computes(device, case, eps, path, dtype):
+    x = _eps_input(device)
+    with kernel_path(path):
+        ours = _run_eps_case(tn, case, x, eps, dtype)
+    torch_same = _run_eps_case(TORCH, case, x, eps, dtype)
+    ref = _run_eps_case(TORCH, case, x, eps, torch.float64)
+    # The data does what it is for: NaN exactly where var + eps < 0 (for eps = -0.5).
+    assert bool(ref["out"].isnan().any()) == (eps < -0.1), "test bug: eps data"
+    compare_three(ours, torch_same, ref)
+
+
+def test_eps_torch_computes_modules(device):
+    # The modules pass eps through: GroupNorm and InstanceNorm with a negative eps, BatchNorm in
+    # eval with eps = 0, each as torch's module computes it (float64: NaN positions and values).
+    x = _eps_input(device)
+    pairs = [
+        (lambda lib: lib.GroupNorm(C, 2 * C, eps=-0.5), x.reshape(2, 2 * C, 8)),
+        (lambda lib: lib.InstanceNorm1d(C, eps=-0.5, affine=True), x),
+        (lambda lib: lib.BatchNorm1d(C, eps=0.0).eval(), x),
+    ]
+    for make, xi in pairs:
+        outs = []
+        for lib in (tn, TORCH):
+            m = make(lib).to(device).double()
+            leaf = xi.clone().requires_grad_()
+            y = m(leaf)
+            y.backward(torch.ones_like(y))
+            outs.append((y.detach(), leaf.grad))
+        (y, g), (y_ref, g_ref) = outs
+        torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-9, equal_nan=True)
+        torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-9, equal_nan=True)
+
+
+def test_eps_torch_computes_on_the_torch_fallback(device, monkeypatch):
+    # Where the kernels do not run (a CPU tensor without the interpreter) the functions call
+    # torch's own op: the eps checks must let through exactly what torch computes.
+    import tritonnorm.functional as tnf
+
+    monkeypatch.setattr(tnf, "runs_triton", lambda input: False)
+    x = _eps_input(device)
+    for case in EPS_CASES:
+        for eps in case.eps_values:
+            ours = _run_eps_case(tn, case, x, eps, torch.float32)
+            expected = _run_eps_case(TORCH, case, x, eps, torch.float32)
+            for key, t in expected.items():
+                assert_bitwise_equal(ours[key], t, f"{case.id} eps={eps} {key}")
 
 
 def test_group_norm_zero_eps_is_fine(device):

@@ -75,9 +75,14 @@ def check_running_pair(running_mean: Tensor | None, running_var: Tensor | None) 
         )
 
 
-def check_eps(op: str, eps: float) -> None:
-    if not eps > 0:
-        raise ValueError(f"{op}: eps must be positive, but got {eps}")
+def check_eps(op: str, eps: float, training: bool = True) -> None:
+    """batch_norm's eps rule, as torch.nn.functional.batch_norm: positive when normalising with
+    batch statistics (training), non-negative with the running ones (eval). instance_norm and
+    group_norm take any eps, as torch does: NaN wherever variance + eps < 0."""
+    if training and eps <= 0.0:
+        raise ValueError(f"{op}: eps must be positive during training, but got {eps}")
+    if eps < 0.0:
+        raise ValueError(f"{op}: eps must be non-negative, but got {eps}")
 
 
 def check_batch_norm(
@@ -109,7 +114,7 @@ def check_batch_norm(
                     f"{op}: {name} must be defined in evaluation mode (training=False normalises "
                     "with the running statistics)"
                 )
-    check_eps(op, eps)
+    check_eps(op, eps, training)
     check_per_channel(
         op, input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias
     )
@@ -139,7 +144,6 @@ def check_instance_norm(
         raise RuntimeError(
             "Expected running_mean and running_var to be defined when use_input_stats is false"
         )
-    check_eps(op, eps)
     check_per_channel(
         op, input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias
     )
@@ -168,8 +172,6 @@ def check_group_norm(
             f"{op}: expected the number of channels ({channels}, dimension 1 of input "
             f"{tuple(input.shape)}) to be divisible by num_groups, got num_groups={num_groups}"
         )
-    if not eps >= 0:
-        raise ValueError(f"{op}: eps must be non-negative, but got {eps}")
     for name, vector in (("weight", weight), ("bias", bias)):
         if vector is not None and vector.dim() != 1:
             raise RuntimeError(
