@@ -61,15 +61,6 @@ def _torch_epilogue(y, *, scale, shift, residual, activation, slope) -> Tensor:
     return apply_activation(y, activation, slope)
 
 
-def _normalize_epilogue(input, weight, bias, running_mean, running_var, extras, **settings):
-    code = ACTIVATIONS[extras["activation"]] if extras["activation"] is not None else 0
-    return ops.normalize_epilogue(
-        input, weight, bias, running_mean, running_var, scale=extras["scale"],
-        shift=extras["shift"], residual=extras["residual"], activation=code,
-        slope=extras["slope"], **settings,
-    )  # fmt: skip
-
-
 def _normalize(input, torch_op, weight, bias, running_mean, running_var, extras, **settings):
     """torch's own op (then the epilogue, unfused) where the kernels do not run; else the custom
     op, with the epilogue fused when there are extras."""
@@ -78,7 +69,13 @@ def _normalize(input, torch_op, weight, bias, running_mean, running_var, extras,
         return y if extras is None else _torch_epilogue(y, **extras)
     if extras is None:
         return ops.normalize(input, weight, bias, running_mean, running_var, **settings)
-    return _normalize_epilogue(input, weight, bias, running_mean, running_var, extras, **settings)
+    name = extras["activation"]
+    return ops.normalize(
+        input, weight, bias, running_mean, running_var, scale=extras["scale"],
+        shift=extras["shift"], residual=extras["residual"],
+        activation=ACTIVATIONS[name] if name is not None else 0, slope=extras["slope"],
+        **settings,
+    )  # fmt: skip
 
 
 def batch_norm(

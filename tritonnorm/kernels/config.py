@@ -1,9 +1,9 @@
-"""Launch configurations: the autotune space, the interpreter's fixed choice, and test overrides.
+"""Launch configurations: the shape classes, block sizes, the candidate configs of each launch
+(with the :class:`Features` that name them across shapes) and test overrides.
 
-Every tuned kernel goes through :class:`TunedKernel`. On a GPU it is a ``triton.autotune`` whose
-candidate list is generated per shape (by ``early_config_prune``), so the split factor and block
-sizes are timed and the winner is cached per shape key. Under ``TRITON_INTERPRET=1`` there is no
-driver to time with, so the first candidate (the heuristic choice) is launched directly.
+Which candidate a launch uses is tuning.py's decision: the committed per-GPU table or the
+heuristic by default, a timed choice when autotuning is switched on. Under
+``TRITON_INTERPRET=1`` there is no driver to time with: the heuristic choice is launched.
 """
 
 from __future__ import annotations
@@ -12,9 +12,8 @@ import contextlib
 import functools
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from typing import ClassVar
 
 import torch
 import triton
@@ -100,23 +99,6 @@ def forced(
 def index_64(span: int) -> bool:
     """Whether element offsets of a tensor spanning ``span`` elements need int64."""
     return _overrides.index_64 if _overrides.index_64 is not None else span >= INT32_SPAN
-
-
-# What autotuning measured: (kernel, tune key, config, median ms, chosen), for reports.
-_tuning: list[tuple[str, str, str, float, bool]] = []
-_TUNING_LOG_MAX = 20000
-
-
-def _record_tuning(name: str, tune_key, best: triton.Config, timings: dict) -> None:
-    for config, t in timings.items():
-        if len(_tuning) < _TUNING_LOG_MAX:
-            median = t[0] if isinstance(t, list | tuple) else t
-            _tuning.append((name, repr(tune_key), describe(config), float(median), config is best))
-
-
-def tuning_log() -> list[tuple[str, str, str, float, bool]]:
-    """Every autotuned launch's candidates, as (kernel, tune key, config, median ms, chosen)."""
-    return list(_tuning)
 
 
 def chosen_configs() -> dict[str, str]:
@@ -229,77 +211,119 @@ def _fused_blocks(shape: Shape, backward: bool, epilogue: bool) -> Blocks | None
 
 def _split_candidates(
     shape: Shape, blocks: Blocks, programs: int, forced_split: int | None
-) -> list[int]:
+) -> list[tuple[str, int]]:
+    """(rank, split) of the split factors to try: the heuristic's, half and twice it."""
     block_n, block_g, _, block_s = blocks
     s_tiles = cdiv(shape.S, block_s)
     n_blocks = cdiv(shape.N, block_n)
     kept = cdiv(shape.groups, block_g) * (1 if shape.reduce_batch else n_blocks)
     tiles = s_tiles * (n_blocks if shape.reduce_batch else 1)
     if forced_split is not None:
-        return [max(1, forced_split)]
+        return [("base", max(1, forced_split))]
     base = max(1, min(tiles, MAX_SPLIT, cdiv(programs, kept)))
-    return sorted({base, max(1, base // 2), min(tiles, MAX_SPLIT, base * 2)})
+    return [("base", base), ("low", max(1, base // 2)), ("high", min(tiles, MAX_SPLIT, base * 2))]
 
 
 _BLOCK_NAMES = ("BLOCK_N", "BLOCK_G", "BLOCK_K", "BLOCK_S")
 
 
+@dataclass(frozen=True)
+class Features:
+    """What distinguishes the candidates of one launch, whatever its shape: the nominal tile
+    (elements per program and step; 0 when a whole reduction is one tile), per-element
+    accumulation (``lanes``), the split relative to the heuristic's (``"low"``: half,
+    ``"base"``, ``"high"``: twice) and the warps (``"low"`` or ``"high"`` of two options).
+    Measured winners are stored as features (the committed tables, the autotune cache), so a
+    winner applies to every shape of its class."""
+
+    tile: int
+    lanes: bool = False
+    split: str = "base"
+    warps: str = "low"
+
+
+@dataclass(frozen=True, eq=False)
+class Candidates:
+    """A launch's candidate configs, the rule-less heuristic choice first, and the features of
+    each (several features may name one config when candidates coincide)."""
+
+    configs: tuple[triton.Config, ...]
+    features: dict[Features, triton.Config]
+
+    def pick(self, features: Features | None) -> triton.Config:
+        if features is None:
+            return self.configs[0]
+        return self.features.get(features, self.configs[0])
+
+
+def _candidates(pairs: list[tuple[Features, triton.Config]]) -> Candidates:
+    seen: dict[tuple, triton.Config] = {}
+    features = {}
+    for feat, cfg in pairs:
+        ident = (tuple(sorted(cfg.kwargs.items())), cfg.num_warps)
+        cfg = seen.setdefault(ident, cfg)
+        features.setdefault(feat, cfg)
+    return Candidates(tuple(seen.values()), features)
+
+
 def reduction_configs(
     shape: Shape, fused: bool, backward: bool = False, epilogue: bool = False
-) -> tuple[triton.Config, ...]:
+) -> Candidates:
     """Candidates for the statistics / gradient-sum kernels, heuristic choice first. With an
     ``epilogue`` the streamed gradient-sum tiles are halved, quartered for float64 (recomputing
     the pre-activation and a GELU's derivative spilled on sm_90 at the plain tiles). Cached per
-    shape (and test override and device size): the same tuple object for the same launch."""
+    shape (and test override and device size)."""
     return _reduction_configs(shape, fused, backward, epilogue, _overrides, target_programs())
 
 
 @functools.lru_cache(maxsize=4096)
 def _reduction_configs(
     shape: Shape, fused: bool, backward: bool, epilogue: bool, overrides: _Overrides, programs: int
-) -> tuple[triton.Config, ...]:
+) -> Candidates:
     if fused:
         blocks = fused_blocks(shape, backward, epilogue)
         assert blocks is not None
         words = math.prod(blocks) * shape.acc_bytes // 4  # 32-bit registers
         kw = dict(zip(_BLOCK_NAMES, blocks, strict=True), SPLIT=1, LANES=False)
-        warps = sorted({_warps(words), min(2 * _warps(words), MAX_WARPS)})
-        return tuple(triton.Config(kw, num_warps=w) for w in warps)
-    configs = []
+        low, high = _warps(words), min(2 * _warps(words), MAX_WARPS)
+        return _candidates(
+            [(Features(0, warps=rank), triton.Config(kw, num_warps=w))
+             for rank, w in (("low", low), ("high", high))]
+        )  # fmt: skip
+    pairs = []
     tiles = (4096, *STREAM_TILES[:-1]) if not INTERPRET else (4096,)
-    if epilogue:  # float64 values take two registers each: a quarter
-        tiles = tuple(t // (2 * shape.acc_bytes // 4) for t in tiles)
     # Both accumulations (per-tile summaries; per-element lanes, LANES) for the two largest
     # tiles: the first H100 run left channels_last statistics at a quarter of copy bandwidth with
     # per-tile summaries, which reduce across threads on every tile.
     # float64 lanes take a quarter of the tile: three accumulators of two registers per value
     # spilled at 4096 and 2048 values per program on sm_90 (16 values per thread).
     lanes_options = (False, True) if overrides.lanes is None else (overrides.lanes,)
-    for i, tile in enumerate(tiles):
+    for i, nominal in enumerate(tiles):
+        tile = nominal
+        if epilogue:  # float64 values take two registers each: a quarter
+            tile = nominal // (2 * shape.acc_bytes // 4)
         for lanes in lanes_options if i < 2 else lanes_options[:1]:
             blocks = _blocks(shape, tile // 4 if lanes and shape.acc_bytes == 8 else tile)
             warps = _warps(math.prod(blocks))
-            for split in _split_candidates(shape, blocks, programs, overrides.split):
+            for rank, split in _split_candidates(shape, blocks, programs, overrides.split):
                 kw = dict(zip(_BLOCK_NAMES, blocks, strict=True), SPLIT=split, LANES=lanes)
-                configs.append(triton.Config(kw, num_warps=warps))
-    return _unique(configs)
+                pairs.append((Features(nominal, lanes, rank), triton.Config(kw, num_warps=warps)))
+    return _candidates(pairs)
 
 
 @functools.lru_cache(maxsize=4096)
-def apply_configs(shape: Shape, epilogue: bool = False) -> tuple[triton.Config, ...]:
+def apply_configs(shape: Shape, epilogue: bool = False) -> Candidates:
     """Candidates for the elementwise apply kernel (y or dx), heuristic choice first. It reads
     per-(sample, channel) coefficients: tiles as for one-channel statistics of each sample. With
     an ``epilogue``, float64 tiles are halved (a GELU's recomputed derivative spilled)."""
     per_channel = replace(shape, group_size=1, reduce_batch=False)
-    configs = []
-    tiles = (4096,) if INTERPRET else (2048, 4096, 1024)
-    if epilogue:
-        tiles = tuple(t // (shape.acc_bytes // 4) for t in tiles)
-    for tile in tiles:
+    pairs = []
+    for nominal in (4096,) if INTERPRET else (2048, 4096, 1024):
+        tile = nominal // (shape.acc_bytes // 4) if epilogue else nominal
         block_n, block_c, _, block_s = _blocks(per_channel, tile)
         kw = {"BLOCK_N": block_n, "BLOCK_C": block_c, "BLOCK_S": block_s}
-        configs.append(triton.Config(kw, num_warps=_warps(tile)))
-    return _unique(configs)
+        pairs.append((Features(nominal), triton.Config(kw, num_warps=_warps(tile))))
+    return _candidates(pairs)
 
 
 # The finalize kernels: one small tile of (rows, groups, channels of a group) per program.
@@ -316,102 +340,6 @@ def finalize_blocks(rows: int, groups: int, group_size: int) -> tuple[int, int, 
     return block_r, block_g, block_k
 
 
-def _unique(configs: list[triton.Config]) -> tuple[triton.Config, ...]:
-    seen, out = set(), []
-    for cfg in configs:
-        ident = (tuple(sorted(cfg.kwargs.items())), cfg.num_warps)
-        if ident not in seen:
-            seen.add(ident)
-            out.append(cfg)
-    return tuple(out)
-
-
-@contextlib.contextmanager
-def tuning_discarded() -> Iterator[None]:
-    """Within the block, autotuning results are not kept. For launches that only record their
-    specialisations (perf.compile_check, perf.gpu's warm stage): their "timings" are of no
-    kernel, and since the autotune key is the shapes, strides and dtypes, meta tensors' results
-    would otherwise become the GPU's choice for the same shapes (on the first H100 run every
-    tuned launch kept its first candidate this way)."""
-    saved = [(k, dict(k._best), dict(k.tuned.cache)) for k in TunedKernel.instances]
-    logged = len(_tuning)
-    try:
-        yield
-    finally:
-        del _tuning[logged:]
-        for kernel, best, cache in saved:
-            kernel._best.clear()
-            kernel._best.update(best)
-            kernel.tuned.cache.clear()
-            kernel.tuned.cache.update(cache)
-
-
 def describe(config: triton.Config) -> str:
     parts = [f"{k}={v}" for k, v in sorted(config.kwargs.items())]
     return " ".join([*parts, f"warps={config.num_warps}"])
-
-
-def _tuning_bench(kernel_call: Callable, quantiles: tuple[float, ...]):
-    """Times one autotune candidate: the driver's benchmarker with a shorter warm-up and fewer
-    repeats than Triton's default (25 ms + 100 ms per candidate, over a second for each new shape
-    of a training step); 25 ms still takes a hundred samples of these kernels."""
-    from triton.runtime import driver
-
-    return driver.active.get_benchmarker()(kernel_call, quantiles=quantiles, warmup=5, rep=25)
-
-
-class TunedKernel:
-    """A ``@triton.jit`` kernel launched with per-shape candidate configs.
-
-    ``launch(grid, candidates, *args, tune_key=..., **kwargs)`` runs the kernel and returns the
-    config used. ``grid`` is a function of the config's meta-parameters. The kernel must be
-    idempotent (no state updates): autotuning runs every candidate several times.
-
-    The first launch of a (candidates, ``tune_key``) pair goes through ``triton.autotune``; its
-    winner is remembered here and later launches call the kernel directly with it: the
-    autotuner's per-call key building (a scan of every argument) cost more host time than the
-    launch itself. ``candidates`` are the cached tuples of :func:`reduction_configs` /
-    :func:`apply_configs`, so equal candidates mean an equally valid set of configs.
-    """
-
-    # Placeholders: triton.autotune only tunes when it holds more than one config; the real
-    # candidates are generated per shape by the prune hook.
-    _PLACEHOLDERS: ClassVar[list[triton.Config]] = [
-        triton.Config({}, num_warps=4),
-        triton.Config({}, num_warps=8),
-    ]
-    instances: ClassVar[list[TunedKernel]] = []
-
-    def __init__(self, fn, key: list[str]):
-        self.fn = fn
-        self.name = fn.__name__
-        self._candidates: list[triton.Config] = []
-        self._best: dict[tuple, triton.Config] = {}
-        self.tuned = triton.autotune(
-            configs=self._PLACEHOLDERS,
-            key=key,
-            prune_configs_by={"early_config_prune": lambda configs, nargs, **kw: self._candidates},
-            do_bench=_tuning_bench,
-        )(fn)
-        TunedKernel.instances.append(self)
-
-    def launch(
-        self,
-        grid: Callable[[dict], tuple[int, ...]],
-        candidates: tuple[triton.Config, ...],
-        *args,
-        tune_key: object = None,
-        **kw,
-    ) -> triton.Config:
-        if INTERPRET or len(candidates) == 1 or _overrides != _Overrides():
-            config = candidates[0]
-        elif (config := self._best.get((candidates, tune_key))) is None:
-            self._candidates = list(candidates)
-            self.tuned[grid](*args, **kw, **LAUNCH_OPTIONS)
-            config = self._best[candidates, tune_key] = self.tuned.best_config
-            _chosen[self.name] = config
-            _record_tuning(self.name, tune_key, config, getattr(self.tuned, "configs_timings", {}))
-            return config
-        self.fn[grid](*args, **kw, **config.all_kwargs(), **LAUNCH_OPTIONS)
-        _chosen[self.name] = config
-        return config

@@ -1,19 +1,22 @@
-"""Launchers: canonical (N, C, S) views, grids, buffers, and the composition of the kernels into
-the forward and backward of a normalisation. No autograd here (see tritonnorm/ops.py).
+"""Plans: how one normalisation of one kind of tensor is launched, built once and cached.
 
 A normalisation is described by a :class:`Norm` (which axes are reduced, how many channels share
-a statistic); :func:`plan` turns it and an input into a :class:`Reduction`, the one record every
-launch reads its counts, groups and views from.
+a statistic) and an optional :class:`Epilogue` (per-sample scale/shift, residual, activation).
+For an input's sizes, strides, dtype and device, and those settings, a :class:`ForwardPlan` or
+:class:`BackwardPlan` holds everything a call needs: the (N, C, S) :class:`Reduction`, the
+buffers' shapes, the chosen configs and the bound launches (launcher.py). It is looked up with a
+flat tuple; a call then allocates its outputs and launches.
 
 Forward: statistics partials (split over a (statistics x SPLIT) grid) -> finalize (combine in a
 fixed order, update running statistics, per-channel coefficients) -> apply (write y). When a
 whole reduction fits one tile, the first kernel normalises in registers and writes y itself.
 Backward: per-channel gradient-sum partials -> finalize (dweight, dbias, dx coefficients) ->
-apply (write dx), or the fused single-tile kernel.
-
-An :class:`Epilogue` (per-sample scale/shift, residual, activation) rides on the same passes: the
-kernel that writes y applies it; the backward (:func:`backward_epilogue`) recomputes the
+apply (write dx), or the fused single-tile kernel. With an epilogue the backward recomputes the
 pre-activation from x and the saved statistics instead of saving it.
+
+The lower-level steps (:func:`stats_partials`, :func:`finalize_stats`, :func:`apply`,
+:func:`grad_partials`, :func:`finalize_grad`) serve SyncBatchNorm, which puts collectives
+between them.
 """
 
 from __future__ import annotations
@@ -25,28 +28,39 @@ from dataclasses import dataclass
 
 import torch
 
-from . import config
+from . import config, tuning
 from .apply import _norm_apply_kernel
 from .grad import _norm_grad_finalize_kernel, _norm_grad_partial_kernel
+from .launcher import Kernel, Launch
 from .stats import _norm_stats_finalize_kernel, _norm_stats_partial_kernel
 
-_VIEW_KEY = ["N", "C", "S", "stride_n", "stride_c", "stride_s"]
-_DY_KEY = ["dy_stride_n", "dy_stride_c", "dy_stride_s"]
-_EPILOGUE_KEY = ["EPILOGUE", "ACTIVATION"]
-_stats_partial = config.TunedKernel(
-    _norm_stats_partial_kernel, key=[*_VIEW_KEY, "K", "REDUCE_BATCH", "FUSED", *_EPILOGUE_KEY]
-)
-_grad_partial = config.TunedKernel(
-    _norm_grad_partial_kernel,
-    key=[*_VIEW_KEY, *_DY_KEY, "K", "REDUCE_BATCH", "FUSED", *_EPILOGUE_KEY],
-)
-_apply = config.TunedKernel(
-    _norm_apply_kernel,
-    key=[*_VIEW_KEY, *_DY_KEY, "coef_stride_n", "HAS_X", "HAS_DY", *_EPILOGUE_KEY],
-)
+_STATS = Kernel(_norm_stats_partial_kernel)
+_STATS_FINALIZE = Kernel(_norm_stats_finalize_kernel)
+_GRAD = Kernel(_norm_grad_partial_kernel)
+_GRAD_FINALIZE = Kernel(_norm_grad_finalize_kernel)
+_APPLY = Kernel(_norm_apply_kernel)
 
-# Activation names of the epilogue -> the kernels' codes (common.py).
-ACTIVATIONS = {"relu": 1, "leaky_relu": 2, "silu": 3, "gelu": 4, "gelu_tanh": 5}
+
+@dataclass(frozen=True)
+class Activation:
+    """One epilogue activation: its name, the kernels' code (common.py), torch's composition,
+    and whether act'(z) can be read off y = act(z)."""
+
+    name: str
+    code: int
+    torch_fn: str  # torch.nn.functional's name
+    from_output: bool  # y > 0 exactly where z > 0 (for every slope >= 0 where there is one)
+
+
+# The one table of activations (validation, functional, conversion and the kernels' codes).
+ACTIVATION_TABLE = (
+    Activation("relu", 1, "relu", True),
+    Activation("leaky_relu", 2, "leaky_relu", True),
+    Activation("silu", 3, "silu", False),
+    Activation("gelu", 4, "gelu", False),
+    Activation("gelu_tanh", 5, "gelu", False),
+)
+ACTIVATIONS = {a.name: a.code for a in ACTIVATION_TABLE}
 
 
 def derivative_from_output(activation: int, slope: float) -> bool:
@@ -72,28 +86,6 @@ class Epilogue:
     @property
     def present(self) -> bool:
         return self.scale is not None or self.residual is not None or self.activation != 0
-
-
-_NO_EPILOGUE = dict(
-    scale_ptr=None, shift_ptr=None, res_ptr=None, res_stride_n=0, res_stride_c=0, res_stride_s=0,
-    slope=0.0, EPILOGUE=False, ACTIVATION=0,
-)  # fmt: skip
-
-
-def _epilogue_args(ep: Epilogue | None, x: torch.Tensor, view: View) -> dict:
-    """The kernels' epilogue arguments; the residual is seen with x's view (copied into x's
-    layout only when its strides cannot express it)."""
-    if ep is None or not ep.present:
-        return _NO_EPILOGUE
-    residual, res_strides = None, (0, 0, 0)
-    if ep.residual is not None:
-        residual, res_view = grad_view(ep.residual, x, view)
-        res_strides = res_view.strides
-    return dict(
-        scale_ptr=ep.scale, shift_ptr=ep.shift, res_ptr=residual,
-        **dict(zip(("res_stride_n", "res_stride_c", "res_stride_s"), res_strides, strict=True)),
-        slope=float(ep.slope), EPILOGUE=True, ACTIVATION=ep.activation,
-    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -204,8 +196,7 @@ class Reduction:
         return grid, dict(BLOCK_R=block_r, BLOCK_G=block_g, BLOCK_K=block_k)
 
 
-# Views and plans are pure functions of (sizes, strides, dtype, settings), cached: a training
-# step sees a handful of shapes, and recomputing them was a large share of each call's host time.
+# --- views ------------------------------------------------------------------------------------
 
 
 @functools.lru_cache(maxsize=4096)
@@ -252,7 +243,7 @@ def is_dense(t: torch.Tensor) -> bool:
 
 
 @functools.lru_cache(maxsize=4096)
-def _plan(
+def _reduction(
     sizes: tuple[int, ...], strides: tuple[int, ...], dtype: torch.dtype, norm: Norm, fold: bool
 ) -> Reduction:
     view = _flat_view(sizes, strides)
@@ -274,20 +265,29 @@ def plan(x: torch.Tensor, norm: Norm, fold_batch: bool = True) -> tuple[torch.Te
     if not is_dense(x):
         x = x.contiguous()
     fold = norm.batch_reduced and fold_batch
-    return x, _plan(tuple(x.shape), x.stride(), x.dtype, norm, fold)
+    return x, _reduction(tuple(x.shape), x.stride(), x.dtype, norm, fold)
+
+
+def _other_view(t: torch.Tensor, x_view: View) -> View | None:
+    """A tensor of x's shape (dy, a residual) seen with x's (N, C, S) geometry through its own
+    strides, or None when they cannot express it (it is then copied into x's layout)."""
+    view = _flat_view(tuple(t.shape), t.stride())
+    if view is not None and (view.N, view.S) == (x_view.N, x_view.S):
+        return view
+    # x's batch axis may have been folded into S: t must fold the same way.
+    foldable = view is not None and (view.S == 1 or view.stride_n == view.S * view.stride_s)
+    if foldable and x_view.N == 1:
+        stride_s = view.stride_n if view.S == 1 else view.stride_s
+        return View(1, view.C, view.N * view.S, 0, view.stride_c, stride_s)
+    return None
 
 
 def grad_view(dy: torch.Tensor, x: torch.Tensor, x_view: View) -> tuple[torch.Tensor, View]:
     """dy seen with x's (N, C, S) geometry: its own strides where possible, else a copy in x's
     layout."""
-    view = _flat_view(tuple(dy.shape), dy.stride())
-    if view is not None and (view.N, view.S) == (x_view.N, x_view.S):
+    view = _other_view(dy, x_view)
+    if view is not None:
         return dy, view
-    # x's batch axis may have been folded into S: dy must fold the same way.
-    foldable = view is not None and (view.S == 1 or view.stride_n == view.S * view.stride_s)
-    if foldable and x_view.N == 1:
-        stride_s = view.stride_n if view.S == 1 else view.stride_s
-        return dy, View(1, view.C, view.N * view.S, 0, view.stride_c, stride_s)
     dy = torch.empty_like(x).copy_(dy)
     return dy, View(x_view.N, x_view.C, x_view.S, *x_view.strides)
 
@@ -301,113 +301,27 @@ def _index_64(*views: View | None) -> bool:
     return config.index_64(max(v.span for v in views if v is not None))
 
 
-def stats_partials(
-    x: torch.Tensor,
-    red: Reduction,
-    *,
-    fused_y: torch.Tensor | None = None,
-    weight: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None,
-    eps: float = 0.0,
-    epilogue_args: dict = _NO_EPILOGUE,
-) -> tuple[torch.Tensor, int]:
-    """Partials (3, P, rows, groups) of (count, mean, M2), and P. With ``fused_y`` the reduction
-    must fit one tile, and y (normalised with weight, bias, eps, then the epilogue) is written
-    there too."""
-    fused = fused_y is not None
-    candidates = config.reduction_configs(red.shape, fused, epilogue=epilogue_args["EPILOGUE"])
-    max_split = max(c.kwargs["SPLIT"] for c in candidates)
-    partials = torch.empty(
-        (3, max_split, red.rows, red.groups), dtype=red.acc_dtype, device=x.device
-    )
-    used = _stats_partial.launch(
-        lambda meta: (red.stats_programs(meta), meta["SPLIT"]),
-        candidates,
-        tune_key=red,
-        x_ptr=x, y_ptr=fused_y, weight_ptr=weight, bias_ptr=bias, partial_ptr=partials,
-        **red.kernel_args(),
-        partial_stride_k=partials.stride(0), partial_stride_p=partials.stride(1), eps=eps,
-        **epilogue_args, REDUCE_BATCH=red.reduce_batch, FUSED=fused,
-        INDEX_64=_index_64(red.view),
-    )  # fmt: skip
-    return partials, used.kwargs["SPLIT"]
+def _nan_stats(x: torch.Tensor, norm: Norm) -> torch.Tensor:
+    shape = norm.stats_shape(x.shape)
+    return torch.full(shape, float("nan"), dtype=acc_dtype(x.dtype), device=x.device)
 
 
-def finalize_stats(
-    red: Reduction,
-    partials: torch.Tensor | None,
-    num_partials: int,
-    *,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    eps: float,
-    running: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
-    running_out: tuple[torch.Tensor, torch.Tensor] | None = None,
-    momentum: float = 0.0,
-    want_coef: bool = True,
-    want_combined: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Combine partials (or, with ``partials=None``, read the ``running`` statistics): returns
-    mean and rstd (rows, groups), apply coefficients (4, rows, C) if asked (not when the fused
-    kernel has written y already), and the combined (3, rows, groups) if asked. With partials and running statistics, the updated running statistics are
-    written into ``running_out`` (default: the running buffers themselves, in place)."""
-    from_running = partials is None
-    running_mean, running_var = running
-    update = not from_running and running_mean is not None
-    new_mean, new_var = (running_out or running) if update else (None, None)
-    device = running_mean.device if from_running else partials.device
-    dtype = red.acc_dtype
-    mean = torch.empty((red.rows, red.groups), dtype=dtype, device=device)
-    rstd = torch.empty_like(mean)
-    coef = torch.empty((4, red.rows, red.view.C), dtype=dtype, device=device) if want_coef else None
-    combined = torch.empty((3, *mean.shape), dtype=dtype, device=device) if want_combined else None
-    grid, blocks = red.finalize_grid(ordered_rows=update)
-    _norm_stats_finalize_kernel[grid](
-        partial_ptr=partials, num_partials=num_partials,
-        partial_stride_k=partials.stride(0) if partials is not None else 0,
-        partial_stride_p=partials.stride(1) if partials is not None else 0,
-        combined_ptr=combined, mean_ptr=mean, rstd_ptr=rstd, coef_ptr=coef,
-        weight_ptr=weight, bias_ptr=bias,
-        running_mean_ptr=running_mean, running_var_ptr=running_var,
-        new_running_mean_ptr=new_mean, new_running_var_ptr=new_var,
-        rows=red.rows, C=red.view.C, K=red.group_size, momentum=momentum, eps=eps,
-        FROM_RUNNING=from_running, **blocks, **config.LAUNCH_OPTIONS,
-    )  # fmt: skip
-    return mean, rstd, coef, combined
+_NO_EPILOGUE = dict(
+    scale_ptr=None, shift_ptr=None, res_ptr=None, res_stride_n=0, res_stride_c=0, res_stride_s=0,
+    slope=0.0, EPILOGUE=False, ACTIVATION=0,
+)  # fmt: skip
 
 
-def apply(
-    out: torch.Tensor,
-    red: Reduction,
-    coef: torch.Tensor,
-    *,
-    x: torch.Tensor | None,
-    dy: torch.Tensor | None = None,
-    dy_view: View | None = None,
-    epilogue_args: dict = _NO_EPILOGUE,
-    fwd_coef: torch.Tensor | None = None,
-    d_residual: torch.Tensor | None = None,
-) -> None:
-    """out = k_x * (x - mu) + k_dy * dy + k_c with (4, rows, C) coefficients; out has x's
-    strides. With an epilogue: y = act(out * scale + shift + residual) (no dy), or (dy given)
-    dy first becomes the gradient of x_hat * w + b, the pre-activation recomputed with the
-    forward coefficients ``fwd_coef``, and the residual's gradient goes to ``d_residual``."""
-    view = red.view
-    _apply.launch(
-        lambda meta: (
-            config.cdiv(view.N, meta["BLOCK_N"])
-            * config.cdiv(view.C, meta["BLOCK_C"])
-            * config.cdiv(view.S, meta["BLOCK_S"]),
-        ),
-        config.apply_configs(red.shape, epilogue=epilogue_args["EPILOGUE"]),
-        tune_key=(red, dy_view),
-        x_ptr=x, dy_ptr=dy, out_ptr=out, coef_ptr=coef,
-        N=view.N, C=view.C, S=view.S,
-        stride_n=view.stride_n, stride_c=view.stride_c, stride_s=view.stride_s,
-        **dict(zip(_DY_KEY, dy_view.strides if dy_view is not None else (0, 0, 0), strict=True)),
-        coef_stride_n=0 if red.rows == 1 else view.C, coef_stride_slot=coef.stride(0),
-        **epilogue_args, fwd_coef_ptr=fwd_coef, dres_ptr=d_residual,
-        HAS_X=x is not None, HAS_DY=dy is not None, INDEX_64=_index_64(view, dy_view),
+def _epilogue_constants(ep: Epilogue | None, res_view: View | None, force: bool = False) -> dict:
+    """The kernels' epilogue arguments but the tensors (scale_ptr, shift_ptr, res_ptr).
+    ``force``: EPILOGUE even when nothing of it is left to read (a residual without activation
+    in the backward: g = dy)."""
+    if ep is None or not (ep.present or force):
+        return {k: v for k, v in _NO_EPILOGUE.items() if not k.endswith("_ptr")}
+    strides = res_view.strides if res_view is not None else (0, 0, 0)
+    return dict(
+        res_stride_n=strides[0], res_stride_c=strides[1], res_stride_s=strides[2],
+        slope=float(ep.slope), EPILOGUE=True, ACTIVATION=ep.activation,
     )  # fmt: skip
 
 
@@ -415,9 +329,307 @@ def _fused(red: Reduction, backward: bool = False, epilogue: bool = False) -> bo
     return config.fused_blocks(red.shape, backward, epilogue) is not None
 
 
-def _nan_stats(x: torch.Tensor, norm: Norm) -> torch.Tensor:
-    shape = norm.stats_shape(x.shape)
-    return torch.full(shape, float("nan"), dtype=acc_dtype(x.dtype), device=x.device)
+# --- the steps, bound -------------------------------------------------------------------------
+
+
+def _choose(kernel: Kernel, candidates, red: Reduction, fused: bool, flags: tuple, bench):
+    device = bench.device if bench is not None else torch.device("cpu")
+    return tuning.choose(
+        kernel, candidates, shape=red.shape, fused=fused, flags=flags,
+        bucket=_bucket(red), device=device, bench=bench,
+    )  # fmt: skip
+
+
+def _bucket(red: Reduction) -> tuple:
+    """A tuned result's shape key: the view with its batch and long axes rounded up to powers
+    of two (a smaller last batch reuses the full batch's result)."""
+    v = red.view
+    return (config._pow2(v.N), v.C, config._pow2(v.S), red.group_size, red.reduce_batch,
+            v.channels_fast, red.acc_dtype.itemsize)  # fmt: skip
+
+
+class _Bench:
+    """Runs one candidate config of a launch with real tensors (the autotuner's timing)."""
+
+    def __init__(self, kernel: Kernel, grid_of, tensors: dict, constants: dict):
+        self.kernel, self.grid_of, self.tensors, self.constants = (
+            kernel,
+            grid_of,
+            tensors,
+            constants,
+        )
+        self.device = next(t.device for t in tensors.values() if t is not None)
+
+    def __call__(self, cfg) -> None:
+        kwargs = {**self.constants, **self.tensors, **cfg.all_kwargs(), **config.LAUNCH_OPTIONS}
+        self.kernel.run_jit(self.grid_of(cfg.kwargs), kwargs)
+
+
+def _bind_tuned(
+    kernel: Kernel, candidates, red: Reduction, fused: bool, grid_of, tensors: dict,
+    constants: dict, external: tuple[str, ...],
+) -> Launch:  # fmt: skip
+    """A tuned kernel's launch: the config chosen (tuning.py; ``tensors`` are this call's, for
+    the timing), bound with its grid."""
+    flags = tuple(sorted((k, v) for k, v in constants.items() if k.isupper()))
+    bench = _Bench(kernel, grid_of, tensors, constants) if tuning.enabled() else None
+    cfg = _choose(kernel, candidates, red, fused, flags, bench)
+    grid = grid_of(cfg.kwargs)
+    return kernel.bind(grid, cfg, tuple(tensors), external, **constants)
+
+
+def _stats_launch(red: Reduction, tensors: dict, *, fused: bool, eps: float, extras: dict):
+    """The statistics kernel: tensors x_ptr, y_ptr, weight_ptr, bias_ptr, partial_ptr,
+    scale_ptr, shift_ptr, res_ptr."""
+    candidates = config.reduction_configs(red.shape, fused, epilogue=extras["EPILOGUE"])
+    max_split = max(c.kwargs["SPLIT"] for c in candidates.configs)
+    constants = dict(
+        **red.kernel_args(), eps=eps, **extras, REDUCE_BATCH=red.reduce_batch, FUSED=fused,
+        INDEX_64=_index_64(red.view),
+        partial_stride_k=max_split * red.rows * red.groups, partial_stride_p=red.rows * red.groups,
+    )  # fmt: skip
+    return _bind_tuned(
+        _STATS, candidates, red, fused, lambda m: (red.stats_programs(m), m["SPLIT"]), tensors,
+        constants, ("x_ptr", "weight_ptr", "bias_ptr", "scale_ptr", "shift_ptr", "res_ptr"),
+    ), max_split  # fmt: skip
+
+
+def _partials_buffer(red: Reduction, slots: int, splits: int, width: int, device) -> torch.Tensor:
+    return torch.empty((slots, splits, red.rows, width), dtype=red.acc_dtype, device=device)
+
+
+def _finalize_stats_launch(
+    red: Reduction, num_partials: int, *, eps: float, momentum: float, update: bool,
+    from_running: bool, partial_strides: tuple[int, int], tensors: tuple[str, ...],
+) -> Launch:  # fmt: skip
+    grid, blocks = red.finalize_grid(ordered_rows=update)
+    return _STATS_FINALIZE.bind(
+        grid, None, tensors,
+        ("weight_ptr", "bias_ptr", "running_mean_ptr", "running_var_ptr",
+         "new_running_mean_ptr", "new_running_var_ptr", "partial_ptr"),
+        num_partials=num_partials, partial_stride_k=partial_strides[0],
+        partial_stride_p=partial_strides[1], rows=red.rows, C=red.view.C, K=red.group_size,
+        momentum=momentum, eps=eps, FROM_RUNNING=from_running, **blocks,
+    )  # fmt: skip
+
+
+_FINALIZE_STATS_TENSORS = (
+    "partial_ptr", "combined_ptr", "mean_ptr", "rstd_ptr", "coef_ptr", "weight_ptr", "bias_ptr",
+    "running_mean_ptr", "running_var_ptr", "new_running_mean_ptr", "new_running_var_ptr",
+)  # fmt: skip
+_APPLY_TENSORS = (
+    "x_ptr", "dy_ptr", "out_ptr", "coef_ptr", "scale_ptr", "shift_ptr", "res_ptr", "fwd_coef_ptr",
+    "dres_ptr",
+)  # fmt: skip
+_APPLY_EXTERNAL = ("x_ptr", "dy_ptr", "scale_ptr", "shift_ptr", "res_ptr")
+
+
+def _apply_launch(
+    red: Reduction, tensors: dict, *, dy_view: View | None, extras: dict, rows: int,
+    has_x: bool, has_dy: bool, z_from_output: bool = False,
+) -> Launch:  # fmt: skip
+    view = red.view
+    candidates = config.apply_configs(red.shape, epilogue=extras["EPILOGUE"])
+    constants = dict(
+        N=view.N, C=view.C, S=view.S,
+        stride_n=view.stride_n, stride_c=view.stride_c, stride_s=view.stride_s,
+        **dict(zip(("dy_stride_n", "dy_stride_c", "dy_stride_s"),
+                   dy_view.strides if dy_view is not None else (0, 0, 0), strict=True)),
+        coef_stride_n=0 if rows == 1 else view.C, coef_stride_slot=rows * view.C,
+        **extras, HAS_X=has_x, HAS_DY=has_dy, INDEX_64=_index_64(view, dy_view),
+        Z_FROM_OUTPUT=z_from_output,
+    )  # fmt: skip
+    grid_of = lambda m: (
+        config.cdiv(view.N, m["BLOCK_N"]) * config.cdiv(view.C, m["BLOCK_C"])
+        * config.cdiv(view.S, m["BLOCK_S"]),
+    )  # fmt: skip
+    return _bind_tuned(_APPLY, candidates, red, False, grid_of, tensors, constants, _APPLY_EXTERNAL)
+
+
+def _grad_launch(
+    red: Reduction, tensors: dict, *, dy_view: View, fused: bool, extras: dict,
+    z_from_output: bool = False,
+) -> tuple[Launch, int]:  # fmt: skip
+    candidates = config.reduction_configs(
+        red.shape, fused, backward=True, epilogue=extras["EPILOGUE"]
+    )
+    max_split = max(c.kwargs["SPLIT"] for c in candidates.configs)
+    constants = dict(
+        **red.kernel_args(), **extras,
+        **dict(zip(("dy_stride_n", "dy_stride_c", "dy_stride_s"), dy_view.strides, strict=True)),
+        partial_stride_k=max_split * red.rows * red.view.C,
+        partial_stride_p=red.rows * red.view.C,
+        REDUCE_BATCH=red.reduce_batch, FUSED=fused, INDEX_64=_index_64(red.view, dy_view),
+        Z_FROM_OUTPUT=z_from_output,
+    )  # fmt: skip
+    return _bind_tuned(
+        _GRAD, candidates, red, fused, lambda m: (red.stats_programs(m), m["SPLIT"]), tensors,
+        constants, ("x_ptr", "dy_ptr", "weight_ptr", "bias_ptr", "scale_ptr", "shift_ptr",
+                    "res_ptr"),
+    ), max_split  # fmt: skip
+
+
+_GRAD_FINALIZE_TENSORS = (
+    "partial_ptr",
+    "mean_ptr",
+    "rstd_ptr",
+    "weight_ptr",
+    "dweight_ptr",
+    "dbias_ptr",
+    "coef_ptr",
+)
+
+
+def _finalize_grad_launch(
+    red: Reduction, num_partials: int, *, partial_strides: tuple[int, int], count: int,
+    use_input_stats: bool, param_grads: bool,
+) -> Launch:  # fmt: skip
+    grid, blocks = red.finalize_grid(ordered_rows=param_grads)
+    return _GRAD_FINALIZE.bind(
+        grid, None, _GRAD_FINALIZE_TENSORS, ("weight_ptr", "partial_ptr"),
+        num_partials=num_partials, partial_stride_k=partial_strides[0],
+        partial_stride_p=partial_strides[1], rows=red.rows, C=red.view.C, K=red.group_size,
+        count=max(count, 1), USE_INPUT_STATS=use_input_stats, **blocks,
+    )  # fmt: skip
+
+
+# --- the cached plans --------------------------------------------------------------------------
+
+
+def _meta(t: torch.Tensor | None):
+    return None if t is None else t.dtype
+
+
+class ForwardPlan:
+    """The forward of one kind of call (see the module docstring); :meth:`run` is the call."""
+
+    def __init__(self, x: torch.Tensor, norm: Norm, epilogue: Epilogue | None, eps: float,
+                 momentum: float, running: bool):  # fmt: skip
+        ep = epilogue if epilogue is not None and epilogue.present else None
+        self.norm, self.eps, self.momentum, self.running = norm, eps, momentum, running
+        self.epilogue = ep
+        self.empty = x.numel() == 0
+        fold = norm.batch_reduced and (ep is None or ep.scale is None)
+        self.red = red = _reduction(tuple(x.shape), x.stride(), x.dtype, norm, fold)
+        self.stats_shape = norm.stats_shape(tuple(x.shape))
+        self.acc = red.acc_dtype
+        self.res_view = None
+        self.res_copy = False
+        if ep is not None and ep.residual is not None:
+            self.res_view = _other_view(ep.residual, red.view)
+            if self.res_view is None:
+                self.res_copy, self.res_view = True, red.view
+        self.extras = _epilogue_constants(ep, self.res_view)
+        self.fused = norm.use_input_stats and _fused(red, epilogue=self.extras["EPILOGUE"])
+        self.launches: tuple[Launch, ...] | None = None
+        self.num_partials = 0
+
+    def run(self, x, weight, bias, running_mean, running_var, running_out=None, scale=None,
+            shift=None, residual=None):  # fmt: skip
+        y = torch.empty_like(x)
+        if self.empty:
+            return y, _nan_stats(x, self.norm), _nan_stats(x, self.norm)
+        if self.res_copy:
+            residual = torch.empty_like(x).copy_(residual)
+        red, device = self.red, x.device
+        mean = torch.empty(self.stats_shape, dtype=self.acc, device=device)
+        rstd = torch.empty_like(mean)
+        if not self.norm.use_input_stats:  # eval: the running statistics
+            coef = torch.empty((4, 1, red.view.C), dtype=self.acc, device=device)
+            fin = (None, None, mean, rstd, coef, weight, bias, running_mean, running_var, None,
+                   None)  # fmt: skip
+            app = (x, None, y, coef, scale, shift, residual, None, None)
+            if self.launches is None:
+                self.launches = (
+                    _finalize_stats_launch(
+                        red, 0, eps=self.eps, momentum=self.momentum, update=False,
+                        from_running=True, partial_strides=(0, 0),
+                        tensors=_FINALIZE_STATS_TENSORS,
+                    ),
+                    _apply_launch(red, dict(zip(_APPLY_TENSORS, app, strict=True)), dy_view=None,
+                                  extras=self.extras, rows=1, has_x=True, has_dy=False),
+                )  # fmt: skip
+            self.launches[0](*fin)
+            self.launches[1](*app)
+            return y, mean, rstd
+        if self.launches is None:
+            self._bind(x, y, weight, bias, scale, shift, residual)
+        stats, finalize, *rest = self.launches
+        partials = torch.empty(self.partials_shape, dtype=self.acc, device=device)
+        stats(x, y if self.fused else None, weight, bias, partials, scale, shift, residual)
+        coef = None
+        if not self.fused:
+            coef = torch.empty((4, red.rows, red.view.C), dtype=self.acc, device=device)
+        new_mean, new_var = running_mean, running_var
+        if running_out is not None:
+            new_mean, new_var = running_out
+        if not self.running:
+            running_mean = running_var = new_mean = new_var = None
+        finalize(partials, None, mean, rstd, coef, weight, bias, running_mean, running_var,
+                 new_mean, new_var)  # fmt: skip
+        if rest:
+            rest[0](x, None, y, coef, scale, shift, residual, None, None)
+        return y, mean, rstd
+
+    def _bind(self, x, y, weight, bias, scale, shift, residual) -> None:
+        red, fused = self.red, self.fused
+        extras = self.extras if fused else _epilogue_constants(None, None)
+        tensors = dict(
+            x_ptr=x, y_ptr=y if fused else None, weight_ptr=weight, bias_ptr=bias,
+            partial_ptr=None, scale_ptr=scale if fused else None,
+            shift_ptr=shift if fused else None, res_ptr=residual if fused else None,
+        )  # fmt: skip
+        max_split = max(
+            c.kwargs["SPLIT"]
+            for c in config.reduction_configs(red.shape, fused, epilogue=extras["EPILOGUE"]).configs
+        )
+        self.partials_shape = (3, max_split, red.rows, red.groups)
+        tensors["partial_ptr"] = torch.empty(self.partials_shape, dtype=self.acc, device=x.device)
+        stats, _ = _stats_launch(red, tensors, fused=fused, eps=self.eps, extras=extras)
+        num_partials = stats.cfg.kwargs["SPLIT"]
+        launches = [
+            stats,
+            _finalize_stats_launch(
+                red, num_partials, eps=self.eps, momentum=self.momentum, update=self.running,
+                from_running=False,
+                partial_strides=(max_split * red.rows * red.groups, red.rows * red.groups),
+                tensors=_FINALIZE_STATS_TENSORS,
+            ),
+        ]  # fmt: skip
+        if not fused:
+            coef = torch.empty((4, red.rows, red.view.C), dtype=self.acc, device=x.device)
+            app = dict(zip(_APPLY_TENSORS, (x, None, y, coef, scale, shift, residual, None, None),
+                           strict=True))  # fmt: skip
+            launches.append(
+                _apply_launch(
+                    red,
+                    app,
+                    dy_view=None,
+                    extras=self.extras,
+                    rows=red.rows,
+                    has_x=True,
+                    has_dy=False,
+                )
+            )
+        self.launches = tuple(launches)
+
+
+_forward_plans: dict[tuple, ForwardPlan] = {}
+_backward_plans: dict[tuple, BackwardPlan] = {}
+
+
+def clear_plans() -> None:
+    """Forget every plan (after changing what the plans were built from: target_programs)."""
+    _forward_plans.clear()
+    _backward_plans.clear()
+
+
+def _epilogue_key(ep: Epilogue | None) -> tuple:
+    if ep is None or not ep.present:
+        return ()
+    res = ep.residual
+    return (_meta(ep.scale), _meta(ep.shift), None if res is None else (res.dtype, res.stride()),
+            ep.activation, ep.slope)  # fmt: skip
 
 
 def forward(
@@ -430,36 +642,276 @@ def forward(
     norm: Norm,
     momentum: float,
     eps: float,
-    running_out: tuple[torch.Tensor, torch.Tensor] | None = None,
     epilogue: Epilogue | None = None,
+    running_out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """y, mean, rstd for x of shape (N, C, *spatial); mean and rstd are ``norm.stats_shape``
     in the statistics' dtype. With input statistics, the updated running statistics go to
-    ``running_out`` (default: in place). An ``epilogue`` is applied where y is written."""
-    x, red = plan(x, norm, fold_batch=epilogue is None or epilogue.scale is None)
-    y = torch.empty_like(x)
-    if x.numel() == 0:
-        return y, _nan_stats(x, norm), _nan_stats(x, norm)
-    extras = _epilogue_args(epilogue, x, red.view)
-    running = (running_mean, running_var)
-    if not norm.use_input_stats:
-        mean, rstd, coef, _ = finalize_stats(
-            red, None, 0, weight=weight, bias=bias, eps=eps, running=running
+    ``running_out`` (default: in place). An ``epilogue`` is applied where y is written. Weight,
+    bias and the running statistics must be contiguous."""
+    if not is_dense(x):
+        x = x.contiguous()
+    running = norm.use_input_stats and running_mean is not None and running_var is not None
+    key = (
+        x.shape, x.stride(), x.dtype, x.device, norm, momentum, eps, _meta(weight), _meta(bias),
+        _meta(running_mean), running, _epilogue_key(epilogue), config._overrides,
+        tuning._enabled,
+    )  # fmt: skip
+    plan_ = _forward_plans.get(key)
+    if plan_ is None:
+        plan_ = _forward_plans[key] = ForwardPlan(x, norm, epilogue, eps, momentum, running)
+    if plan_.epilogue is None:
+        return plan_.run(x, weight, bias, running_mean, running_var, running_out)
+    ep = epilogue
+    return plan_.run(
+        x, weight, bias, running_mean, running_var, running_out, ep.scale, ep.shift, ep.residual
+    )
+
+
+class BackwardPlan:
+    """The backward of one kind of call: dx and, as ``output_mask`` asks, dweight, dbias,
+    dscale, dshift, dresidual."""
+
+    def __init__(self, x, dy, norm: Norm, epilogue: Epilogue | None, output_mask: tuple,
+                 z_from_output: bool, weight_dtype, has_bias: bool):  # fmt: skip
+        ep = epilogue if epilogue is not None and epilogue.present else None
+        self.norm, self.epilogue, self.z_from_output = norm, ep, z_from_output
+        self.mask = output_mask
+        self.param_grads = output_mask[1] or output_mask[2]
+        self.empty = x.numel() == 0
+        fold = norm.batch_reduced and ep is None
+        self.red = _reduction(tuple(x.shape), x.stride(), x.dtype, norm, fold)
+        self.acc = self.red.acc_dtype
+        self.param_dtype = weight_dtype or self.acc
+        if self.empty:
+            return
+        self.dy_view = _other_view(dy, self.red.view)
+        self.dy_copy = self.dy_view is None
+        if self.dy_copy:
+            self.dy_view = self.red.view
+        self.res_view, self.res_copy = None, False
+        if ep is not None and ep.residual is not None:
+            self.res_view = _other_view(ep.residual, self.red.view)
+            if self.res_view is None:
+                self.res_copy, self.res_view = True, self.red.view
+        self.launches = None
+
+    def run(self, dy, x, weight, bias, mean, rstd, scale=None, shift=None, residual=None):
+        if self.empty:
+            return self._empty(x, scale)
+        if self.dy_copy:
+            dy = torch.empty_like(x).copy_(dy)
+        if self.res_copy:
+            residual = torch.empty_like(x).copy_(residual)
+        if self.epilogue is not None:
+            return self._run_epilogue(dy, x, weight, bias, mean, rstd, scale, shift, residual)
+        return self._run_plain(dy, x, weight, mean, rstd)
+
+    def _empty(self, x, scale):
+        C = x.shape[1]
+        zeros = lambda: torch.zeros(C, dtype=self.param_dtype, device=x.device)
+        dx = torch.empty_like(x)
+        dw = zeros() if self.mask[1] else None
+        db = zeros() if self.mask[2] else None
+        dsc = torch.zeros_like(scale) if self.mask[3] and scale is not None else None
+        dsh = torch.zeros_like(scale) if self.mask[4] and scale is not None else None
+        dres = torch.empty_like(x) if self.mask[5] else None
+        return dx, dw, db, dsc, dsh, dres
+
+    def _param_outputs(self, device):
+        if not self.param_grads:
+            return None, None
+        C = self.red.view.C
+        return (torch.empty(C, dtype=self.param_dtype, device=device),
+                torch.empty(C, dtype=self.param_dtype, device=device))  # fmt: skip
+
+    def _run_plain(self, dy, x, weight, mean, rstd):
+        red, norm, device = self.red, self.norm, x.device
+        dx = torch.empty_like(x)
+        dweight, dbias = self._param_outputs(device)
+        fused = norm.use_input_stats and _fused(red, backward=True)
+        if self.launches is None:
+            self._bind_plain(dy, x, dx, weight, mean, rstd, fused)
+        launches = self.launches
+        if fused:
+            partials = torch.empty(self.partials_shape, dtype=self.acc, device=device)
+            launches[0](x, dy, dx, mean, rstd, weight, None, partials, None, None, None, None)
+            if self.param_grads:
+                launches[1](partials, mean, rstd, weight, dweight, dbias, None)
+            return dx, dweight, dbias, None, None, None
+        partials = None
+        if norm.use_input_stats or self.param_grads:
+            partials = torch.empty(self.partials_shape, dtype=self.acc, device=device)
+            launches[0](x, dy, None, mean, rstd, weight, None, partials, None, None, None, None)
+        coef = torch.empty((4, red.rows, red.view.C), dtype=self.acc, device=device)
+        launches[1](partials, mean, rstd, weight, dweight, dbias, coef)
+        launches[2](x if norm.use_input_stats else None, dy, dx, coef, None, None, None, None,
+                    None)  # fmt: skip
+        return dx, dweight, dbias, None, None, None
+
+    def _bind_plain(self, dy, x, dx, weight, mean, rstd, fused) -> None:
+        red, norm = self.red, self.norm
+        launches: list[Launch | None] = []
+        no_extras = _epilogue_constants(None, None)
+        max_split = 0
+        if fused or norm.use_input_stats or self.param_grads:
+            tensors = dict(
+                x_ptr=x, dy_ptr=dy, dx_ptr=dx if fused else None, mean_ptr=mean, rstd_ptr=rstd,
+                weight_ptr=weight, bias_ptr=None, partial_ptr=None, scale_ptr=None,
+                shift_ptr=None, res_ptr=None, dres_ptr=None,
+            )  # fmt: skip
+            candidates = config.reduction_configs(red.shape, fused, backward=True)
+            max_split = max(c.kwargs["SPLIT"] for c in candidates.configs)
+            self.partials_shape = (2, max_split, red.rows, red.view.C)
+            tensors["partial_ptr"] = torch.empty(self.partials_shape, dtype=self.acc,
+                                                 device=x.device)  # fmt: skip
+            grad, _ = _grad_launch(red, tensors, dy_view=self.dy_view, fused=fused,
+                                   extras=no_extras)  # fmt: skip
+            launches.append(grad)
+            num_partials = grad.cfg.kwargs["SPLIT"]
+        else:
+            launches.append(None)
+            num_partials = 0
+        strides = (max_split * red.rows * red.view.C, red.rows * red.view.C)
+        launches.append(_finalize_grad_launch(
+            red, num_partials, partial_strides=strides, count=red.count,
+            use_input_stats=norm.use_input_stats, param_grads=self.param_grads,
+        ))  # fmt: skip
+        if not fused:
+            coef = torch.empty((4, red.rows, red.view.C), dtype=self.acc, device=x.device)
+            app = dict(zip(_APPLY_TENSORS, (x if norm.use_input_stats else None, dy, dx, coef,
+                                            None, None, None, None, None), strict=True))  # fmt: skip
+            launches.append(_apply_launch(
+                red, app, dy_view=self.dy_view, extras=no_extras, rows=red.rows,
+                has_x=norm.use_input_stats, has_dy=True,
+            ))  # fmt: skip
+        self.launches = tuple(launches)
+
+    def _run_epilogue(self, dy, x, weight, bias, mean, rstd, scale, shift, residual):
+        """See :func:`backward`. Passes: per-(sample, channel) sums of g and g * x_hat (reads
+        x, dy, and the residual when there is an activation); small (N, C) torch ops and the
+        finalize kernel; the apply pass (reads x, dy, the residual; writes dx and dresidual).
+        When an instance or group fits one tile (InstanceNorm, GroupNorm), the first kernel
+        writes dx and dresidual from registers and there is no apply pass."""
+        return backward_epilogue_unplanned(
+            dy, x, weight, bias, mean, rstd, self.epilogue_with(scale, shift, residual),
+            norm=self.norm, param_grads=self.param_grads, scale_grads=self.mask[3] or self.mask[4],
+            residual_grad=self.mask[5], z_from_output=self.z_from_output,
+        )  # fmt: skip
+
+    def epilogue_with(self, scale, shift, residual) -> Epilogue:
+        ep = self.epilogue
+        return Epilogue(scale, shift, residual, ep.activation, ep.slope)
+
+
+def backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    *,
+    norm: Norm,
+    epilogue: Epilogue | None = None,
+    output_mask: tuple[bool, ...] = (True, True, True, False, False, False),
+    z_from_output: bool = False,
+) -> tuple[torch.Tensor | None, ...]:
+    """dx (x's layout), dweight, dbias (weight's dtype), dscale, dshift, dresidual of
+    y = act((x_hat * w + b) * scale + shift + residual) (plain: y = x_hat * w + b), each None
+    unless ``output_mask`` asks for it (dx is always computed). With an epilogue, x_hat and the
+    pre-activation are recomputed from x and the saved statistics. ``z_from_output``:
+    ``epilogue.residual`` is the forward's output y (ReLU or a leaky ReLU of slope >= 0: act'(z)
+    is read off y); the residual's gradient can still be asked for."""
+    if not is_dense(x):
+        x = x.contiguous()
+    ep = epilogue if epilogue is not None and epilogue.present else None
+    key = (
+        x.shape, x.stride(), x.dtype, x.device, dy.stride(), dy.dtype, norm, _meta(weight),
+        bias is not None, _epilogue_key(ep), output_mask, z_from_output, config._overrides,
+        tuning._enabled,
+    )  # fmt: skip
+    plan_ = _backward_plans.get(key)
+    if plan_ is None:
+        plan_ = _backward_plans[key] = BackwardPlan(
+            x, dy, norm, ep, output_mask, z_from_output, _meta(weight), bias is not None
         )
-        apply(y, red, coef, x=x, epilogue_args=extras)
-        return y, mean, rstd
-    fused = _fused(red, epilogue=extras["EPILOGUE"])
-    partials, num_partials = stats_partials(
-        x, red,
-        **(dict(fused_y=y, weight=weight, bias=bias, eps=eps, epilogue_args=extras) if fused else {}),
+    if ep is None:
+        dx, dw, db, *_ = plan_.run(dy, x, weight, bias, mean, rstd)
+        return dx, dw, db, None, None, None
+    return plan_.run(dy, x, weight, bias, mean, rstd, ep.scale, ep.shift, ep.residual)
+
+
+# --- the steps one by one (SyncBatchNorm) -------------------------------------------------------
+
+
+def stats_partials(x: torch.Tensor, red: Reduction) -> tuple[torch.Tensor, int]:
+    """Partials (3, P, rows, groups) of (count, mean, M2), and P (streamed or fused, y not
+    written)."""
+    extras = _epilogue_constants(None, None)
+    candidates = config.reduction_configs(red.shape, False)
+    max_split = max(c.kwargs["SPLIT"] for c in candidates.configs)
+    partials = _partials_buffer(red, 3, max_split, red.groups, x.device)
+    tensors = dict(x_ptr=x, y_ptr=None, weight_ptr=None, bias_ptr=None, partial_ptr=partials,
+                   scale_ptr=None, shift_ptr=None, res_ptr=None)  # fmt: skip
+    launch, _ = _stats_launch(red, tensors, fused=False, eps=0.0, extras=extras)
+    launch(*tensors.values())
+    return partials, launch.cfg.kwargs["SPLIT"]
+
+
+def finalize_stats(
+    red: Reduction,
+    partials: torch.Tensor | None,
+    num_partials: int,
+    *,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    running: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
+    momentum: float = 0.0,
+    want_coef: bool = True,
+    want_combined: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """mean, rstd (rows, groups), the apply coefficients (4, rows, C) and the combined
+    (count, mean, M2) (3, rows, groups) from partials (3, P, rows, groups), or from the running
+    statistics when ``partials`` is None; the given running statistics are updated in place
+    when there are partials."""
+    running_mean, running_var = running
+    from_running = partials is None
+    update = not from_running and running_mean is not None
+    dtype, device = red.acc_dtype, (partials if partials is not None else running_mean).device
+    mean = torch.empty((red.rows, red.groups), dtype=dtype, device=device)
+    rstd = torch.empty_like(mean)
+    coef = torch.empty((4, red.rows, red.view.C), dtype=dtype, device=device) if want_coef else None
+    combined = torch.empty((3, *mean.shape), dtype=dtype, device=device) if want_combined else None
+    strides = (partials.stride(0), partials.stride(1)) if partials is not None else (0, 0)
+    launch = _finalize_stats_launch(
+        red, num_partials, eps=eps, momentum=momentum, update=update, from_running=from_running,
+        partial_strides=strides, tensors=_FINALIZE_STATS_TENSORS,
     )  # fmt: skip
-    mean, rstd, coef, _ = finalize_stats(
-        red, partials, num_partials, weight=weight, bias=bias, eps=eps, running=running,
-        running_out=running_out, momentum=momentum, want_coef=not fused,
+    new = (running_mean, running_var) if update else (None, None)
+    launch(partials, combined, mean, rstd, coef, weight, bias, running_mean, running_var, *new)
+    return mean, rstd, coef, combined
+
+
+def apply(
+    out: torch.Tensor,
+    red: Reduction,
+    coef: torch.Tensor,
+    *,
+    x: torch.Tensor | None,
+    dy: torch.Tensor | None = None,
+    dy_view: View | None = None,
+) -> None:
+    """out = k_x * (x - mu) + k_dy * dy + k_c with (4, rows, C) coefficients; out has x's
+    strides."""
+    tensors = dict(zip(_APPLY_TENSORS, (x, dy, out, coef, None, None, None, None, None),
+                       strict=True))  # fmt: skip
+    launch = _apply_launch(
+        red, tensors, dy_view=dy_view, extras=_epilogue_constants(None, None), rows=red.rows,
+        has_x=x is not None, has_dy=dy is not None,
     )  # fmt: skip
-    if not fused:
-        apply(y, red, coef, x=x, epilogue_args=extras)
-    return y, mean, rstd
+    launch(*tensors.values())
 
 
 def grad_partials(
@@ -473,31 +925,32 @@ def grad_partials(
     fused_dx: torch.Tensor | None = None,
     weight: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
-    epilogue_args: dict = _NO_EPILOGUE,
+    epilogue: Epilogue | None = None,
+    res_view: View | None = None,
     d_residual: torch.Tensor | None = None,
+    z_from_output: bool = False,
 ) -> tuple[torch.Tensor, int]:
     """Per-channel partials (2, P, rows, C) of sum(dy) and sum(dy * x_hat), and P. With
     ``fused_dx`` the reduction must fit one tile and dx is written there too. With an
     epilogue (batch axis kept) the sums are of g = dy * act'(z); fused, dx is that of
     du = g * scale and g goes to ``d_residual``."""
     fused = fused_dx is not None
+    extras = _epilogue_constants(epilogue, res_view, force=epilogue is not None)
     candidates = config.reduction_configs(
-        red.shape, fused, backward=True, epilogue=epilogue_args["EPILOGUE"]
+        red.shape, fused, backward=True, epilogue=extras["EPILOGUE"]
     )
-    max_split = max(c.kwargs["SPLIT"] for c in candidates)
-    partials = torch.empty((2, max_split, red.rows, red.view.C), dtype=mean.dtype, device=x.device)
-    used = _grad_partial.launch(
-        lambda meta: (red.stats_programs(meta), meta["SPLIT"]),
-        candidates,
-        tune_key=(red, dy_view),
+    max_split = max(c.kwargs["SPLIT"] for c in candidates.configs)
+    partials = _partials_buffer(red, 2, max_split, red.view.C, x.device)
+    ep = epilogue or Epilogue()
+    tensors = dict(
         x_ptr=x, dy_ptr=dy, dx_ptr=fused_dx, mean_ptr=mean, rstd_ptr=rstd, weight_ptr=weight,
-        bias_ptr=bias, partial_ptr=partials, **red.kernel_args(), **epilogue_args,
-        dres_ptr=d_residual,
-        **dict(zip(_DY_KEY, dy_view.strides, strict=True)),
-        partial_stride_k=partials.stride(0), partial_stride_p=partials.stride(1),
-        REDUCE_BATCH=red.reduce_batch, FUSED=fused, INDEX_64=_index_64(red.view, dy_view),
+        bias_ptr=bias, partial_ptr=partials, scale_ptr=ep.scale, shift_ptr=ep.shift,
+        res_ptr=ep.residual, dres_ptr=d_residual,
     )  # fmt: skip
-    return partials, used.kwargs["SPLIT"]
+    launch, _ = _grad_launch(red, tensors, dy_view=dy_view, fused=fused, extras=extras,
+                             z_from_output=z_from_output)  # fmt: skip
+    launch(*tensors.values())
+    return partials, launch.cfg.kwargs["SPLIT"]
 
 
 def finalize_grad(
@@ -526,57 +979,13 @@ def finalize_grad(
     if want_param_grads:
         dweight = torch.empty(C, dtype=param_dtype, device=device)
         dbias = torch.empty(C, dtype=param_dtype, device=device)
-    grid, blocks = red.finalize_grid(ordered_rows=want_param_grads)
-    _norm_grad_finalize_kernel[grid](
-        partial_ptr=partials, num_partials=num_partials,
-        partial_stride_k=partials.stride(0) if partials is not None else 0,
-        partial_stride_p=partials.stride(1) if partials is not None else 0,
-        mean_ptr=mean, rstd_ptr=rstd, weight_ptr=weight,
-        dweight_ptr=dweight, dbias_ptr=dbias, coef_ptr=coef,
-        rows=red.rows, C=C, K=red.group_size, count=max(count or red.count, 1),
-        USE_INPUT_STATS=use_input_stats, **blocks, **config.LAUNCH_OPTIONS,
+    strides = (partials.stride(0), partials.stride(1)) if partials is not None else (0, 0)
+    launch = _finalize_grad_launch(
+        red, num_partials, partial_strides=strides, count=count or red.count,
+        use_input_stats=use_input_stats, param_grads=want_param_grads,
     )  # fmt: skip
+    launch(partials, mean, rstd, weight, dweight, dbias, coef)
     return dweight, dbias, coef
-
-
-def backward(
-    dy: torch.Tensor,
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    mean: torch.Tensor,
-    rstd: torch.Tensor,
-    *,
-    norm: Norm,
-    param_grads: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """dx (x's layout), and dweight/dbias (weight's dtype; None unless ``param_grads``)."""
-    x, red = plan(x, norm)
-    dx = torch.empty_like(x)
-    if x.numel() == 0:
-        zeros = None
-        if param_grads:
-            dtype = weight.dtype if weight is not None else mean.dtype
-            zeros = torch.zeros(x.shape[1], dtype=dtype, device=x.device)
-        return dx, zeros, (zeros.clone() if zeros is not None else None)
-    dy, dy_view = grad_view(dy, x, red.view)
-    if norm.use_input_stats and _fused(red, backward=True):
-        partials, num_partials = grad_partials(
-            dy, dy_view, x, red, mean, rstd, fused_dx=dx, weight=weight
-        )
-        dweight, dbias, _ = finalize_grad(
-            red, partials, num_partials, mean, rstd, weight=weight, want_dx_coef=False,
-            want_param_grads=param_grads,
-        )  # fmt: skip
-        return dx, dweight, dbias
-    partials, num_partials = None, 0
-    if norm.use_input_stats or param_grads:
-        partials, num_partials = grad_partials(dy, dy_view, x, red, mean, rstd)
-    dweight, dbias, coef = finalize_grad(
-        red, partials, num_partials, mean, rstd, weight=weight,
-        use_input_stats=norm.use_input_stats, want_dx_coef=True, want_param_grads=param_grads,
-    )  # fmt: skip
-    apply(dx, red, coef, x=x if norm.use_input_stats else None, dy=dy, dy_view=dy_view)
-    return dx, dweight, dbias
 
 
 def _per_channel(t: torch.Tensor | None, C: int, default: float, dtype, device) -> torch.Tensor:
@@ -585,7 +994,7 @@ def _per_channel(t: torch.Tensor | None, C: int, default: float, dtype, device) 
     return t.to(dtype)
 
 
-def backward_epilogue(
+def backward_epilogue_unplanned(
     dy: torch.Tensor,
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -599,43 +1008,29 @@ def backward_epilogue(
     scale_grads: bool,
     residual_grad: bool,
     z_from_output: bool = False,
-) -> tuple[torch.Tensor, ...]:
+) -> tuple[torch.Tensor | None, ...]:
     """dx, dweight, dbias, dscale, dshift, dresidual (None where not asked) of
     y = act((x_hat * w + b) * scale + shift + residual), recomputing x_hat and the
     pre-activation z from x and the saved (rows, groups) statistics.
 
     With g = dy * act'(z) and du = g * scale (the gradient of u = x_hat * w + b):
     dresidual = g; dshift[n, c] = sum_s g; dscale[n, c] = w sum_s(g x_hat) + b sum_s g; and
-    dx, dweight, dbias are the plain op's formulas applied to du. Passes: per-(sample, channel)
-    sums of g and g * x_hat (reads x, dy, and the residual when there is an activation); small
-    (N, C) torch ops and the finalize kernel; the apply pass (reads x, dy, the residual; writes dx
-    and dresidual). When an instance or group fits one tile (InstanceNorm, GroupNorm), the first
-    kernel writes dx and dresidual from registers and there is no apply pass.
-
-    ``z_from_output``: ``epilogue.residual`` is the forward's output y, not the residual, and the
-    activation (ReLU, or a leaky ReLU of slope >= 0) has act'(z) = act'(y): z is not rebuilt.
-    ``residual_grad`` still asks for the residual's gradient (g)."""
+    dx, dweight, dbias are the plain op's formulas applied to du."""
     x, red = plan(x, norm, fold_batch=False)
     view = red.view
     N, C = view.N, view.C
     acc = red.acc_dtype
     dx = torch.empty_like(x)
     d_res = torch.empty_like(x) if residual_grad else None
-    param_dtype = weight.dtype if weight is not None else acc
-    if x.numel() == 0:
-        zeros = torch.zeros(C, dtype=param_dtype, device=x.device) if param_grads else None
-        dsc = dsh = None
-        if scale_grads:
-            dsc = torch.zeros_like(epilogue.scale)
-            dsh = torch.zeros_like(epilogue.scale)
-        return dx, zeros, None if zeros is None else zeros.clone(), dsc, dsh, d_res
     dy, dy_view = grad_view(dy, x, view)
-    # EPILOGUE even when nothing of it is left to read (a residual without activation: g = dy)
-    extras = {**_epilogue_args(epilogue, x, view), "EPILOGUE": True}
+    res_view = None
+    if epilogue.residual is not None:
+        residual, res_view = grad_view(epilogue.residual, x, view)
+        epilogue = Epilogue(epilogue.scale, epilogue.shift, residual, epilogue.activation,
+                            epilogue.slope)  # fmt: skip
     if z_from_output:
         assert epilogue.residual is not None
         assert derivative_from_output(epilogue.activation, epilogue.slope)
-        extras["Z_FROM_OUTPUT"] = True
     # Gradient sums per (sample, channel) even when the batch axis is reduced: the statistics are
     # repeated for every sample ((N, groups): negligible next to x).
     per_sample = Reduction(view, red.group_size, False, red.dtype)
@@ -648,8 +1043,8 @@ def backward_epilogue(
     )
     partials, num_partials = grad_partials(
         dy, dy_view, x, per_sample, mean_rows, rstd_rows, weight=weight, bias=bias,
-        epilogue_args=extras, fused_dx=dx if fused else None,
-        d_residual=d_res if fused else None,
+        epilogue=epilogue, res_view=res_view, fused_dx=dx if fused else None,
+        d_residual=d_res if fused else None, z_from_output=z_from_output,
     )  # fmt: skip
     sum_g, sum_g_xhat = partials[:, :num_partials].sum(1)  # (N, C) each, fixed order
     w = _per_channel(weight, C, 1.0, acc, x.device)
@@ -678,8 +1073,11 @@ def backward_epilogue(
         mu = mean.repeat_interleave(red.group_size, dim=1)
         k_x = rstd.repeat_interleave(red.group_size, dim=1) * w
         fwd_coef = torch.stack([mu, k_x, torch.zeros_like(k_x), b.expand_as(k_x)]).contiguous()
-    apply(
-        dx, red, coef, x=x, dy=dy, dy_view=dy_view, epilogue_args=extras, fwd_coef=fwd_coef,
-        d_residual=d_res,
-    )  # fmt: skip
+    extras = _epilogue_constants(epilogue, res_view, force=True)
+    tensors = dict(zip(_APPLY_TENSORS, (x, dy, dx, coef, epilogue.scale, epilogue.shift,
+                                        epilogue.residual, fwd_coef, d_res), strict=True))  # fmt: skip
+    _apply_launch(
+        red, tensors, dy_view=dy_view, extras=extras, rows=red.rows, has_x=True, has_dy=True,
+        z_from_output=z_from_output,
+    )(*tensors.values())  # fmt: skip
     return dx, dweight, dbias, d_scale, d_shift, d_res

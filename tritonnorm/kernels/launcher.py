@@ -1,0 +1,159 @@
+"""The one launch seam: every tritonnorm kernel launch goes through a :class:`Kernel`.
+
+A launch is bound once per plan (kernel, grid, config and every argument that is not a tensor)
+into a :class:`Launch`, which a call then runs with its tensors:
+
+- under the interpreter, or whenever the fast path does not apply, ``fn[grid](**arguments)``:
+  Triton's JIT path (argument binding, specialisation, kernel cache, launch);
+- natively, after the first run, the compiled kernel's launcher directly, with the argument list
+  built once (as inductor's generated launchers do): a cached launch through ``JITFunction.run``
+  costs several times the launcher itself.
+
+The fast path is taken only while it launches exactly what the JIT path would:
+- the specialisation cannot have changed: the integer arguments, None pointers, constexprs and
+  dtypes are fixed by the plan, so what is left is each pointer's 16-byte alignment (Triton
+  specialises on it): the fast path is recorded from a run where every pointer was aligned and
+  used only while every pointer still is;
+- no launch hooks are set (profilers, proton);
+- the Triton release's launcher signature is one this code was written against (3.6 - 3.9).
+
+Perf harnesses (interpreter byte counts, meta-tensor recordings, stubbed launches) hook
+:func:`Kernel.run_jit` or :data:`observers`: every launch passes through here.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Callable
+from typing import ClassVar
+
+import triton
+
+from . import config
+
+try:  # the knobs module exists from Triton 3.4 on
+    from triton import knobs as _knobs
+except ImportError:  # pragma: no cover
+    _knobs = None
+
+_VERSION = tuple(int(v) for v in triton.__version__.split(".")[:2])
+# Releases whose CompiledKernel.run takes (grid x 3, stream, function, packed metadata, launch
+# metadata, enter hook, exit hook, *every argument including constexprs).
+_DIRECT_VERSIONS = ((3, 6), (3, 7), (3, 8), (3, 9))
+DIRECT = (
+    not config.INTERPRET
+    and _VERSION in _DIRECT_VERSIONS
+    and os.environ.get("TRITONNORM_DIRECT_LAUNCH", "1") != "0"
+)
+
+# Called as observer(kernel_name, grid, config) on every launch (tests count launches with it).
+observers: list[Callable] = []
+
+
+def _hooks_set() -> bool:
+    runtime = getattr(_knobs, "runtime", None)
+    return runtime is not None and (
+        runtime.launch_enter_hook is not None or runtime.launch_exit_hook is not None
+    )
+
+
+class Kernel:
+    """A ``@triton.jit`` kernel as tritonnorm launches it: :meth:`bind` a launch, then call it."""
+
+    instances: ClassVar[list[Kernel]] = []
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.name = fn.__name__
+        signature = inspect.signature(fn.fn)
+        self.params = tuple(signature.parameters)
+        self.defaults = {
+            name: p.default
+            for name, p in signature.parameters.items()
+            if p.default is not inspect.Parameter.empty
+        }
+        Kernel.instances.append(self)
+
+    def bind(
+        self,
+        grid: tuple[int, ...],
+        cfg: triton.Config | None,
+        tensors: tuple[str, ...],
+        external: tuple[str, ...] = (),
+        **constants,
+    ) -> Launch:
+        """A launch of this kernel with ``grid``, the config's meta-parameters and warps, and
+        ``constants`` (every non-tensor argument); ``tensors`` names the arguments a call passes,
+        in order (None allowed where the plan fixes it), and ``external`` those among them that
+        come from the user (their alignment can vary between calls; buffers the plan allocates
+        are always aligned)."""
+        return Launch(self, grid, cfg, tensors, external, constants)
+
+    def run_jit(self, grid, kwargs: dict):
+        """Triton's JIT path; returns the CompiledKernel (None under the interpreter or when a
+        recording hook skipped the launch)."""
+        return self.fn[grid](**kwargs)
+
+
+class Launch:
+    """One bound launch of a :class:`Kernel` (see the module docstring)."""
+
+    __slots__ = ("_direct", "cfg", "constants", "external", "grid", "kernel", "tensors")
+
+    def __init__(self, kernel, grid, cfg, tensors, external, constants):
+        self.kernel = kernel
+        self.grid = tuple(grid) + (1,) * (3 - len(grid))
+        self.cfg = cfg
+        self.tensors = tensors
+        self.external = tuple(tensors.index(name) for name in external)
+        self.constants = dict(constants)
+        if cfg is not None:
+            self.constants.update(cfg.all_kwargs())
+        self.constants.update(config.LAUNCH_OPTIONS)
+        self._direct = None  # (run, function, packed metadata, argument list, tensor slots)
+
+    def __call__(self, *tensors) -> None:
+        for observe in observers:
+            observe(self.kernel.name, self.grid, self.cfg)
+        if self.grid[0] * self.grid[1] * self.grid[2] == 0:
+            return
+        direct = self._direct
+        if direct is not None and self._aligned(tensors) and not _hooks_set():
+            run, function, packed, args, slots = direct
+            for i, t in zip(slots, tensors, strict=True):
+                args[i] = t
+            stream = triton.runtime.driver.active.get_current_stream(
+                triton.runtime.driver.active.get_current_device()
+            )
+            run(*self.grid, stream, function, packed, None, None, None, *args)
+            return
+        kwargs = dict(self.constants)
+        kwargs.update(zip(self.tensors, tensors, strict=True))
+        compiled = self.kernel.run_jit(self.grid, kwargs)
+        if DIRECT and compiled is not None and self._aligned(tensors, every=True):
+            self._record(compiled, kwargs)
+
+    def _aligned(self, tensors, every: bool = False) -> bool:
+        indices = range(len(tensors)) if every else self.external
+        for i in indices:
+            t = tensors[i]
+            if t is not None and t.data_ptr() & 15:
+                return False
+        return True
+
+    def _record(self, compiled, kwargs: dict) -> None:
+        if hasattr(compiled, "result"):  # an asynchronous compile's future
+            compiled = compiled.result()
+        params = self.kernel.params
+        defaults = self.kernel.defaults
+        args = [kwargs[name] if name in kwargs else defaults[name] for name in params]
+        slots = tuple(params.index(name) for name in self.tensors)
+        for i in slots:
+            args[i] = None  # no tensor kept alive by the plan
+        self._direct = (compiled.run, compiled.function, compiled.packed_metadata, args, slots)
+
+    @property
+    def direct(self) -> bool:
+        """Whether later calls launch the compiled kernel directly."""
+        return self._direct is not None
