@@ -52,10 +52,15 @@ observers: list[Callable] = []
 
 
 def _hooks_set() -> bool:
+    """Whether a launch hook is installed (Triton 3.6+ keep them in HookChain objects, empty by
+    default; the direct path passes no hooks, so any installed one sends launches to the JIT)."""
     runtime = getattr(_knobs, "runtime", None)
-    return runtime is not None and (
-        runtime.launch_enter_hook is not None or runtime.launch_exit_hook is not None
-    )
+    if runtime is None:
+        return False
+    for hook in (runtime.launch_enter_hook, runtime.launch_exit_hook):
+        if hook is not None and getattr(hook, "calls", True):
+            return True
+    return False
 
 
 class Kernel:
@@ -99,11 +104,13 @@ class Kernel:
 class Launch:
     """One bound launch of a :class:`Kernel` (see the module docstring)."""
 
-    __slots__ = ("_direct", "cfg", "constants", "external", "grid", "kernel", "tensors")
+    __slots__ = ("_direct", "cfg", "constants", "empty_grid", "external", "grid", "kernel",
+                 "tensors")  # fmt: skip
 
     def __init__(self, kernel, grid, cfg, tensors, external, constants):
         self.kernel = kernel
         self.grid = tuple(grid) + (1,) * (3 - len(grid))
+        self.empty_grid = self.grid[0] * self.grid[1] * self.grid[2] == 0
         self.cfg = cfg
         self.tensors = tensors
         self.external = tuple(tensors.index(name) for name in external)
@@ -114,33 +121,36 @@ class Launch:
         self._direct = None  # (run, function, packed metadata, argument list, tensor slots)
 
     def __call__(self, *tensors) -> None:
-        for observe in observers:
-            observe(self.kernel.name, self.grid, self.cfg)
-        if self.grid[0] * self.grid[1] * self.grid[2] == 0:
-            return
+        if observers:
+            for observe in observers:
+                observe(self.kernel.name, self.grid, self.cfg)
+        if self.cfg is not None:
+            config._chosen[self.kernel.name] = self.cfg
         direct = self._direct
-        if direct is not None and self._aligned(tensors) and not _hooks_set():
-            run, function, packed, args, slots = direct
-            for i, t in zip(slots, tensors, strict=True):
-                args[i] = t
-            stream = triton.runtime.driver.active.get_current_stream(
-                triton.runtime.driver.active.get_current_device()
-            )
-            run(*self.grid, stream, function, packed, None, None, None, *args)
+        if direct is not None:
+            for i in self.external:
+                t = tensors[i]
+                if t is not None and t.data_ptr() & 15:
+                    break
+            else:
+                if not _hooks_set():
+                    run, function, packed, args, slots, current_stream, current_device = direct
+                    for i, t in zip(slots, tensors, strict=True):
+                        args[i] = t
+                    g0, g1, g2 = self.grid
+                    run(g0, g1, g2, current_stream(current_device()), function, packed, None,
+                        None, None, *args)  # fmt: skip
+                    return
+        if self.empty_grid:
             return
         kwargs = dict(self.constants)
         kwargs.update(zip(self.tensors, tensors, strict=True))
         compiled = self.kernel.run_jit(self.grid, kwargs)
-        if DIRECT and compiled is not None and self._aligned(tensors, every=True):
+        if DIRECT and compiled is not None and self._aligned(tensors):
             self._record(compiled, kwargs)
 
-    def _aligned(self, tensors, every: bool = False) -> bool:
-        indices = range(len(tensors)) if every else self.external
-        for i in indices:
-            t = tensors[i]
-            if t is not None and t.data_ptr() & 15:
-                return False
-        return True
+    def _aligned(self, tensors) -> bool:
+        return all(t is None or not t.data_ptr() & 15 for t in tensors)
 
     def _record(self, compiled, kwargs: dict) -> None:
         if hasattr(compiled, "result"):  # an asynchronous compile's future
@@ -151,7 +161,11 @@ class Launch:
         slots = tuple(params.index(name) for name in self.tensors)
         for i in slots:
             args[i] = None  # no tensor kept alive by the plan
-        self._direct = (compiled.run, compiled.function, compiled.packed_metadata, args, slots)
+        active = triton.runtime.driver.active
+        self._direct = (
+            compiled.run, compiled.function, compiled.packed_metadata, args, slots,
+            active.get_current_stream, active.get_current_device,
+        )  # fmt: skip
 
     @property
     def direct(self) -> bool:
