@@ -1,8 +1,20 @@
 """The elementwise pass: out = k_x * (x - mu) + k_dy * dy + k_c with per-(sample, channel)
 coefficients. It writes y in the forward (k_x = rstd * w, k_c = b) and dx in the backward, so
-forward and backward share one streaming kernel, and it knows nothing of how the statistics were
-grouped: the coefficients' sample stride is 0 when one row serves the whole batch (BatchNorm,
-running statistics) and C when each sample has its own (InstanceNorm, GroupNorm).
+forward and backward share one streaming kernel.
+
+Where the coefficients come from (``SOURCE``) is what lets a call skip the finalize launch:
+- ``COEFFICIENTS``: a (4, rows, C) block a finalize kernel wrote (SyncBatchNorm, GroupNorm's
+  backward, the epilogue backward);
+- ``RUNNING``: the running statistics (eval): y = (x - rm) / sqrt(rv + eps) * w + b, or
+  dx = w / sqrt(rv + eps) * dy;
+- ``STATS_PARTIALS``: the statistics kernel's (count, mean, M2) partials, combined by every
+  program for its own channels in the same fixed order (Chan), so every program holds bitwise
+  the same statistics;
+- ``GRAD_PARTIALS``: the gradient kernel's per-channel sums, likewise (one channel per
+  statistic).
+The programs of the first position block (and first sample block when one row of statistics
+serves the batch) own their channels' outputs of the reduction: mean and rstd, the running
+statistics' update, dweight and dbias, each written once.
 
 With ``EPILOGUE`` the forward writes act(y * scale[n, c] + shift[n, c] + residual), and the
 backward first turns dy into the gradient of x_hat * w + b, recomputing the pre-activation from x
@@ -17,14 +29,125 @@ from .common import (
     K_X,
     MU,
     activation,
-    epilogue,
-    epilogue_grad,
+    affine_grad,
+    chan_combine,
     epilogue_output_grad,
+    grad_coefficients,
+    inverse_std,
     load_coefficient,
     load_tile,
+    normalized,
     pre_activation,
     tile_offsets,
 )
+
+# Where the coefficients come from (module docstring).
+COEFFICIENTS = tl.constexpr(0)
+RUNNING = tl.constexpr(1)
+STATS_PARTIALS = tl.constexpr(2)
+GRAD_PARTIALS = tl.constexpr(3)
+
+
+@triton.jit
+def _per_channel(ptr, c, c_mask, default, dtype: tl.constexpr):
+    """A (C,) vector as [1, BLOCK_C]; ``default`` where ptr is None or outside C."""
+    if ptr is None:
+        values = tl.zeros(c.shape, dtype) + default
+    else:
+        values = tl.load(ptr + c, mask=c_mask, other=default).to(dtype)
+    return values[None, :]
+
+
+@triton.jit
+def _coefficients(
+    coef_ptr, weight_ptr, bias_ptr, partial_ptr, num_partials, partial_stride_k,
+    partial_stride_p, mean_ptr, rstd_ptr, running_mean_ptr, running_var_ptr, dweight_ptr,
+    dbias_ptr, n, c, N, C, K, rows, count, eps, momentum, owner,
+    dtype: tl.constexpr, SOURCE: tl.constexpr, HAS_DY: tl.constexpr,
+    USE_INPUT_STATS: tl.constexpr,
+):  # fmt: skip
+    """(mu, k_x, k_dy, k_c), each [BLOCK_N, BLOCK_C], for samples n and channels c; the owner
+    program also writes its channels' reduction outputs (module docstring)."""
+    row = tl.where(rows > 1, n, 0)  # one row of statistics for the whole batch when rows == 1
+    c_mask = c < C
+    mask = (n < N)[:, None] & c_mask[None, :]
+    if SOURCE == COEFFICIENTS:
+        offsets = (row * C)[:, None] + c[None, :]
+        slot = rows * C
+        mu = load_coefficient(coef_ptr, MU, offsets, mask, slot)
+        k_x = load_coefficient(coef_ptr, K_X, offsets, mask, slot)
+        k_dy = load_coefficient(coef_ptr, K_DY, offsets, mask, slot)
+        k_c = load_coefficient(coef_ptr, K_C, offsets, mask, slot)
+    else:
+        weight = _per_channel(weight_ptr, c, c_mask, 1.0, dtype)
+        zero = tl.zeros([n.shape[0], c.shape[0]], dtype)
+        if SOURCE == RUNNING:
+            mean_c = tl.load(running_mean_ptr + c, mask=c_mask, other=0.0).to(dtype)
+            var_c = tl.load(running_var_ptr + c, mask=c_mask, other=1.0).to(dtype)
+            rstd_c = inverse_std(tl.full(var_c.shape, 1.0, dtype), var_c, eps)
+            if mean_ptr is not None:  # noqa: SIM102 (a constexpr test, then a runtime one)
+                if owner:
+                    tl.store(mean_ptr + c, mean_c, mask=c_mask)
+                    tl.store(rstd_ptr + c, rstd_c, mask=c_mask)
+            mu = mean_c[None, :] + zero
+            rstd = rstd_c[None, :] + zero
+            if HAS_DY:  # dx = w rstd dy: constants, not functions of x
+                k_x, k_dy, k_c = zero, weight * rstd, zero
+            else:
+                bias = _per_channel(bias_ptr, c, c_mask, 0.0, dtype)
+                k_x, k_dy, k_c = weight * rstd, zero, bias + zero
+        elif SOURCE == STATS_PARTIALS:
+            groups = C // K
+            stats = (row * groups)[:, None] + (c // K)[None, :]
+            count_, mean, m2 = zero, zero, zero
+            for p in range(num_partials):
+                part = partial_ptr + p * partial_stride_p + stats
+                count_, mean, m2 = chan_combine(
+                    count_, mean, m2,
+                    tl.load(part, mask=mask, other=0.0),
+                    tl.load(part + partial_stride_k, mask=mask, other=0.0),
+                    tl.load(part + 2 * partial_stride_k, mask=mask, other=0.0),
+                )  # fmt: skip
+            rstd = inverse_std(count_, m2, eps)
+            if owner:  # one write per statistic: its group's first channel
+                first = mask & ((c % K) == 0)[None, :]
+                tl.store(mean_ptr + stats, mean, mask=first)
+                tl.store(rstd_ptr + stats, rstd, mask=first)
+                if running_mean_ptr is not None:  # rows == 1, K == 1 (BatchNorm)
+                    if dtype != tl.float64:  # a float64 scalar (common.inverse_std)
+                        momentum = tl.cast(momentum, dtype)
+                    unbiased = m2 / tl.maximum(count_ - 1.0, 1.0)
+                    rm = tl.load(running_mean_ptr + stats, mask=first, other=0.0).to(dtype)
+                    rv = tl.load(running_var_ptr + stats, mask=first, other=0.0).to(dtype)
+                    rm = (1.0 - momentum) * rm + momentum * mean
+                    rv = (1.0 - momentum) * rv + momentum * unbiased
+                    out_dtype = running_mean_ptr.dtype.element_ty
+                    tl.store(running_mean_ptr + stats, rm.to(out_dtype), mask=first)
+                    tl.store(running_var_ptr + stats, rv.to(out_dtype), mask=first)
+            mu, k_x, k_dy = mean, weight * rstd, zero
+            k_c = _per_channel(bias_ptr, c, c_mask, 0.0, dtype) + zero
+        else:  # GRAD_PARTIALS, one channel per statistic
+            sums = (row * C)[:, None] + c[None, :]
+            sum_dy, sum_dy_xhat = zero, zero
+            for p in range(num_partials):
+                part = partial_ptr + p * partial_stride_p + sums
+                sum_dy += tl.load(part, mask=mask, other=0.0)
+                sum_dy_xhat += tl.load(part + partial_stride_k, mask=mask, other=0.0)
+            mu = tl.load(mean_ptr + sums, mask=mask, other=0.0)
+            rstd = tl.load(rstd_ptr + sums, mask=mask, other=0.0)
+            k_x, k_dy, k_c = grad_coefficients(
+                rstd[:, :, None], weight[:, :, None], sum_dy[:, :, None], sum_dy_xhat[:, :, None],
+                count, USE_INPUT_STATS,
+            )  # fmt: skip
+            # drop the (size-1) channels-of-a-group axis
+            k_x, k_dy, k_c = tl.sum(k_x, axis=2), tl.sum(k_dy, axis=2), tl.sum(k_c, axis=2)
+            if dweight_ptr is not None:  # noqa: SIM102 (a constexpr test, then a runtime one)
+                if owner:
+                    affine_grad(
+                        partial_ptr, num_partials, partial_stride_k, partial_stride_p,
+                        dweight_ptr, dbias_ptr, c, c_mask, rows, C, dtype,
+                    )  # fmt: skip
+    return mu, k_x, k_dy, k_c
 
 
 @triton.jit
@@ -32,22 +155,34 @@ def _norm_apply_kernel(
     x_ptr,  # input, viewed as (N, C, S); read when HAS_X
     dy_ptr,  # output gradient with its own strides; read when HAS_DY
     out_ptr,  # y or dx, same strides as x
-    coef_ptr,  # (4, rows, C) coefficients (named slots, common.py)
+    coef_ptr,  # COEFFICIENTS: (4, rows, C) coefficients (named slots, common.py)
+    weight_ptr, bias_ptr,  # (C,) or None (the other sources)
+    # STATS_PARTIALS: (3, P, rows, C // K) count, mean, M2; GRAD_PARTIALS: (2, P, rows, C) sums
+    partial_ptr,
+    num_partials, partial_stride_k, partial_stride_p,
+    mean_ptr, rstd_ptr,  # (rows, C // K): written by the owners, read by GRAD_PARTIALS; or None
+    running_mean_ptr, running_var_ptr,  # (C,): read (RUNNING), updated by the owners, or None
+    dweight_ptr, dbias_ptr,  # (C,), written by the owners (GRAD_PARTIALS), or None
     N, C, S,
+    K,  # channels per statistic (STATS_PARTIALS)
+    rows,  # rows of statistics: 1 (one for the whole batch) or N
     stride_n, stride_c, stride_s,  # strides of x and out
     dy_stride_n, dy_stride_c, dy_stride_s,
-    coef_stride_n,  # 0 (one row of coefficients for every sample) or C
-    coef_stride_slot,  # rows * C
+    count,  # elements per statistic (GRAD_PARTIALS)
+    eps: tl.float64, momentum: tl.float64,  # float64 scalars (common.inverse_std)
     scale_ptr, shift_ptr,  # (N, C) contiguous per-sample scale and shift, or None (EPILOGUE)
     res_ptr,  # residual with its own strides, or None (EPILOGUE)
     res_stride_n, res_stride_c, res_stride_s,
     fwd_coef_ptr,  # (4, rows, C) forward coefficients, to recompute z in the backward, or None
     dres_ptr,  # residual gradient, same strides as x, or None (EPILOGUE backward)
     slope: tl.float64,  # leaky_relu's negative slope
+    SOURCE: tl.constexpr,  # where the coefficients come from (module docstring)
     HAS_X: tl.constexpr,
     HAS_DY: tl.constexpr,
     EPILOGUE: tl.constexpr,  # scale/shift, residual or activation present
     ACTIVATION: tl.constexpr,  # activation code (common.py), 0 for none
+    USE_INPUT_STATS: tl.constexpr,  # GRAD_PARTIALS: the training formula
+    FP64: tl.constexpr,  # statistics and coefficients in float64 (float64 input), else float32
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     INDEX_64: tl.constexpr,  # int64 element offsets (a tensor spans 2**30 elements or more)
     Z_FROM_OUTPUT: tl.constexpr = False,  # res_ptr holds the output y (grad.py)
@@ -56,15 +191,24 @@ def _norm_apply_kernel(
     pid = tl.program_id(0)
     num_s_blocks = tl.cdiv(S, BLOCK_S)
     num_c_blocks = tl.cdiv(C, BLOCK_C)
-    s0 = (pid % num_s_blocks) * BLOCK_S
+    s_block = pid % num_s_blocks
+    s0 = s_block * BLOCK_S
     c0 = ((pid // num_s_blocks) % num_c_blocks) * BLOCK_C
     n0 = (pid // (num_s_blocks * num_c_blocks)) * BLOCK_N
     n = n0 + tl.arange(0, BLOCK_N)
     c = c0 + tl.arange(0, BLOCK_C)
-    coefs = ((n * coef_stride_n)[:, None] + c[None, :])[:, :, None, None]
-    coefs_mask = ((n < N)[:, None] & (c < C)[None, :])[:, :, None, None]
-    dtype = coef_ptr.dtype.element_ty
-    k_c = load_coefficient(coef_ptr, K_C, coefs, coefs_mask, coef_stride_slot)
+    dtype: tl.constexpr = tl.float64 if FP64 else tl.float32
+    owner = (s_block == 0) & ((n0 == 0) | (rows > 1))
+    mu, k_x, k_dy, k_c = _coefficients(
+        coef_ptr, weight_ptr, bias_ptr, partial_ptr, num_partials, partial_stride_k,
+        partial_stride_p, mean_ptr, rstd_ptr, running_mean_ptr, running_var_ptr, dweight_ptr,
+        dbias_ptr, n, c, N, C, K, rows, count, eps, momentum, owner, dtype, SOURCE, HAS_DY,
+        USE_INPUT_STATS,
+    )  # fmt: skip
+    mu = mu[:, :, None, None]
+    k_x = k_x[:, :, None, None]
+    k_dy = k_dy[:, :, None, None]
+    k_c = k_c[:, :, None, None]
     offsets, mask = tile_offsets(
         n0, c0, s0, N, C, S, 1, stride_n, stride_c, stride_s,
         BLOCK_N, BLOCK_C, 1, BLOCK_S, INDEX_64,
@@ -74,18 +218,18 @@ def _norm_apply_kernel(
             dy_ptr, n0, c0, s0, N, C, S, 1, dy_stride_n, dy_stride_c, dy_stride_s, dtype,
             BLOCK_N, BLOCK_C, 1, BLOCK_S, INDEX_64,
         )  # fmt: skip
-        k_dy = load_coefficient(coef_ptr, K_DY, coefs, coefs_mask, coef_stride_slot)
     if HAS_X:
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(dtype)  # x's offsets are out's
-        mu = load_coefficient(coef_ptr, MU, coefs, coefs_mask, coef_stride_slot)
-        k_x = load_coefficient(coef_ptr, K_X, coefs, coefs_mask, coef_stride_slot)
         if HAS_DY:
             if EPILOGUE:
                 f_mu, f_k_x, f_k_c = mu, k_x, k_c
                 if fwd_coef_ptr is not None:
-                    f_mu = load_coefficient(fwd_coef_ptr, MU, coefs, coefs_mask, coef_stride_slot)
-                    f_k_x = load_coefficient(fwd_coef_ptr, K_X, coefs, coefs_mask, coef_stride_slot)
-                    f_k_c = load_coefficient(fwd_coef_ptr, K_C, coefs, coefs_mask, coef_stride_slot)
+                    coefs = ((tl.where(rows > 1, n, 0) * C)[:, None] + c[None, :])[:, :, None, None]
+                    coefs_mask = ((n < N)[:, None] & (c < C)[None, :])[:, :, None, None]
+                    slot = rows * C
+                    f_mu = load_coefficient(fwd_coef_ptr, MU, coefs, coefs_mask, slot)
+                    f_k_x = load_coefficient(fwd_coef_ptr, K_X, coefs, coefs_mask, slot)
+                    f_k_c = load_coefficient(fwd_coef_ptr, K_C, coefs, coefs_mask, slot)
                 g, dy = epilogue_output_grad(
                     x, dy, f_mu, f_k_x, f_k_c, scale_ptr, shift_ptr, res_ptr, n0, c0, s0,
                     N, C, S, 1, res_stride_n, res_stride_c, res_stride_s, slope, ACTIVATION,
@@ -93,9 +237,9 @@ def _norm_apply_kernel(
                 )  # fmt: skip
                 if dres_ptr is not None:
                     tl.store(dres_ptr + offsets, g.to(dres_ptr.dtype.element_ty), mask=mask)
-            out = epilogue_grad(x, dy, mu, k_x, k_dy, k_c)
+            out = normalized(x, mu, k_x, k_c) + k_dy * dy
         else:
-            out = epilogue(x, mu, k_x, k_c)
+            out = normalized(x, mu, k_x, k_c)
             if EPILOGUE:
                 z = pre_activation(
                     out, scale_ptr, shift_ptr, res_ptr, n0, c0, s0, N, C, S, 1,

@@ -226,16 +226,27 @@ def grad_coefficients(rstd, weight, sum_dy, sum_dy_xhat, count, USE_INPUT_STATS:
 
 
 @triton.jit
-def epilogue(x, mu, k_x, k_c):
-    """The normalised output: k_x * (x - mu) + k_c. Centring before scaling keeps data with a
-    large common offset exact."""
+def normalized(x, mu, k_x, k_c):
+    """The affine normalisation k_x * (x - mu) + k_c: y = x_hat * w + b in the forward, and
+    with k_dy * dy added, dx in the backward. Centring before scaling keeps data with a large
+    common offset exact."""
     return k_x * (x - mu) + k_c
 
 
 @triton.jit
-def epilogue_grad(x, dy, mu, k_x, k_dy, k_c):
-    """The input gradient: k_x * (x - mu) + k_dy * dy + k_c."""
-    return k_x * (x - mu) + k_dy * dy + k_c
+def affine_grad(partial_ptr, num_partials, partial_stride_k, partial_stride_p, dweight_ptr,
+                dbias_ptr, c, c_mask, rows, C, dtype: tl.constexpr):  # fmt: skip
+    """dweight[c] = sum(dy * x_hat), dbias[c] = sum(dy) over every row and partial of
+    (2, P, rows, C) gradient sums, in a fixed order (rows, then partials)."""
+    dweight = tl.zeros(c.shape, dtype)
+    dbias = tl.zeros(c.shape, dtype)
+    for r in range(rows):
+        for p in range(num_partials):
+            part = partial_ptr + p * partial_stride_p + r * C + c
+            dbias += tl.load(part, mask=c_mask, other=0.0)
+            dweight += tl.load(part + partial_stride_k, mask=c_mask, other=0.0)
+    tl.store(dweight_ptr + c, dweight.to(dweight_ptr.dtype.element_ty), mask=c_mask)
+    tl.store(dbias_ptr + c, dbias.to(dbias_ptr.dtype.element_ty), mask=c_mask)
 
 
 @triton.jit
@@ -383,7 +394,7 @@ def epilogue_output_grad(
             )  # fmt: skip
         else:
             z = pre_activation(
-                epilogue(x, mu, k_x, k_c), scale_ptr, shift_ptr, res_ptr, n0, g0, s0, N, C, S,
+                normalized(x, mu, k_x, k_c), scale_ptr, shift_ptr, res_ptr, n0, g0, s0, N, C, S,
                 K, res_stride_n, res_stride_c, res_stride_s, BLOCK_N, BLOCK_G, BLOCK_K, BLOCK_S,
                 INDEX_64,
             )  # fmt: skip

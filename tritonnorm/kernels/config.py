@@ -58,6 +58,9 @@ MAX_WARPS = 16
 # Programs per SM the split reduction aims for: enough waves to hide DRAM latency.
 PROGRAMS_PER_SM = 4
 MAX_SPLIT = 1024
+# The apply pass combines the partials of a split reduction itself (no finalize launch) while
+# there are at most this many per statistic: every apply program re-reads its channels' partials.
+FOLD_MAX_PARTIALS = 32
 # Compiler options of every launch, pinned rather than inherited: Triton 3.10 turns fused
 # multiply-add contraction off by default, which would change results between versions.
 LAUNCH_OPTIONS = {"enable_fp_fusion": True}

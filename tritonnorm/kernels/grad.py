@@ -7,11 +7,11 @@ import triton.language as tl
 from .common import (
     channel_offsets,
     channel_values,
-    epilogue_grad,
     epilogue_output_grad,
     grad_coefficients,
     group_channels,
     load_tile,
+    normalized,
     reduce_positions,
     stat_offsets,
     store_coefficients,
@@ -49,7 +49,9 @@ def _norm_grad_partial_kernel(
     mean_ptr, rstd_ptr,  # (rows, C // K) statistics used by the forward
     weight_ptr,  # (C,) or None; read when FUSED or EPILOGUE
     bias_ptr,  # (C,) or None; read only when EPILOGUE
-    partial_ptr,  # (2, SPLIT, rows, C) per-channel sum(dy), sum(dy * x_hat)
+    partial_ptr,  # (2, SPLIT, rows, C) per-channel sum(dy), sum(dy * x_hat), or None
+    # FUSED with REDUCE_BATCH (one program holds whole channels): dweight, dbias (C,), or None
+    dweight_ptr, dbias_ptr,
     N, C, S,
     K,  # channels per statistic
     stride_n, stride_c, stride_s,  # strides of x (and dx)
@@ -74,7 +76,7 @@ def _norm_grad_partial_kernel(
     # ReLU with a slope >= 0), so z is not recomputed (common.epilogue_output_grad).
     Z_FROM_OUTPUT: tl.constexpr = False,
 ):  # fmt: skip
-    acc_dtype = partial_ptr.dtype.element_ty
+    acc_dtype = rstd_ptr.dtype.element_ty
     ROWS: tl.constexpr = 1 if REDUCE_BATCH else BLOCK_N
     rows = 1 if REDUCE_BATCH else N
     groups = C // K
@@ -109,7 +111,7 @@ def _norm_grad_partial_kernel(
         weight = channel_values(weight_ptr, g0, K, C, 1.0, acc_dtype, BLOCK_G, BLOCK_K)
         count = (N if REDUCE_BATCH else 1) * K * S
         k_x, k_dy, k_c = grad_coefficients(group_rstd, weight, sum_dy, sum_dy_xhat, count, True)
-        dx = epilogue_grad(x, dy, mean, k_x[:, :, :, None], k_dy[:, :, :, None], k_c[:, :, :, None])
+        dx = normalized(x, mean, k_x[:, :, :, None], k_c[:, :, :, None]) + k_dy[:, :, :, None] * dy
         tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
         if EPILOGUE:  # the partials hold the per-(sample, channel) sums of g (dscale, dshift)
             sum_dy = reduce_positions(g, REDUCE_BATCH)
@@ -153,9 +155,13 @@ def _norm_grad_partial_kernel(
             sum_dy_xhat = reduce_positions(lane_dy_xhat, REDUCE_BATCH)
 
     sums, sums_mask = channel_offsets(n_first, g0, rows, K, C, ROWS, BLOCK_G, BLOCK_K)
-    sums += tl.program_id(1) * partial_stride_p
-    tl.store(partial_ptr + sums, sum_dy, mask=sums_mask)
-    tl.store(partial_ptr + partial_stride_k + sums, sum_dy_xhat, mask=sums_mask)
+    if FUSED and dweight_ptr is not None:  # REDUCE_BATCH: the sums are over the whole batch
+        tl.store(dweight_ptr + sums, sum_dy_xhat.to(dweight_ptr.dtype.element_ty), mask=sums_mask)
+        tl.store(dbias_ptr + sums, sum_dy.to(dbias_ptr.dtype.element_ty), mask=sums_mask)
+    if partial_ptr is not None:
+        sums += tl.program_id(1) * partial_stride_p
+        tl.store(partial_ptr + sums, sum_dy, mask=sums_mask)
+        tl.store(partial_ptr + partial_stride_k + sums, sum_dy_xhat, mask=sums_mask)
 
 
 @triton.jit

@@ -332,14 +332,6 @@ def _fused(red: Reduction, backward: bool = False, epilogue: bool = False) -> bo
 # --- the steps, bound -------------------------------------------------------------------------
 
 
-def _choose(kernel: Kernel, candidates, red: Reduction, fused: bool, flags: tuple, bench):
-    device = bench.device if bench is not None else torch.device("cpu")
-    return tuning.choose(
-        kernel, candidates, shape=red.shape, fused=fused, flags=flags,
-        bucket=_bucket(red), device=device, bench=bench,
-    )  # fmt: skip
-
-
 def _bucket(red: Reduction) -> tuple:
     """A tuned result's shape key: the view with its batch and long axes rounded up to powers
     of two (a smaller last batch reuses the full batch's result)."""
@@ -365,91 +357,114 @@ class _Bench:
         self.kernel.run_jit(self.grid_of(cfg.kwargs), kwargs)
 
 
-def _bind_tuned(
-    kernel: Kernel, candidates, red: Reduction, fused: bool, grid_of, tensors: dict,
-    constants: dict, external: tuple[str, ...],
+# Tensors that come from the user, whose alignment a call checks (launcher.py).
+_EXTERNAL = (
+    "x_ptr", "dy_ptr", "weight_ptr", "bias_ptr", "mean_ptr", "rstd_ptr", "running_mean_ptr",
+    "running_var_ptr", "new_running_mean_ptr", "new_running_var_ptr", "scale_ptr", "shift_ptr",
+    "res_ptr", "partial_ptr",
+)  # fmt: skip
+
+
+def _bind(
+    kernel: Kernel, red: Reduction, tensors: dict, constants: dict, *, candidates=None,
+    fused: bool = False, grid_of=None, grid=None,
 ) -> Launch:  # fmt: skip
-    """A tuned kernel's launch: the config chosen (tuning.py; ``tensors`` are this call's, for
-    the timing), bound with its grid."""
-    flags = tuple(sorted((k, v) for k, v in constants.items() if k.isupper()))
-    bench = _Bench(kernel, grid_of, tensors, constants) if tuning.enabled() else None
-    cfg = _choose(kernel, candidates, red, fused, flags, bench)
-    grid = grid_of(cfg.kwargs)
-    return kernel.bind(grid, cfg, tuple(tensors), external, **constants)
+    """A launch of ``kernel`` passing ``tensors`` (names -> this call's tensors, None allowed)
+    at every call; every other pointer argument is None. With ``candidates``, the config is
+    chosen (tuning.py; the tensors serve the timing) and the grid is ``grid_of(its
+    meta-parameters)``."""
+    constants = dict(constants)
+    for name in kernel.params:
+        if name.endswith("_ptr") and name not in tensors:
+            constants[name] = None
+    cfg = None
+    if candidates is not None:
+        flags = tuple(sorted((k, v) for k, v in constants.items() if k.isupper()))
+        bench = _Bench(kernel, grid_of, tensors, constants) if tuning.enabled() else None
+        device = bench.device if bench is not None else torch.device("cpu")
+        cfg = tuning.choose(
+            kernel, candidates, shape=red.shape, fused=fused, flags=flags, bucket=_bucket(red),
+            device=device, bench=bench,
+        )  # fmt: skip
+        grid = grid_of(cfg.kwargs)
+    return kernel.bind(grid, cfg, tuple(tensors), _EXTERNAL, **constants)
 
 
-def _stats_launch(red: Reduction, tensors: dict, *, fused: bool, eps: float, extras: dict):
-    """The statistics kernel: tensors x_ptr, y_ptr, weight_ptr, bias_ptr, partial_ptr,
-    scale_ptr, shift_ptr, res_ptr."""
+def _stats_step(
+    red: Reduction, tensors: dict, *, fused: bool, eps: float, momentum: float, extras: dict
+) -> Launch:
+    """The statistics kernel (partials, or fused: y and the statistics themselves)."""
     candidates = config.reduction_configs(red.shape, fused, epilogue=extras["EPILOGUE"])
     max_split = max(c.kwargs["SPLIT"] for c in candidates.configs)
     constants = dict(
-        **red.kernel_args(), eps=eps, **extras, REDUCE_BATCH=red.reduce_batch, FUSED=fused,
-        INDEX_64=_index_64(red.view),
+        **red.kernel_args(), eps=eps, momentum=momentum, **extras,
+        REDUCE_BATCH=red.reduce_batch, FUSED=fused, INDEX_64=_index_64(red.view),
         partial_stride_k=max_split * red.rows * red.groups, partial_stride_p=red.rows * red.groups,
     )  # fmt: skip
-    return _bind_tuned(
-        _STATS, candidates, red, fused, lambda m: (red.stats_programs(m), m["SPLIT"]), tensors,
-        constants, ("x_ptr", "weight_ptr", "bias_ptr", "scale_ptr", "shift_ptr", "res_ptr"),
-    ), max_split  # fmt: skip
-
-
-def _partials_buffer(red: Reduction, slots: int, splits: int, width: int, device) -> torch.Tensor:
-    return torch.empty((slots, splits, red.rows, width), dtype=red.acc_dtype, device=device)
-
-
-def _finalize_stats_launch(
-    red: Reduction, num_partials: int, *, eps: float, momentum: float, update: bool,
-    from_running: bool, partial_strides: tuple[int, int], tensors: tuple[str, ...],
-) -> Launch:  # fmt: skip
-    grid, blocks = red.finalize_grid(ordered_rows=update)
-    return _STATS_FINALIZE.bind(
-        grid, None, tensors,
-        ("weight_ptr", "bias_ptr", "running_mean_ptr", "running_var_ptr",
-         "new_running_mean_ptr", "new_running_var_ptr", "partial_ptr"),
-        num_partials=num_partials, partial_stride_k=partial_strides[0],
-        partial_stride_p=partial_strides[1], rows=red.rows, C=red.view.C, K=red.group_size,
-        momentum=momentum, eps=eps, FROM_RUNNING=from_running, **blocks,
+    return _bind(
+        _STATS, red, tensors, constants, candidates=candidates, fused=fused,
+        grid_of=lambda m: (red.stats_programs(m), m["SPLIT"]),
     )  # fmt: skip
 
 
-_FINALIZE_STATS_TENSORS = (
-    "partial_ptr", "combined_ptr", "mean_ptr", "rstd_ptr", "coef_ptr", "weight_ptr", "bias_ptr",
-    "running_mean_ptr", "running_var_ptr", "new_running_mean_ptr", "new_running_var_ptr",
-)  # fmt: skip
-_APPLY_TENSORS = (
-    "x_ptr", "dy_ptr", "out_ptr", "coef_ptr", "scale_ptr", "shift_ptr", "res_ptr", "fwd_coef_ptr",
-    "dres_ptr",
-)  # fmt: skip
-_APPLY_EXTERNAL = ("x_ptr", "dy_ptr", "scale_ptr", "shift_ptr", "res_ptr")
+def _max_split(red: Reduction, fused: bool, backward: bool = False, epilogue: bool = False):
+    candidates = config.reduction_configs(red.shape, fused, backward=backward, epilogue=epilogue)
+    return max(c.kwargs["SPLIT"] for c in candidates.configs)
 
 
-def _apply_launch(
-    red: Reduction, tensors: dict, *, dy_view: View | None, extras: dict, rows: int,
-    has_x: bool, has_dy: bool, z_from_output: bool = False,
+def _finalize_stats_step(
+    red: Reduction, tensors: dict, num_partials: int, *, eps: float, momentum: float,
+    update: bool, from_running: bool, partial_strides: tuple[int, int],
 ) -> Launch:  # fmt: skip
+    grid, blocks = red.finalize_grid(ordered_rows=update)
+    return _bind(
+        _STATS_FINALIZE, red, tensors, dict(
+            num_partials=num_partials, partial_stride_k=partial_strides[0],
+            partial_stride_p=partial_strides[1], rows=red.rows, C=red.view.C, K=red.group_size,
+            momentum=momentum, eps=eps, FROM_RUNNING=from_running, **blocks,
+        ), grid=grid,
+    )  # fmt: skip
+
+
+# The apply kernel's coefficient sources (apply.py).
+COEFFICIENTS, RUNNING, STATS_PARTIALS, GRAD_PARTIALS = 0, 1, 2, 3
+
+
+def _apply_step(
+    red: Reduction, tensors: dict, *, source: int, dy_view: View | None = None,
+    extras: dict | None = None, num_partials: int = 0, partial_strides=(0, 0), eps: float = 0.0,
+    momentum: float = 0.0, use_input_stats: bool = True, z_from_output: bool = False,
+) -> Launch:  # fmt: skip
+    """The elementwise pass (y or dx) with its coefficients from ``source``."""
     view = red.view
+    extras = extras or _epilogue_constants(None, None)
     candidates = config.apply_configs(red.shape, epilogue=extras["EPILOGUE"])
     constants = dict(
-        N=view.N, C=view.C, S=view.S,
+        N=view.N, C=view.C, S=view.S, K=red.group_size, rows=red.rows,
         stride_n=view.stride_n, stride_c=view.stride_c, stride_s=view.stride_s,
         **dict(zip(("dy_stride_n", "dy_stride_c", "dy_stride_s"),
                    dy_view.strides if dy_view is not None else (0, 0, 0), strict=True)),
-        coef_stride_n=0 if rows == 1 else view.C, coef_stride_slot=rows * view.C,
-        **extras, HAS_X=has_x, HAS_DY=has_dy, INDEX_64=_index_64(view, dy_view),
+        count=max(red.count, 1), eps=eps, momentum=momentum, num_partials=num_partials,
+        partial_stride_k=partial_strides[0], partial_stride_p=partial_strides[1],
+        **extras, SOURCE=source, HAS_X=tensors.get("x_ptr") is not None,
+        HAS_DY=tensors.get("dy_ptr") is not None, USE_INPUT_STATS=use_input_stats,
+        FP64=red.acc_dtype == torch.float64, INDEX_64=_index_64(view, dy_view),
         Z_FROM_OUTPUT=z_from_output,
     )  # fmt: skip
     grid_of = lambda m: (
         config.cdiv(view.N, m["BLOCK_N"]) * config.cdiv(view.C, m["BLOCK_C"])
         * config.cdiv(view.S, m["BLOCK_S"]),
     )  # fmt: skip
-    return _bind_tuned(_APPLY, candidates, red, False, grid_of, tensors, constants, _APPLY_EXTERNAL)
+    return _bind(_APPLY, red, tensors, constants, candidates=candidates, grid_of=grid_of)
 
 
-def _grad_launch(
-    red: Reduction, tensors: dict, *, dy_view: View, fused: bool, extras: dict,
+def _grad_step(
+    red: Reduction, tensors: dict, *, dy_view: View, fused: bool, extras: dict | None = None,
     z_from_output: bool = False,
-) -> tuple[Launch, int]:  # fmt: skip
+) -> Launch:  # fmt: skip
+    """The gradient-sum kernel (partials, or fused: dx and, with the batch reduced, dweight and
+    dbias)."""
+    extras = extras or _epilogue_constants(None, None)
     candidates = config.reduction_configs(
         red.shape, fused, backward=True, epilogue=extras["EPILOGUE"]
     )
@@ -462,35 +477,30 @@ def _grad_launch(
         REDUCE_BATCH=red.reduce_batch, FUSED=fused, INDEX_64=_index_64(red.view, dy_view),
         Z_FROM_OUTPUT=z_from_output,
     )  # fmt: skip
-    return _bind_tuned(
-        _GRAD, candidates, red, fused, lambda m: (red.stats_programs(m), m["SPLIT"]), tensors,
-        constants, ("x_ptr", "dy_ptr", "weight_ptr", "bias_ptr", "scale_ptr", "shift_ptr",
-                    "res_ptr"),
-    ), max_split  # fmt: skip
+    return _bind(
+        _GRAD, red, tensors, constants, candidates=candidates, fused=fused,
+        grid_of=lambda m: (red.stats_programs(m), m["SPLIT"]),
+    )  # fmt: skip
 
 
-_GRAD_FINALIZE_TENSORS = (
-    "partial_ptr",
-    "mean_ptr",
-    "rstd_ptr",
-    "weight_ptr",
-    "dweight_ptr",
-    "dbias_ptr",
-    "coef_ptr",
-)
-
-
-def _finalize_grad_launch(
-    red: Reduction, num_partials: int, *, partial_strides: tuple[int, int], count: int,
-    use_input_stats: bool, param_grads: bool,
+def _finalize_grad_step(
+    red: Reduction, tensors: dict, num_partials: int, *, partial_strides: tuple[int, int],
+    count: int, use_input_stats: bool, param_grads: bool,
 ) -> Launch:  # fmt: skip
     grid, blocks = red.finalize_grid(ordered_rows=param_grads)
-    return _GRAD_FINALIZE.bind(
-        grid, None, _GRAD_FINALIZE_TENSORS, ("weight_ptr", "partial_ptr"),
-        num_partials=num_partials, partial_stride_k=partial_strides[0],
-        partial_stride_p=partial_strides[1], rows=red.rows, C=red.view.C, K=red.group_size,
-        count=max(count, 1), USE_INPUT_STATS=use_input_stats, **blocks,
+    return _bind(
+        _GRAD_FINALIZE, red, tensors, dict(
+            num_partials=num_partials, partial_stride_k=partial_strides[0],
+            partial_stride_p=partial_strides[1], rows=red.rows, C=red.view.C, K=red.group_size,
+            count=max(count, 1), USE_INPUT_STATS=use_input_stats, **blocks,
+        ), grid=grid,
     )  # fmt: skip
+
+
+def _fold(num_partials: int) -> bool:
+    """Whether the apply pass combines the partials itself (no finalize launch): each of its
+    programs re-reads its channels' partials, cheap while there are few."""
+    return num_partials <= config.FOLD_MAX_PARTIALS
 
 
 # --- the cached plans --------------------------------------------------------------------------
@@ -500,11 +510,35 @@ def _meta(t: torch.Tensor | None):
     return None if t is None else t.dtype
 
 
-class ForwardPlan:
-    """The forward of one kind of call (see the module docstring); :meth:`run` is the call."""
+class _Plan:
+    """Launches bound on a plan's first call (:meth:`_step`), then reused."""
+
+    def __init__(self):
+        self.steps: dict[str, Launch] = {}
+
+    def _step(self, name: str, tensors: dict, bind) -> Launch:
+        """Run step ``name`` with ``tensors``; ``bind()`` makes its launch the first time."""
+        step = self.steps.get(name)
+        if step is None:
+            step = self.steps[name] = bind()
+        step(**tensors)
+        return step
+
+
+class ForwardPlan(_Plan):
+    """The forward of one kind of call. Launches (apply.py's sources):
+
+    - eval (running statistics): apply (RUNNING) - 1 launch;
+    - a reduction that fits one tile: the statistics kernel normalises in registers and writes
+      y, mean, rstd and a reduced batch's running statistics - 1 launch (+ finalize for
+      InstanceNorm's running statistics, an average over samples);
+    - streamed: statistics partials, then apply (STATS_PARTIALS), whose owner programs write
+      mean, rstd and a reduced batch's running statistics - 2 launches; with many partials, or
+      InstanceNorm's running statistics, a finalize between them (COEFFICIENTS) - 3."""
 
     def __init__(self, x: torch.Tensor, norm: Norm, epilogue: Epilogue | None, eps: float,
                  momentum: float, running: bool):  # fmt: skip
+        super().__init__()
         ep = epilogue if epilogue is not None and epilogue.present else None
         self.norm, self.eps, self.momentum, self.running = norm, eps, momentum, running
         self.epilogue = ep
@@ -521,97 +555,92 @@ class ForwardPlan:
                 self.res_copy, self.res_view = True, red.view
         self.extras = _epilogue_constants(ep, self.res_view)
         self.fused = norm.use_input_stats and _fused(red, epilogue=self.extras["EPILOGUE"])
-        self.launches: tuple[Launch, ...] | None = None
-        self.num_partials = 0
+        # The running statistics of InstanceNorm average the samples': a finalize launch.
+        self.sample_running = running and not red.reduce_batch
+        # A reduced batch's running statistics are updated by the kernel owning the channel.
+        self.direct_running = running and red.reduce_batch
+        self.max_split = _max_split(red, self.fused, epilogue=self.fused and ep is not None)
+        self.num_partials: int | None = None  # the statistics launch's split, once bound
 
-    def run(self, x, weight, bias, running_mean, running_var, running_out=None, scale=None,
-            shift=None, residual=None):  # fmt: skip
+    def run(self, x, weight, bias, running_mean, running_var, scale=None, shift=None,
+            residual=None, want_stats=True):  # fmt: skip
+        """y, mean, rstd (None without ``want_stats`` in eval), updating the running statistics
+        in place."""
         y = torch.empty_like(x)
         if self.empty:
             return y, _nan_stats(x, self.norm), _nan_stats(x, self.norm)
         if self.res_copy:
             residual = torch.empty_like(x).copy_(residual)
         red, device = self.red, x.device
-        mean = torch.empty(self.stats_shape, dtype=self.acc, device=device)
-        rstd = torch.empty_like(mean)
-        if not self.norm.use_input_stats:  # eval: the running statistics
-            coef = torch.empty((4, 1, red.view.C), dtype=self.acc, device=device)
-            fin = (None, None, mean, rstd, coef, weight, bias, running_mean, running_var, None,
-                   None)  # fmt: skip
-            app = (x, None, y, coef, scale, shift, residual, None, None)
-            if self.launches is None:
-                self.launches = (
-                    _finalize_stats_launch(
-                        red, 0, eps=self.eps, momentum=self.momentum, update=False,
-                        from_running=True, partial_strides=(0, 0),
-                        tensors=_FINALIZE_STATS_TENSORS,
-                    ),
-                    _apply_launch(red, dict(zip(_APPLY_TENSORS, app, strict=True)), dy_view=None,
-                                  extras=self.extras, rows=1, has_x=True, has_dy=False),
-                )  # fmt: skip
-            self.launches[0](*fin)
-            self.launches[1](*app)
+        mean = rstd = None
+        if want_stats or self.norm.use_input_stats:
+            mean = torch.empty(self.stats_shape, dtype=self.acc, device=device)
+            rstd = torch.empty_like(mean)
+        ep = dict(scale_ptr=scale, shift_ptr=shift, res_ptr=residual) if self.epilogue else {}
+        direct = {}
+        if self.direct_running:
+            direct = dict(running_mean_ptr=running_mean, running_var_ptr=running_var)
+        if not self.norm.use_input_stats:
+            tensors = dict(x_ptr=x, out_ptr=y, weight_ptr=weight, bias_ptr=bias,
+                           running_mean_ptr=running_mean, running_var_ptr=running_var,
+                           mean_ptr=mean, rstd_ptr=rstd, **ep)  # fmt: skip
+            self._step("apply", tensors, lambda: _apply_step(
+                red, tensors, source=RUNNING, extras=self.extras, eps=self.eps))  # fmt: skip
             return y, mean, rstd
-        if self.launches is None:
-            self._bind(x, y, weight, bias, scale, shift, residual)
-        stats, finalize, *rest = self.launches
-        partials = torch.empty(self.partials_shape, dtype=self.acc, device=device)
-        stats(x, y if self.fused else None, weight, bias, partials, scale, shift, residual)
-        coef = None
-        if not self.fused:
-            coef = torch.empty((4, red.rows, red.view.C), dtype=self.acc, device=device)
-        new_mean, new_var = running_mean, running_var
-        if running_out is not None:
-            new_mean, new_var = running_out
-        if not self.running:
-            running_mean = running_var = new_mean = new_var = None
-        finalize(partials, None, mean, rstd, coef, weight, bias, running_mean, running_var,
-                 new_mean, new_var)  # fmt: skip
-        if rest:
-            rest[0](x, None, y, coef, scale, shift, residual, None, None)
+        partials = None
+        if not self.fused or self.sample_running:
+            splits = self.max_split if not self.fused else 1
+            partials = torch.empty((3, splits, red.rows, red.groups), dtype=self.acc,
+                                   device=device)  # fmt: skip
+        if self.fused:
+            tensors = dict(x_ptr=x, y_ptr=y, weight_ptr=weight, bias_ptr=bias, mean_ptr=mean,
+                           rstd_ptr=rstd, partial_ptr=partials, **direct, **ep)  # fmt: skip
+            self._step("stats", tensors, lambda: _stats_step(
+                red, tensors, fused=True, eps=self.eps, momentum=self.momentum,
+                extras=self.extras))  # fmt: skip
+            if self.sample_running:
+                self._finalize(partials, 1, mean, rstd, None, weight, bias, running_mean,
+                               running_var)  # fmt: skip
+            return y, mean, rstd
+        tensors = dict(x_ptr=x, partial_ptr=partials)
+        stats = self._step("stats", tensors, lambda: _stats_step(
+            red, tensors, fused=False, eps=self.eps, momentum=self.momentum,
+            extras=_epilogue_constants(None, None)))  # fmt: skip
+        num_partials = stats.cfg.kwargs["SPLIT"]
+        strides = (partials.stride(0), partials.stride(1))
+        if _fold(num_partials) and not self.sample_running:
+            tensors = dict(x_ptr=x, out_ptr=y, weight_ptr=weight, bias_ptr=bias,
+                           partial_ptr=partials, mean_ptr=mean, rstd_ptr=rstd, **direct, **ep)  # fmt: skip
+            self._step("apply", tensors, lambda: _apply_step(
+                red, tensors, source=STATS_PARTIALS, extras=self.extras,
+                num_partials=num_partials, partial_strides=strides, eps=self.eps,
+                momentum=self.momentum))  # fmt: skip
+            return y, mean, rstd
+        coef = torch.empty((4, red.rows, red.view.C), dtype=self.acc, device=device)
+        self._finalize(partials, num_partials, mean, rstd, coef, weight, bias, running_mean,
+                       running_var)  # fmt: skip
+        tensors = dict(x_ptr=x, out_ptr=y, coef_ptr=coef, **ep)
+        self._step("apply", tensors, lambda: _apply_step(
+            red, tensors, source=COEFFICIENTS, extras=self.extras))  # fmt: skip
         return y, mean, rstd
 
-    def _bind(self, x, y, weight, bias, scale, shift, residual) -> None:
-        red, fused = self.red, self.fused
-        extras = self.extras if fused else _epilogue_constants(None, None)
+    def _finalize(self, partials, num_partials, mean, rstd, coef, weight, bias, running_mean,
+                  running_var) -> None:  # fmt: skip
+        """Combine the partials (mean, rstd), update the running statistics (in place) and, with
+        ``coef``, write the apply coefficients."""
+        if not self.running:
+            running_mean = running_var = None
         tensors = dict(
-            x_ptr=x, y_ptr=y if fused else None, weight_ptr=weight, bias_ptr=bias,
-            partial_ptr=None, scale_ptr=scale if fused else None,
-            shift_ptr=shift if fused else None, res_ptr=residual if fused else None,
+            partial_ptr=partials, mean_ptr=mean, rstd_ptr=rstd, coef_ptr=coef,
+            weight_ptr=weight, bias_ptr=bias, running_mean_ptr=running_mean,
+            running_var_ptr=running_var, new_running_mean_ptr=running_mean,
+            new_running_var_ptr=running_var,
         )  # fmt: skip
-        max_split = max(
-            c.kwargs["SPLIT"]
-            for c in config.reduction_configs(red.shape, fused, epilogue=extras["EPILOGUE"]).configs
-        )
-        self.partials_shape = (3, max_split, red.rows, red.groups)
-        tensors["partial_ptr"] = torch.empty(self.partials_shape, dtype=self.acc, device=x.device)
-        stats, _ = _stats_launch(red, tensors, fused=fused, eps=self.eps, extras=extras)
-        num_partials = stats.cfg.kwargs["SPLIT"]
-        launches = [
-            stats,
-            _finalize_stats_launch(
-                red, num_partials, eps=self.eps, momentum=self.momentum, update=self.running,
-                from_running=False,
-                partial_strides=(max_split * red.rows * red.groups, red.rows * red.groups),
-                tensors=_FINALIZE_STATS_TENSORS,
-            ),
-        ]  # fmt: skip
-        if not fused:
-            coef = torch.empty((4, red.rows, red.view.C), dtype=self.acc, device=x.device)
-            app = dict(zip(_APPLY_TENSORS, (x, None, y, coef, scale, shift, residual, None, None),
-                           strict=True))  # fmt: skip
-            launches.append(
-                _apply_launch(
-                    red,
-                    app,
-                    dy_view=None,
-                    extras=self.extras,
-                    rows=red.rows,
-                    has_x=True,
-                    has_dy=False,
-                )
-            )
-        self.launches = tuple(launches)
+        red = self.red
+        self._step("finalize", tensors, lambda: _finalize_stats_step(
+            red, tensors, num_partials, eps=self.eps, momentum=self.momentum,
+            update=self.running, from_running=False,
+            partial_strides=(partials.stride(0), partials.stride(1))))  # fmt: skip
 
 
 _forward_plans: dict[tuple, ForwardPlan] = {}
@@ -644,14 +673,18 @@ def forward(
     eps: float,
     epilogue: Epilogue | None = None,
     running_out: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    want_stats: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """y, mean, rstd for x of shape (N, C, *spatial); mean and rstd are ``norm.stats_shape``
-    in the statistics' dtype. With input statistics, the updated running statistics go to
-    ``running_out`` (default: in place). An ``epilogue`` is applied where y is written. Weight,
-    bias and the running statistics must be contiguous."""
+    in the statistics' dtype (None in eval without ``want_stats``). With input statistics, the
+    updated running statistics go to ``running_out`` (default: in place). An ``epilogue`` is
+    applied where y is written. Weight, bias and the running statistics must be contiguous."""
     if not is_dense(x):
         x = x.contiguous()
     running = norm.use_input_stats and running_mean is not None and running_var is not None
+    if running and running_out is not None:
+        running_out[0].copy_(running_mean), running_out[1].copy_(running_var)
+        running_mean, running_var = running_out
     key = (
         x.shape, x.stride(), x.dtype, x.device, norm, momentum, eps, _meta(weight), _meta(bias),
         _meta(running_mean), running, _epilogue_key(epilogue), config._overrides,
@@ -661,40 +694,49 @@ def forward(
     if plan_ is None:
         plan_ = _forward_plans[key] = ForwardPlan(x, norm, epilogue, eps, momentum, running)
     if plan_.epilogue is None:
-        return plan_.run(x, weight, bias, running_mean, running_var, running_out)
+        return plan_.run(x, weight, bias, running_mean, running_var, want_stats=want_stats)
     ep = epilogue
-    return plan_.run(
-        x, weight, bias, running_mean, running_var, running_out, ep.scale, ep.shift, ep.residual
-    )
+    return plan_.run(x, weight, bias, running_mean, running_var, ep.scale, ep.shift, ep.residual,
+                     want_stats)  # fmt: skip
 
 
-class BackwardPlan:
+class BackwardPlan(_Plan):
     """The backward of one kind of call: dx and, as ``output_mask`` asks, dweight, dbias,
-    dscale, dshift, dresidual."""
+    dscale, dshift, dresidual. Launches of the plain backward:
+
+    - a reduction that fits one tile: the gradient kernel writes dx from registers, and with the
+      batch reduced dweight and dbias - 1 launch (+ finalize: dweight and dbias summed over the
+      samples of InstanceNorm and GroupNorm);
+    - eval without parameter gradients: apply (dx = w rstd dy) - 1 launch;
+    - streamed, one channel per statistic: gradient-sum partials, then apply (GRAD_PARTIALS),
+      whose owner programs write dweight and dbias - 2 launches; GroupNorm's groups, or many
+      partials, add a finalize between them - 3."""
 
     def __init__(self, x, dy, norm: Norm, epilogue: Epilogue | None, output_mask: tuple,
                  z_from_output: bool, weight_dtype, has_bias: bool):  # fmt: skip
+        super().__init__()
         ep = epilogue if epilogue is not None and epilogue.present else None
         self.norm, self.epilogue, self.z_from_output = norm, ep, z_from_output
         self.mask = output_mask
         self.param_grads = output_mask[1] or output_mask[2]
         self.empty = x.numel() == 0
         fold = norm.batch_reduced and ep is None
-        self.red = _reduction(tuple(x.shape), x.stride(), x.dtype, norm, fold)
-        self.acc = self.red.acc_dtype
+        self.red = red = _reduction(tuple(x.shape), x.stride(), x.dtype, norm, fold)
+        self.acc = red.acc_dtype
         self.param_dtype = weight_dtype or self.acc
         if self.empty:
             return
-        self.dy_view = _other_view(dy, self.red.view)
+        self.dy_view = _other_view(dy, red.view)
         self.dy_copy = self.dy_view is None
         if self.dy_copy:
-            self.dy_view = self.red.view
+            self.dy_view = red.view
         self.res_view, self.res_copy = None, False
         if ep is not None and ep.residual is not None:
-            self.res_view = _other_view(ep.residual, self.red.view)
+            self.res_view = _other_view(ep.residual, red.view)
             if self.res_view is None:
-                self.res_copy, self.res_view = True, self.red.view
-        self.launches = None
+                self.res_copy, self.res_view = True, red.view
+        self.fused = norm.use_input_stats and _fused(red, backward=True)
+        self.max_split = _max_split(red, self.fused, backward=True)
 
     def run(self, dy, x, weight, bias, mean, rstd, scale=None, shift=None, residual=None):
         if self.empty:
@@ -704,7 +746,13 @@ class BackwardPlan:
         if self.res_copy:
             residual = torch.empty_like(x).copy_(residual)
         if self.epilogue is not None:
-            return self._run_epilogue(dy, x, weight, bias, mean, rstd, scale, shift, residual)
+            return backward_epilogue_unplanned(
+                dy, x, weight, bias, mean, rstd,
+                Epilogue(scale, shift, residual, self.epilogue.activation, self.epilogue.slope),
+                norm=self.norm, param_grads=self.param_grads,
+                scale_grads=self.mask[3] or self.mask[4], residual_grad=self.mask[5],
+                z_from_output=self.z_from_output,
+            )  # fmt: skip
         return self._run_plain(dy, x, weight, mean, rstd)
 
     def _empty(self, x, scale):
@@ -718,90 +766,62 @@ class BackwardPlan:
         dres = torch.empty_like(x) if self.mask[5] else None
         return dx, dw, db, dsc, dsh, dres
 
-    def _param_outputs(self, device):
-        if not self.param_grads:
-            return None, None
-        C = self.red.view.C
-        return (torch.empty(C, dtype=self.param_dtype, device=device),
-                torch.empty(C, dtype=self.param_dtype, device=device))  # fmt: skip
-
     def _run_plain(self, dy, x, weight, mean, rstd):
         red, norm, device = self.red, self.norm, x.device
         dx = torch.empty_like(x)
-        dweight, dbias = self._param_outputs(device)
-        fused = norm.use_input_stats and _fused(red, backward=True)
-        if self.launches is None:
-            self._bind_plain(dy, x, dx, weight, mean, rstd, fused)
-        launches = self.launches
-        if fused:
-            partials = torch.empty(self.partials_shape, dtype=self.acc, device=device)
-            launches[0](x, dy, dx, mean, rstd, weight, None, partials, None, None, None, None)
-            if self.param_grads:
-                launches[1](partials, mean, rstd, weight, dweight, dbias, None)
+        dweight = dbias = None
+        if self.param_grads:
+            dweight = torch.empty(red.view.C, dtype=self.param_dtype, device=device)
+            dbias = torch.empty_like(dweight)
+        dy_view = self.dy_view
+        if not norm.use_input_stats and not self.param_grads:  # dx = w rstd dy
+            tensors = dict(dy_ptr=dy, out_ptr=dx, weight_ptr=weight, mean_ptr=mean, rstd_ptr=rstd)
+            self._step("apply", tensors, lambda: _apply_step(
+                red, tensors, source=GRAD_PARTIALS, dy_view=dy_view,
+                use_input_stats=False))  # fmt: skip
+            return dx, None, None, None, None, None
+        direct = self.fused and red.reduce_batch
+        sums = None
+        if not (self.fused and (direct or not self.param_grads)):
+            splits = self.max_split
+            sums = torch.empty((2, splits, red.rows, red.view.C), dtype=self.acc, device=device)
+        tensors = dict(x_ptr=x, dy_ptr=dy, mean_ptr=mean, rstd_ptr=rstd, weight_ptr=weight,
+                       partial_ptr=sums)  # fmt: skip
+        if self.fused:
+            tensors.update(dx_ptr=dx)
+            if direct:
+                tensors.update(dweight_ptr=dweight, dbias_ptr=dbias)
+        grad = self._step("grad", tensors, lambda: _grad_step(
+            red, tensors, dy_view=dy_view, fused=self.fused))  # fmt: skip
+        if self.fused:
+            if sums is not None:
+                self._finalize(sums, 1, mean, rstd, weight, dweight, dbias, None)
             return dx, dweight, dbias, None, None, None
-        partials = None
-        if norm.use_input_stats or self.param_grads:
-            partials = torch.empty(self.partials_shape, dtype=self.acc, device=device)
-            launches[0](x, dy, None, mean, rstd, weight, None, partials, None, None, None, None)
+        num_partials = grad.cfg.kwargs["SPLIT"]
+        strides = (sums.stride(0), sums.stride(1))
+        x_in = x if norm.use_input_stats else None
+        if red.group_size == 1 and _fold(num_partials):
+            tensors = dict(x_ptr=x_in, dy_ptr=dy, out_ptr=dx, weight_ptr=weight, partial_ptr=sums,
+                           mean_ptr=mean, rstd_ptr=rstd, dweight_ptr=dweight, dbias_ptr=dbias)  # fmt: skip
+            self._step("apply", tensors, lambda: _apply_step(
+                red, tensors, source=GRAD_PARTIALS, dy_view=dy_view, num_partials=num_partials,
+                partial_strides=strides, use_input_stats=norm.use_input_stats))  # fmt: skip
+            return dx, dweight, dbias, None, None, None
         coef = torch.empty((4, red.rows, red.view.C), dtype=self.acc, device=device)
-        launches[1](partials, mean, rstd, weight, dweight, dbias, coef)
-        launches[2](x if norm.use_input_stats else None, dy, dx, coef, None, None, None, None,
-                    None)  # fmt: skip
+        self._finalize(sums, num_partials, mean, rstd, weight, dweight, dbias, coef)
+        tensors = dict(x_ptr=x_in, dy_ptr=dy, out_ptr=dx, coef_ptr=coef)
+        self._step("apply", tensors, lambda: _apply_step(
+            red, tensors, source=COEFFICIENTS, dy_view=dy_view))  # fmt: skip
         return dx, dweight, dbias, None, None, None
 
-    def _bind_plain(self, dy, x, dx, weight, mean, rstd, fused) -> None:
-        red, norm = self.red, self.norm
-        launches: list[Launch | None] = []
-        no_extras = _epilogue_constants(None, None)
-        max_split = 0
-        if fused or norm.use_input_stats or self.param_grads:
-            tensors = dict(
-                x_ptr=x, dy_ptr=dy, dx_ptr=dx if fused else None, mean_ptr=mean, rstd_ptr=rstd,
-                weight_ptr=weight, bias_ptr=None, partial_ptr=None, scale_ptr=None,
-                shift_ptr=None, res_ptr=None, dres_ptr=None,
-            )  # fmt: skip
-            candidates = config.reduction_configs(red.shape, fused, backward=True)
-            max_split = max(c.kwargs["SPLIT"] for c in candidates.configs)
-            self.partials_shape = (2, max_split, red.rows, red.view.C)
-            tensors["partial_ptr"] = torch.empty(self.partials_shape, dtype=self.acc,
-                                                 device=x.device)  # fmt: skip
-            grad, _ = _grad_launch(red, tensors, dy_view=self.dy_view, fused=fused,
-                                   extras=no_extras)  # fmt: skip
-            launches.append(grad)
-            num_partials = grad.cfg.kwargs["SPLIT"]
-        else:
-            launches.append(None)
-            num_partials = 0
-        strides = (max_split * red.rows * red.view.C, red.rows * red.view.C)
-        launches.append(_finalize_grad_launch(
-            red, num_partials, partial_strides=strides, count=red.count,
-            use_input_stats=norm.use_input_stats, param_grads=self.param_grads,
-        ))  # fmt: skip
-        if not fused:
-            coef = torch.empty((4, red.rows, red.view.C), dtype=self.acc, device=x.device)
-            app = dict(zip(_APPLY_TENSORS, (x if norm.use_input_stats else None, dy, dx, coef,
-                                            None, None, None, None, None), strict=True))  # fmt: skip
-            launches.append(_apply_launch(
-                red, app, dy_view=self.dy_view, extras=no_extras, rows=red.rows,
-                has_x=norm.use_input_stats, has_dy=True,
-            ))  # fmt: skip
-        self.launches = tuple(launches)
-
-    def _run_epilogue(self, dy, x, weight, bias, mean, rstd, scale, shift, residual):
-        """See :func:`backward`. Passes: per-(sample, channel) sums of g and g * x_hat (reads
-        x, dy, and the residual when there is an activation); small (N, C) torch ops and the
-        finalize kernel; the apply pass (reads x, dy, the residual; writes dx and dresidual).
-        When an instance or group fits one tile (InstanceNorm, GroupNorm), the first kernel
-        writes dx and dresidual from registers and there is no apply pass."""
-        return backward_epilogue_unplanned(
-            dy, x, weight, bias, mean, rstd, self.epilogue_with(scale, shift, residual),
-            norm=self.norm, param_grads=self.param_grads, scale_grads=self.mask[3] or self.mask[4],
-            residual_grad=self.mask[5], z_from_output=self.z_from_output,
-        )  # fmt: skip
-
-    def epilogue_with(self, scale, shift, residual) -> Epilogue:
-        ep = self.epilogue
-        return Epilogue(scale, shift, residual, ep.activation, ep.slope)
+    def _finalize(self, sums, num_partials, mean, rstd, weight, dweight, dbias, coef) -> None:
+        tensors = dict(partial_ptr=sums, mean_ptr=mean, rstd_ptr=rstd, weight_ptr=weight,
+                       dweight_ptr=dweight, dbias_ptr=dbias, coef_ptr=coef)  # fmt: skip
+        red = self.red
+        self._step("finalize", tensors, lambda: _finalize_grad_step(
+            red, tensors, num_partials, partial_strides=(sums.stride(0), sums.stride(1)),
+            count=red.count, use_input_stats=self.norm.use_input_stats,
+            param_grads=self.param_grads))  # fmt: skip
 
 
 def backward(
@@ -842,21 +862,22 @@ def backward(
     return plan_.run(dy, x, weight, bias, mean, rstd, ep.scale, ep.shift, ep.residual)
 
 
-# --- the steps one by one (SyncBatchNorm) -------------------------------------------------------
+# --- the steps one by one (SyncBatchNorm, the epilogue backward) ------------------------------
 
 
 def stats_partials(x: torch.Tensor, red: Reduction) -> tuple[torch.Tensor, int]:
-    """Partials (3, P, rows, groups) of (count, mean, M2), and P (streamed or fused, y not
-    written)."""
-    extras = _epilogue_constants(None, None)
-    candidates = config.reduction_configs(red.shape, False)
-    max_split = max(c.kwargs["SPLIT"] for c in candidates.configs)
+    """Partials (3, P, rows, groups) of (count, mean, M2), and P."""
+    max_split = _max_split(red, False)
     partials = _partials_buffer(red, 3, max_split, red.groups, x.device)
-    tensors = dict(x_ptr=x, y_ptr=None, weight_ptr=None, bias_ptr=None, partial_ptr=partials,
-                   scale_ptr=None, shift_ptr=None, res_ptr=None)  # fmt: skip
-    launch, _ = _stats_launch(red, tensors, fused=False, eps=0.0, extras=extras)
-    launch(*tensors.values())
+    tensors = dict(x_ptr=x, partial_ptr=partials)
+    launch = _stats_step(red, tensors, fused=False, eps=0.0, momentum=0.0,
+                         extras=_epilogue_constants(None, None))  # fmt: skip
+    launch(**tensors)
     return partials, launch.cfg.kwargs["SPLIT"]
+
+
+def _partials_buffer(red: Reduction, slots: int, splits: int, width: int, device) -> torch.Tensor:
+    return torch.empty((slots, splits, red.rows, width), dtype=red.acc_dtype, device=device)
 
 
 def finalize_stats(
@@ -873,24 +894,25 @@ def finalize_stats(
     want_combined: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """mean, rstd (rows, groups), the apply coefficients (4, rows, C) and the combined
-    (count, mean, M2) (3, rows, groups) from partials (3, P, rows, groups), or from the running
-    statistics when ``partials`` is None; the given running statistics are updated in place
-    when there are partials."""
+    (count, mean, M2) (3, rows, groups) from partials (3, P, rows, groups); the given running
+    statistics are updated in place."""
     running_mean, running_var = running
-    from_running = partials is None
-    update = not from_running and running_mean is not None
-    dtype, device = red.acc_dtype, (partials if partials is not None else running_mean).device
+    update = running_mean is not None
+    dtype, device = red.acc_dtype, partials.device
     mean = torch.empty((red.rows, red.groups), dtype=dtype, device=device)
     rstd = torch.empty_like(mean)
     coef = torch.empty((4, red.rows, red.view.C), dtype=dtype, device=device) if want_coef else None
     combined = torch.empty((3, *mean.shape), dtype=dtype, device=device) if want_combined else None
-    strides = (partials.stride(0), partials.stride(1)) if partials is not None else (0, 0)
-    launch = _finalize_stats_launch(
-        red, num_partials, eps=eps, momentum=momentum, update=update, from_running=from_running,
-        partial_strides=strides, tensors=_FINALIZE_STATS_TENSORS,
+    tensors = dict(
+        partial_ptr=partials, combined_ptr=combined, mean_ptr=mean, rstd_ptr=rstd, coef_ptr=coef,
+        weight_ptr=weight, bias_ptr=bias, running_mean_ptr=running_mean,
+        running_var_ptr=running_var, new_running_mean_ptr=running_mean,
+        new_running_var_ptr=running_var,
     )  # fmt: skip
-    new = (running_mean, running_var) if update else (None, None)
-    launch(partials, combined, mean, rstd, coef, weight, bias, running_mean, running_var, *new)
+    _finalize_stats_step(
+        red, tensors, num_partials, eps=eps, momentum=momentum, update=update,
+        from_running=False, partial_strides=(partials.stride(0), partials.stride(1)),
+    )(**tensors)  # fmt: skip
     return mean, rstd, coef, combined
 
 
@@ -905,13 +927,8 @@ def apply(
 ) -> None:
     """out = k_x * (x - mu) + k_dy * dy + k_c with (4, rows, C) coefficients; out has x's
     strides."""
-    tensors = dict(zip(_APPLY_TENSORS, (x, dy, out, coef, None, None, None, None, None),
-                       strict=True))  # fmt: skip
-    launch = _apply_launch(
-        red, tensors, dy_view=dy_view, extras=_epilogue_constants(None, None), rows=red.rows,
-        has_x=x is not None, has_dy=dy is not None,
-    )  # fmt: skip
-    launch(*tensors.values())
+    tensors = dict(x_ptr=x, dy_ptr=dy, out_ptr=out, coef_ptr=coef)
+    _apply_step(red, tensors, source=COEFFICIENTS, dy_view=dy_view)(**tensors)
 
 
 def grad_partials(
@@ -936,10 +953,7 @@ def grad_partials(
     du = g * scale and g goes to ``d_residual``."""
     fused = fused_dx is not None
     extras = _epilogue_constants(epilogue, res_view, force=epilogue is not None)
-    candidates = config.reduction_configs(
-        red.shape, fused, backward=True, epilogue=extras["EPILOGUE"]
-    )
-    max_split = max(c.kwargs["SPLIT"] for c in candidates.configs)
+    max_split = _max_split(red, fused, backward=True, epilogue=extras["EPILOGUE"])
     partials = _partials_buffer(red, 2, max_split, red.view.C, x.device)
     ep = epilogue or Epilogue()
     tensors = dict(
@@ -947,9 +961,9 @@ def grad_partials(
         bias_ptr=bias, partial_ptr=partials, scale_ptr=ep.scale, shift_ptr=ep.shift,
         res_ptr=ep.residual, dres_ptr=d_residual,
     )  # fmt: skip
-    launch, _ = _grad_launch(red, tensors, dy_view=dy_view, fused=fused, extras=extras,
-                             z_from_output=z_from_output)  # fmt: skip
-    launch(*tensors.values())
+    launch = _grad_step(red, tensors, dy_view=dy_view, fused=fused, extras=extras,
+                        z_from_output=z_from_output)  # fmt: skip
+    launch(**tensors)
     return partials, launch.cfg.kwargs["SPLIT"]
 
 
@@ -980,11 +994,12 @@ def finalize_grad(
         dweight = torch.empty(C, dtype=param_dtype, device=device)
         dbias = torch.empty(C, dtype=param_dtype, device=device)
     strides = (partials.stride(0), partials.stride(1)) if partials is not None else (0, 0)
-    launch = _finalize_grad_launch(
-        red, num_partials, partial_strides=strides, count=count or red.count,
+    tensors = dict(partial_ptr=partials, mean_ptr=mean, rstd_ptr=rstd, weight_ptr=weight,
+                   dweight_ptr=dweight, dbias_ptr=dbias, coef_ptr=coef)  # fmt: skip
+    _finalize_grad_step(
+        red, tensors, num_partials, partial_strides=strides, count=count or red.count,
         use_input_stats=use_input_stats, param_grads=want_param_grads,
-    )  # fmt: skip
-    launch(partials, mean, rstd, weight, dweight, dbias, coef)
+    )(**tensors)  # fmt: skip
     return dweight, dbias, coef
 
 
@@ -1073,11 +1088,13 @@ def backward_epilogue_unplanned(
         mu = mean.repeat_interleave(red.group_size, dim=1)
         k_x = rstd.repeat_interleave(red.group_size, dim=1) * w
         fwd_coef = torch.stack([mu, k_x, torch.zeros_like(k_x), b.expand_as(k_x)]).contiguous()
-    extras = _epilogue_constants(epilogue, res_view, force=True)
-    tensors = dict(zip(_APPLY_TENSORS, (x, dy, dx, coef, epilogue.scale, epilogue.shift,
-                                        epilogue.residual, fwd_coef, d_res), strict=True))  # fmt: skip
-    _apply_launch(
-        red, tensors, dy_view=dy_view, extras=extras, rows=red.rows, has_x=True, has_dy=True,
-        z_from_output=z_from_output,
-    )(*tensors.values())  # fmt: skip
+    tensors = dict(
+        x_ptr=x, dy_ptr=dy, out_ptr=dx, coef_ptr=coef, scale_ptr=epilogue.scale,
+        shift_ptr=epilogue.shift, res_ptr=epilogue.residual, fwd_coef_ptr=fwd_coef,
+        dres_ptr=d_res,
+    )  # fmt: skip
+    _apply_step(
+        red, tensors, source=COEFFICIENTS, dy_view=dy_view,
+        extras=_epilogue_constants(epilogue, res_view, force=True), z_from_output=z_from_output,
+    )(**tensors)  # fmt: skip
     return dx, dweight, dbias, d_scale, d_shift, d_res

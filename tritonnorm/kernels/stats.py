@@ -10,12 +10,12 @@ from .common import (
     chan_combine,
     channel_offsets,
     channel_values,
-    epilogue,
     forward_coefficients,
     inverse_std,
     lane_update,
     lanes_summary,
     load_tile,
+    normalized,
     pre_activation,
     stat_offsets,
     store_coefficients,
@@ -29,12 +29,18 @@ def _norm_stats_partial_kernel(
     y_ptr,  # output, same strides as x; written only when FUSED
     weight_ptr,  # (C,) or None; read only when FUSED
     bias_ptr,  # (C,) or None; read only when FUSED
-    partial_ptr,  # (3, SPLIT, rows, C // K) count, mean, M2; rows = 1 if REDUCE_BATCH else N
+    partial_ptr,  # (3, SPLIT, rows, C // K) count, mean, M2 (rows = 1 if REDUCE_BATCH else N), or None
+    # FUSED: the statistics themselves, (rows, C // K), or None (then partials)
+    mean_ptr, rstd_ptr,
+    # FUSED with REDUCE_BATCH (one program holds whole channels): the running statistics (C,),
+    # updated in place, or None
+    running_mean_ptr, running_var_ptr,
     N, C, S,
     K,  # channels per statistic (1: BatchNorm, InstanceNorm; C / num_groups: GroupNorm)
     stride_n, stride_c, stride_s,  # strides of x (and y)
     partial_stride_k, partial_stride_p,  # strides of the partials' first two axes
     eps: tl.float64,  # float64 scalars: float64 inputs keep every digit (see inverse_std)
+    momentum: tl.float64,
     scale_ptr, shift_ptr,  # (N, C) per-sample scale and shift, or None; read only when FUSED
     res_ptr,  # residual with its own strides, or None; read only when FUSED
     res_stride_n, res_stride_c, res_stride_s,
@@ -51,7 +57,7 @@ def _norm_stats_partial_kernel(
     BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
     INDEX_64: tl.constexpr,  # int64 element offsets (the tensor spans 2**30 elements or more)
 ):  # fmt: skip
-    acc_dtype = partial_ptr.dtype.element_ty
+    acc_dtype = mean_ptr.dtype.element_ty if partial_ptr is None else partial_ptr.dtype.element_ty
     ROWS: tl.constexpr = 1 if REDUCE_BATCH else BLOCK_N
     groups = C // K
     num_g_blocks = tl.cdiv(groups, BLOCK_G)
@@ -70,7 +76,7 @@ def _norm_stats_partial_kernel(
         bias = channel_values(bias_ptr, g0, K, C, 0.0, acc_dtype, BLOCK_G, BLOCK_K)
         rstd = inverse_std(count, m2, eps)
         mu, k_x, k_c = forward_coefficients(mean[:, :, None], rstd[:, :, None], weight, bias)
-        y = epilogue(x, mu[:, :, :, None], k_x[:, :, :, None], k_c[:, :, :, None])
+        y = normalized(x, mu[:, :, :, None], k_x[:, :, :, None], k_c[:, :, :, None])
         if EPILOGUE:
             z = pre_activation(
                 y, scale_ptr, shift_ptr, res_ptr, n_first, g0, 0, N, C, S, K,
@@ -114,10 +120,25 @@ def _norm_stats_partial_kernel(
             count, mean, m2 = lanes_summary(lane_count, lane_mean, lane_m2, REDUCE_BATCH)
 
     stats, stats_mask = stat_offsets(n_first, g0, 1 if REDUCE_BATCH else N, groups, ROWS, BLOCK_G)
-    stats += tl.program_id(1) * partial_stride_p
-    tl.store(partial_ptr + stats, count, mask=stats_mask)
-    tl.store(partial_ptr + partial_stride_k + stats, mean, mask=stats_mask)
-    tl.store(partial_ptr + 2 * partial_stride_k + stats, m2, mask=stats_mask)
+    if FUSED and mean_ptr is not None:  # the statistics themselves: no finalize launch
+        tl.store(mean_ptr + stats, mean, mask=stats_mask)
+        tl.store(rstd_ptr + stats, rstd, mask=stats_mask)
+        if running_mean_ptr is not None:  # REDUCE_BATCH, K = 1: stats index the channels
+            if acc_dtype != tl.float64:  # a float64 scalar (common.inverse_std)
+                momentum = tl.cast(momentum, acc_dtype)
+            unbiased = m2 / tl.maximum(count - 1.0, 1.0)
+            running_mean = tl.load(running_mean_ptr + stats, mask=stats_mask).to(acc_dtype)
+            running_var = tl.load(running_var_ptr + stats, mask=stats_mask).to(acc_dtype)
+            running_mean = (1.0 - momentum) * running_mean + momentum * mean
+            running_var = (1.0 - momentum) * running_var + momentum * unbiased
+            out_dtype = running_mean_ptr.dtype.element_ty
+            tl.store(running_mean_ptr + stats, running_mean.to(out_dtype), mask=stats_mask)
+            tl.store(running_var_ptr + stats, running_var.to(out_dtype), mask=stats_mask)
+    if partial_ptr is not None:
+        stats += tl.program_id(1) * partial_stride_p
+        tl.store(partial_ptr + stats, count, mask=stats_mask)
+        tl.store(partial_ptr + partial_stride_k + stats, mean, mask=stats_mask)
+        tl.store(partial_ptr + 2 * partial_stride_k + stats, m2, mask=stats_mask)
 
 
 @triton.jit
