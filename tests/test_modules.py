@@ -386,7 +386,7 @@ def _op_name(op) -> str:
 
 
 def test_ops_are_registered_custom_ops():
-    from tritonnorm.ops import OPS
+    from opcheck_samples import OPS
 
     assert OPS, "tritonnorm.ops.OPS is empty"
     for op in OPS:
@@ -400,9 +400,10 @@ def _argument(op, args, name):
 
 
 def test_opcheck(device):
-    from tritonnorm.ops import OPS, sample_opcheck_inputs
+    from opcheck_samples import OPS
+    from opcheck_samples import samples as opcheck_samples
 
-    samples = sample_opcheck_inputs(device)
+    samples = opcheck_samples(device)
     assert samples, "no opcheck samples"
     covered = {_op_name(op) for op, _, _ in samples}
     missing = {_op_name(op) for op in OPS} - covered

@@ -188,16 +188,16 @@ def _norm_backward_fake(
     z_from_output=False,
 ):  # fmt: skip
     param_dtype = weight.dtype if weight is not None else mean.dtype
-    empty = mean.new_empty(0)
-    param = lambda asked: mean.new_empty(input.shape[1], dtype=param_dtype) if asked else empty
-    per_sample = lambda asked: scale.new_empty(scale.shape) if asked else empty
+    empty = lambda: mean.new_empty(0)
+    param = lambda asked: mean.new_empty(input.shape[1], dtype=param_dtype) if asked else empty()
+    per_sample = lambda asked: scale.new_empty(scale.shape) if asked else empty()
     return (
         _output_like(input),
         param(output_mask[1]),
         param(output_mask[2]),
         per_sample(output_mask[3]),
         per_sample(output_mask[4]),
-        _output_like(input) if output_mask[5] else empty,
+        _output_like(input) if output_mask[5] else empty(),
     )
 
 
@@ -206,11 +206,16 @@ def _norm_backward_fake(
 _GRAD_INPUTS = (0, 1, 2, 10, 11, 12)  # input, weight, bias, scale, shift, residual
 
 
+# norm_forward's trailing arguments with their defaults (a call may leave them out).
+_EPILOGUE_DEFAULTS = (None, None, None, 0, 0.01)
+
+
 def _save(ctx, inputs, y) -> tuple:
     """What the backward needs: no pre-activation; shift and the residual only when an
     activation's derivative needs z. Where the output's sign is enough (ReLU, leaky ReLU of
     slope >= 0) with a residual, the output instead: a consumer of y keeps it anyway (as torch's
     relu saves its result), while the residual would be kept for this op alone."""
+    inputs = (*inputs, *_EPILOGUE_DEFAULTS[len(inputs) - 10 :])
     input, weight, bias = inputs[:3]
     use_input_stats, reduce_batch, num_groups = inputs[5:8]
     scale, shift, residual, activation, slope = inputs[10:15]
@@ -229,17 +234,21 @@ def _backward_by(backward_fn):
     its implementation)."""
 
     def backward(ctx, grad_y, *_grad_statistics):
-        needs = ctx.needs_input_grad
-        mask = [needs[i] for i in _GRAD_INPUTS]
+        needs = ctx.needs_input_grad  # as many as the call passed (the op's may be fewer)
+        mask = [i < len(needs) and needs[i] for i in _GRAD_INPUTS]
         if grad_y is None or not any(mask):
             return (None,) * len(needs)
         input, weight, bias, mean, rstd, scale, shift, residual = ctx.saved_tensors
         activation, slope, from_output = ctx.epilogue
+        residual_grad = None
+        if mask[5] and activation == 0:  # y = ... + residual: its gradient is dy itself
+            residual_grad, mask[5] = grad_y, False
         grads = backward_fn(
             grad_y, input, weight, bias, mean, rstd, *ctx.settings, mask, scale, shift,
             residual, activation, slope, from_output,
         )  # fmt: skip
-        out = [None] * len(needs)
+        out = [None] * max(len(needs), _GRAD_INPUTS[-1] + 1)
+        out[_GRAD_INPUTS[5]] = residual_grad
         bias_dtype, shift_dtype = ctx.dtypes
         for slot, i, grad in zip(range(6), _GRAD_INPUTS, grads, strict=True):
             if mask[slot]:
@@ -248,7 +257,7 @@ def _backward_by(backward_fn):
                 elif slot == 4:
                     grad = grad.to(shift_dtype)
                 out[i] = grad
-        return tuple(out)
+        return tuple(out[: len(needs)])
 
     return backward
 
