@@ -112,7 +112,7 @@ def recording(
     running. Yields (specs, scenario) where ``scenario[0]`` labels the launches that follow.
     ``heuristic`` keeps only each launch's first candidate (what a forced config launches)
     instead of the whole autotune space."""
-    from tritonnorm.kernels import config
+    from tritonnorm.kernels import config, launch, tuning
 
     specs: list[Spec] = []
     seen: set[str] = set()
@@ -136,16 +136,13 @@ def recording(
     driver.set_active(_TargetDriver(GPUTarget("cuda", arch, 32)))
     knobs.runtime.jit_cache_hook = hook
     config.target_programs = lambda: config.PROGRAMS_PER_SM * sms
-    saved_launch = config.TunedKernel.launch
-    if heuristic:
-        config.TunedKernel.launch = lambda self, grid, candidates, *a, **kw: saved_launch(
-            self, grid, candidates[:1], *a, **kw
-        )
+    launch.clear_plans()  # plans hold their configs: none made for another device size survives
     try:
-        with config.tuning_discarded():
+        # The whole space: every candidate "timed" (the stand-in driver rates them equal).
+        with tuning.tuning_discarded(), tuning.autotune(not heuristic):
             yield specs, scenario
     finally:
-        config.TunedKernel.launch = saved_launch
+        launch.clear_plans()
         config.target_programs = saved_programs
         knobs.runtime.jit_cache_hook = saved_hook
         driver._active = saved_driver
@@ -169,7 +166,8 @@ def _run_norm(x, norm, affine=True, running=True, param_dtype=None):
     w, b = (_meta((c,), dt), _meta((c,), dt)) if affine else (None, None)
     rm, rv = (_meta((c,), dt), _meta((c,), dt)) if running else (None, None)
     _, mean, rstd = launch.forward(x, w, b, rm, rv, norm=norm, momentum=0.1, eps=1e-5)
-    launch.backward(torch.empty_like(x), x, w, mean, rstd, norm=norm, param_grads=affine)
+    mask = (True, affine, affine, False, False, False)
+    launch.backward(torch.empty_like(x), x, w, b, mean, rstd, norm=norm, output_mask=mask)
 
 
 def _run_epilogue(x, norm, epilogue, running: bool):
@@ -190,13 +188,17 @@ def _run_epilogue(x, norm, epilogue, running: bool):
     out = (_meta((c,), dt), _meta((c,), dt)) if running else None
     y, mean, rstd = launch.forward(x, w, b, rm, rv, norm=norm, momentum=0.1, eps=1e-5,
                                    running_out=out, epilogue=ep)  # fmt: skip
-    # As the ops do: with a residual and ReLU, the backward reads act' off the saved output.
+    # As the ops do: with a residual and ReLU, the backward reads act' off the saved output;
+    # a residual without activation has dy for its gradient (no kernel output).
     from_output = residual is not None and launch.derivative_from_output(code, ep.slope)
     if from_output:
         ep = launch.Epilogue(scale, shift, y, code)
-    launch.backward_epilogue(torch.empty_like(x), x, w, b, mean, rstd, ep, norm=norm,
-                             param_grads=True, scale_grads=epilogue.scale_shift,
-                             residual_grad=epilogue.residual, z_from_output=from_output)  # fmt: skip
+    elif not code:
+        ep = launch.Epilogue(scale, shift, None, code)
+    mask = (True, True, True, epilogue.scale_shift, epilogue.scale_shift,
+            epilogue.residual and bool(code))  # fmt: skip
+    launch.backward(torch.empty_like(x), x, w, b, mean, rstd, norm=norm, epilogue=ep,
+                    output_mask=mask, z_from_output=from_output)  # fmt: skip
 
 
 def _run_sync(x, param_dtype, world=2):

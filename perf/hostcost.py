@@ -50,6 +50,8 @@ JSON (``--json FILE``), schema 1::
          "torch_kernels": int, "torch_kernel_ops": {aten op: int},
          "allocations": int, "allocation_ops": {aten op: int},
          "views": int, "view_ops": {aten op: int},
+         "jit_launches": int (launches of the measured call that went through Triton's
+                              JITFunction.run rather than tritonnorm's direct path),
          "compiles_in_warmup": int, "recompiles_after_warmup": int,
          "us_per_call": float, "floor_us": float, "floor_launch_us": float, "ratio": float}}}
 
@@ -58,11 +60,8 @@ not. The interpreter must be off: run it as its own process (``TRITON_INTERPRET`
 :func:`run_subprocess` does that from a process that has it on, as the test suite does).
 
 Where it differs from a GPU: torch.cuda is unavailable, so tritonnorm sizes split reductions for
-4 programs instead of 4 per SM (other split candidates, the same launches); autotuning picks the
-heuristic candidate. The warm-up is 3 calls: today the second call of a new shape compiles each
-autotuned winner again (Triton's JIT cache key is the keyword arguments in call order, and the
-autotuner and ``TunedKernel``'s direct launch order ``enable_fp_fusion`` differently; on a GPU
-that is a second cache lookup and module load, not a recompile).
+4 programs instead of 4 per SM (other split candidates, the same launches); nothing is autotuned
+(the default), so every launch uses the heuristic candidate. The warm-up is 3 calls.
 
 Triton versions: 3.6 (torch 2.11 on the lent GPU machines) and 3.9 run this file unchanged. Both
 make the launcher with ``driver.active.launcher_cls(src, metadata)`` and call it with the same
@@ -77,6 +76,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import collections
+import contextlib
 import ctypes
 import gc
 import hashlib
@@ -338,12 +338,13 @@ class Case:
     scale_shift: bool = False
     residual: bool = False
     activation: str | None = None
+    shape_override: tuple[int, ...] | None = None  # a shape of its own (on-chip cases)
 
     @property
     def shape(self) -> tuple[int, ...]:
         from perf.shapes import QUICK
 
-        return QUICK[self.shape_class][0]
+        return self.shape_override or QUICK[self.shape_class][0]
 
     @property
     def epilogue(self):
@@ -398,6 +399,13 @@ CASES: dict[str, Case] = {
     ),
     "bn+residual+relu forward+backward": Case(
         "bn_train", "resnet50_bn", backward=True, residual=True, activation="relu"
+    ),
+    # groups and instances that fit one program: normalised in registers
+    "in forward+backward, on chip": Case(
+        "in", "style_in", backward=True, shape_override=(8, 64, 32, 32)
+    ),
+    "gn forward+backward, on chip": Case(
+        "gn", "diffusion_gn", backward=True, shape_override=(8, 256, 16, 16)
     ),
 }
 
@@ -492,13 +500,31 @@ def _block_us(fn: Callable, calls: int) -> float:
             gc.enable()
 
 
+@contextlib.contextmanager
+def _jit_runs():
+    """Counts the launches that went through ``JITFunction.run`` (not the direct path)."""
+    from triton.runtime.jit import JITFunction
+
+    runs, run = [0], JITFunction.run
+
+    def counting(self, *args, **kwargs):
+        runs[0] += 1
+        return run(self, *args, **kwargs)
+
+    JITFunction.run = counting
+    try:
+        yield runs
+    finally:
+        JITFunction.run = run
+
+
 def measure_case(emu: Emulation, case: Case, calls: int, blocks: int, warmup: int) -> dict:
     call, args, grad_inputs, dy = case.build()
     compiles_before = emu.compiles
     for _ in range(max(warmup, 1)):
         call()
     compiles_warm = emu.compiles
-    with emu.recording() as launches:
+    with emu.recording() as launches, _jit_runs() as jit_runs:
         call()
     counter = _op_counter()
     with counter:
@@ -532,6 +558,7 @@ def measure_case(emu: Emulation, case: Case, calls: int, blocks: int, warmup: in
         "allocation_ops": dict(sorted(ops["allocation"].items())),
         "views": sum(ops["view"].values()),
         "view_ops": dict(sorted(ops["view"].items())),
+        "jit_launches": jit_runs[0],
         "compiles_in_warmup": compiles_warm - compiles_before,
         "recompiles_after_warmup": emu.compiles - compiles_warm,
         "us_per_call": us,
@@ -577,7 +604,8 @@ def measure(
 CASE_FIELDS = (
     "norm", "epilogue", "backward", "shape", "dtype", "launches", "launches_by_kernel",
     "driver_launches_per_call", "torch_kernels", "torch_kernel_ops", "allocations",
-    "allocation_ops", "views", "view_ops", "compiles_in_warmup", "recompiles_after_warmup",
+    "allocation_ops", "views", "view_ops", "jit_launches", "compiles_in_warmup",
+    "recompiles_after_warmup",
     "us_per_call", "floor_us", "floor_launch_us", "ratio",
 )  # fmt: skip
 

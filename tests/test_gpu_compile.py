@@ -177,17 +177,17 @@ def test_recording_leaves_no_autotune_results_behind():
     # first H100 run (after perf.gpu's warm stage) every tuned launch used its first candidate.
     code = (
         "from perf.compile_check import recording, scenarios\n"
-        "from tritonnorm.kernels import config\n"
+        "from tritonnorm.kernels import tuning\n"
         "todo = [s for s in scenarios('dry-run') if s[0].startswith('bn train')][:1]\n"
-        "count = lambda: sum(len(k.tuned.cache) + len(k._best) for k in config.TunedKernel.instances)\n"
+        "count = lambda: len(tuning._tuned)\n"
         "with recording(90) as (specs, scenario):\n"
         "    for label, thunk in todo:\n"
         "        thunk()\n"
-        "    inside, log = count(), config.tuning_log()\n"
+        "    inside, log = count(), tuning.tuning_log()\n"
         "chosen = {}\n"
         "for kernel, key, cfg, ms, best in log:\n"
         "    chosen[kernel, key] = chosen.get((kernel, key), 0) + best\n"
-        "print((set(chosen.values()), len(log), len(config.tuning_log()), inside, count()))"
+        "print((set(chosen.values()), len(log), len(tuning.tuning_log()), inside, count()))"
     )
     chosen, logged, logged_after, inside, after = eval(_run_compiled(code))
     assert inside > 0, "the recording no longer autotunes: this test checks nothing"

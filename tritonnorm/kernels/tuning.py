@@ -179,15 +179,16 @@ def choose(
         return configs[0]
     key = (kernel.name, flags, bucket)
     features = _tuned.get(key)
-    if features is None and enabled() and device.type == "cuda":
-        path = _cache_path(device)
-        disk_key = _disk_key(key, kernel.fn.cache_key)
-        stored = _disk(path).get(disk_key) if _persist else None
+    if features is None and enabled():
+        persist = _persist and device.type == "cuda"
+        path = _cache_path(device) if persist else None
+        disk_key = _disk_key(key, kernel.fn.cache_key) if persist else None
+        stored = _disk(path).get(disk_key) if persist else None
         if stored is not None:
             features = _tuned[key] = Features(**stored)
         elif bench is not None and not _capturing():
             features = _tuned[key] = _time(kernel.name, key, candidates, bench)
-            if _persist:
+            if persist:
                 _save(path, disk_key, features)
     if features is None:
         features = _table(_arch(device)).get(rule_class(kernel.name, shape, fused))
