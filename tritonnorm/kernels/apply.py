@@ -32,6 +32,7 @@ from .common import (
     affine_grad,
     chan_combine,
     epilogue_output_grad,
+    forward_coefficients,
     grad_coefficients,
     inverse_std,
     load_coefficient,
@@ -151,6 +152,22 @@ def _coefficients(
 
 
 @triton.jit
+def _forward_coefficients(mean_ptr, rstd_ptr, weight_ptr, bias_ptr, n, c, N, C, K, rows,
+                          dtype: tl.constexpr):  # fmt: skip
+    """The forward's (mu, k_x, k_c), [BLOCK_N, BLOCK_C, 1, 1], from its (rows, C // K)
+    statistics and the affine parameters (common.forward_coefficients)."""
+    c_mask = c < C
+    mask = (n < N)[:, None] & c_mask[None, :]
+    stats = (tl.where(rows > 1, n, 0) * (C // K))[:, None] + (c // K)[None, :]
+    mean = tl.load(mean_ptr + stats, mask=mask, other=0.0)
+    rstd = tl.load(rstd_ptr + stats, mask=mask, other=0.0)
+    weight = _per_channel(weight_ptr, c, c_mask, 1.0, dtype)
+    bias = _per_channel(bias_ptr, c, c_mask, 0.0, dtype)
+    mu, k_x, k_c = forward_coefficients(mean, rstd, weight, bias)
+    return mu[:, :, None, None], k_x[:, :, None, None], k_c[:, :, None, None]
+
+
+@triton.jit
 def _norm_apply_kernel(
     x_ptr,  # input, viewed as (N, C, S); read when HAS_X
     dy_ptr,  # output gradient with its own strides; read when HAS_DY
@@ -160,7 +177,9 @@ def _norm_apply_kernel(
     # STATS_PARTIALS: (3, P, rows, C // K) count, mean, M2; GRAD_PARTIALS: (2, P, rows, C) sums
     partial_ptr,
     num_partials, partial_stride_k, partial_stride_p,
-    mean_ptr, rstd_ptr,  # (rows, C // K): written by the owners, read by GRAD_PARTIALS; or None
+    # (rows, C // K): written by the owners; read by GRAD_PARTIALS and (the forward's, to
+    # recompute z) by the epilogue backward; or None
+    mean_ptr, rstd_ptr,
     running_mean_ptr, running_var_ptr,  # (C,): read (RUNNING), updated by the owners, or None
     dweight_ptr, dbias_ptr,  # (C,), written by the owners (GRAD_PARTIALS), or None
     N, C, S,
@@ -173,7 +192,6 @@ def _norm_apply_kernel(
     scale_ptr, shift_ptr,  # (N, C) contiguous per-sample scale and shift, or None (EPILOGUE)
     res_ptr,  # residual with its own strides, or None (EPILOGUE)
     res_stride_n, res_stride_c, res_stride_s,
-    fwd_coef_ptr,  # (4, rows, C) forward coefficients, to recompute z in the backward, or None
     dres_ptr,  # residual gradient, same strides as x, or None (EPILOGUE backward)
     slope: tl.float64,  # leaky_relu's negative slope
     SOURCE: tl.constexpr,  # where the coefficients come from (module docstring)
@@ -223,13 +241,10 @@ def _norm_apply_kernel(
         if HAS_DY:
             if EPILOGUE:
                 f_mu, f_k_x, f_k_c = mu, k_x, k_c
-                if fwd_coef_ptr is not None:
-                    coefs = ((tl.where(rows > 1, n, 0) * C)[:, None] + c[None, :])[:, :, None, None]
-                    coefs_mask = ((n < N)[:, None] & (c < C)[None, :])[:, :, None, None]
-                    slot = rows * C
-                    f_mu = load_coefficient(fwd_coef_ptr, MU, coefs, coefs_mask, slot)
-                    f_k_x = load_coefficient(fwd_coef_ptr, K_X, coefs, coefs_mask, slot)
-                    f_k_c = load_coefficient(fwd_coef_ptr, K_C, coefs, coefs_mask, slot)
+                if mean_ptr is not None:  # the forward's coefficients, to recompute z
+                    f_mu, f_k_x, f_k_c = _forward_coefficients(
+                        mean_ptr, rstd_ptr, weight_ptr, bias_ptr, n, c, N, C, K, rows, dtype
+                    )
                 g, dy = epilogue_output_grad(
                     x, dy, f_mu, f_k_x, f_k_c, scale_ptr, shift_ptr, res_ptr, n0, c0, s0,
                     N, C, S, 1, res_stride_n, res_stride_c, res_stride_s, slope, ACTIVATION,

@@ -75,6 +75,9 @@ def _norm_grad_partial_kernel(
     # res_ptr holds the forward's output y, not the residual: act'(z) = act'(y) (ReLU, leaky
     # ReLU with a slope >= 0), so z is not recomputed (common.epilogue_output_grad).
     Z_FROM_OUTPUT: tl.constexpr = False,
+    # The statistics are one row for the whole batch while the sums are per sample (BatchNorm
+    # with per-sample scale/shift: the epilogue backward).
+    STATS_SHARED: tl.constexpr = False,
 ):  # fmt: skip
     acc_dtype = rstd_ptr.dtype.element_ty
     ROWS: tl.constexpr = 1 if REDUCE_BATCH else BLOCK_N
@@ -84,7 +87,10 @@ def _norm_grad_partial_kernel(
     g0 = (tl.program_id(0) % num_g_blocks) * BLOCK_G
     n_first = 0 if REDUCE_BATCH else (tl.program_id(0) // num_g_blocks) * BLOCK_N
     num_s_tiles = tl.cdiv(S, BLOCK_S)
-    stats, stats_mask = stat_offsets(n_first, g0, rows, groups, ROWS, BLOCK_G)
+    if STATS_SHARED:  # one row of statistics serves every sample (sums per sample)
+        stats, stats_mask = stat_offsets(0, g0, 1, groups, 1, BLOCK_G)
+    else:
+        stats, stats_mask = stat_offsets(n_first, g0, rows, groups, ROWS, BLOCK_G)
     mean = tl.load(mean_ptr + stats, mask=stats_mask, other=0.0)[:, :, None, None]
     group_rstd = tl.load(rstd_ptr + stats, mask=stats_mask, other=0.0)[:, :, None]
     rstd = group_rstd[:, :, :, None]
@@ -169,14 +175,23 @@ def _norm_grad_finalize_kernel(
     partial_ptr,  # (2, P, rows, C) sum(dy), sum(dy * x_hat), summed in order p = 0..P-1
     num_partials,  # P (0: no sums needed, eval-mode dx only)
     partial_stride_k, partial_stride_p,
-    mean_ptr, rstd_ptr,  # (rows, groups) forward statistics
+    mean_ptr, rstd_ptr,  # (rows, groups) forward statistics (one row when STATS_SHARED)
     weight_ptr,  # (C,) or None
+    bias_ptr,  # (C,) or None (EPILOGUE: dscale)
     dweight_ptr, dbias_ptr,  # (C,) outputs (sums over the rows), or None
-    coef_ptr,  # (4, rows, C) dx coefficients (named slots, common.py), or None
+    coef_ptr,  # (4, rows, C) dx coefficients (named slots, common.py; one row when STATS_SHARED)
+    scale_ptr,  # (rows, C) per-sample scale, or None (EPILOGUE)
+    dscale_ptr, dshift_ptr,  # (rows, C) outputs, or None (EPILOGUE)
     rows, C,
     K,  # channels per statistic
     count,  # elements per statistic (an integer: exact in the statistics' dtype)
     USE_INPUT_STATS: tl.constexpr,  # training formula (the statistics depend on x)
+    # The sums are of g, the pre-activation's gradient, per sample: dscale = w sum(g x_hat) +
+    # b sum(g) and dshift = sum(g) are written, and the sums become those of du = g * scale.
+    EPILOGUE: tl.constexpr,
+    # One row of statistics for the per-sample sums (BatchNorm's epilogue backward): the
+    # coefficients come from the sums over every row (one program walks them in order).
+    STATS_SHARED: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     # Programs: (blocks of groups) x (programs over rows); parameter gradients sum over rows, so
@@ -195,9 +210,19 @@ def _norm_grad_finalize_kernel(
             part = partial_ptr + p * partial_stride_p + sums
             sum_dy += tl.load(part, mask=sums_mask, other=0.0)
             sum_dy_xhat += tl.load(part + partial_stride_k, mask=sums_mask, other=0.0)
+        if EPILOGUE:
+            if dscale_ptr is not None:
+                bias = channel_values(bias_ptr, g0, K, C, 0.0, acc_dtype, BLOCK_G, BLOCK_K)
+                dscale = weight * sum_dy_xhat + bias * sum_dy
+                tl.store(dscale_ptr + sums, dscale.to(dscale_ptr.dtype.element_ty), mask=sums_mask)
+                tl.store(dshift_ptr + sums, sum_dy.to(dshift_ptr.dtype.element_ty), mask=sums_mask)
+            if scale_ptr is not None:
+                scale = tl.load(scale_ptr + sums, mask=sums_mask, other=0.0).to(acc_dtype)
+                sum_dy *= scale
+                sum_dy_xhat *= scale
         dweight += tl.sum(sum_dy_xhat, axis=0)
         dbias += tl.sum(sum_dy, axis=0)
-        if coef_ptr is not None:
+        if coef_ptr is not None and not STATS_SHARED:
             stats, stats_mask = stat_offsets(r0, g0, rows, groups, BLOCK_R, BLOCK_G)
             mean = tl.load(mean_ptr + stats, mask=stats_mask, other=0.0)[:, :, None]
             rstd = tl.load(rstd_ptr + stats, mask=stats_mask, other=0.0)[:, :, None]
@@ -207,6 +232,15 @@ def _norm_grad_finalize_kernel(
             store_coefficients(
                 coef_ptr, sums, sums_mask, rows * C, mean + tl.zeros_like(k_x), k_x, k_dy, k_c
             )
+    if coef_ptr is not None and STATS_SHARED:  # one row, from the sums over every row
+        sums, sums_mask = channel_offsets(0, g0, 1, K, C, 1, BLOCK_G, BLOCK_K)
+        stats, stats_mask = stat_offsets(0, g0, 1, groups, 1, BLOCK_G)
+        mean = tl.load(mean_ptr + stats, mask=stats_mask, other=0.0)[:, :, None]
+        rstd = tl.load(rstd_ptr + stats, mask=stats_mask, other=0.0)[:, :, None]
+        k_x, k_dy, k_c = grad_coefficients(
+            rstd, weight, dbias[None, :, :], dweight[None, :, :], count, USE_INPUT_STATS
+        )
+        store_coefficients(coef_ptr, sums, sums_mask, C, mean + tl.zeros_like(k_x), k_x, k_dy, k_c)
     c, c_mask = group_channels(g0, K, C, BLOCK_G, BLOCK_K)
     if dweight_ptr is not None:
         tl.store(dweight_ptr + c, dweight.to(dweight_ptr.dtype.element_ty), mask=c_mask)

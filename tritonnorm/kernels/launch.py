@@ -460,7 +460,7 @@ def _apply_step(
 
 def _grad_step(
     red: Reduction, tensors: dict, *, dy_view: View, fused: bool, extras: dict | None = None,
-    z_from_output: bool = False,
+    z_from_output: bool = False, stats_shared: bool = False,
 ) -> Launch:  # fmt: skip
     """The gradient-sum kernel (partials, or fused: dx and, with the batch reduced, dweight and
     dbias)."""
@@ -475,7 +475,7 @@ def _grad_step(
         partial_stride_k=max_split * red.rows * red.view.C,
         partial_stride_p=red.rows * red.view.C,
         REDUCE_BATCH=red.reduce_batch, FUSED=fused, INDEX_64=_index_64(red.view, dy_view),
-        Z_FROM_OUTPUT=z_from_output,
+        Z_FROM_OUTPUT=z_from_output, STATS_SHARED=stats_shared,
     )  # fmt: skip
     return _bind(
         _GRAD, red, tensors, constants, candidates=candidates, fused=fused,
@@ -485,14 +485,16 @@ def _grad_step(
 
 def _finalize_grad_step(
     red: Reduction, tensors: dict, num_partials: int, *, partial_strides: tuple[int, int],
-    count: int, use_input_stats: bool, param_grads: bool,
+    count: int, use_input_stats: bool, param_grads: bool, epilogue: bool = False,
+    stats_shared: bool = False,
 ) -> Launch:  # fmt: skip
-    grid, blocks = red.finalize_grid(ordered_rows=param_grads)
+    grid, blocks = red.finalize_grid(ordered_rows=param_grads or stats_shared)
     return _bind(
         _GRAD_FINALIZE, red, tensors, dict(
             num_partials=num_partials, partial_stride_k=partial_strides[0],
             partial_stride_p=partial_strides[1], rows=red.rows, C=red.view.C, K=red.group_size,
-            count=max(count, 1), USE_INPUT_STATS=use_input_stats, **blocks,
+            count=max(count, 1), USE_INPUT_STATS=use_input_stats, EPILOGUE=epilogue,
+            STATS_SHARED=stats_shared, **blocks,
         ), grid=grid,
     )  # fmt: skip
 
@@ -737,6 +739,17 @@ class BackwardPlan(_Plan):
                 self.res_copy, self.res_view = True, red.view
         self.fused = norm.use_input_stats and _fused(red, backward=True)
         self.max_split = _max_split(red, self.fused, backward=True)
+        if ep is not None:
+            # Sums per (sample, channel) even with the batch reduced: per-sample scale/shift.
+            self.epi_red = Reduction(red.view, red.group_size, False, red.dtype)
+            self.extras = _epilogue_constants(ep, self.res_view, force=True)
+            # On chip when an instance or group fits one tile (not BatchNorm: its dx needs sums
+            # over the batch).
+            self.epi_fused = (
+                norm.use_input_stats and not red.reduce_batch
+                and _fused(red, backward=True, epilogue=True)
+            )  # fmt: skip
+            self.epi_max_split = _max_split(self.epi_red, self.epi_fused, True, True)
 
     def run(self, dy, x, weight, bias, mean, rstd, scale=None, shift=None, residual=None):
         if self.empty:
@@ -746,14 +759,66 @@ class BackwardPlan(_Plan):
         if self.res_copy:
             residual = torch.empty_like(x).copy_(residual)
         if self.epilogue is not None:
-            return backward_epilogue_unplanned(
-                dy, x, weight, bias, mean, rstd,
-                Epilogue(scale, shift, residual, self.epilogue.activation, self.epilogue.slope),
-                norm=self.norm, param_grads=self.param_grads,
-                scale_grads=self.mask[3] or self.mask[4], residual_grad=self.mask[5],
-                z_from_output=self.z_from_output,
-            )  # fmt: skip
+            return self._run_epilogue(dy, x, weight, bias, mean, rstd, scale, shift, residual)
         return self._run_plain(dy, x, weight, mean, rstd)
+
+    def _run_epilogue(self, dy, x, weight, bias, mean, rstd, scale, shift, residual):
+        """y = act((x_hat * w + b) * scale + shift + residual), x_hat and the pre-activation z
+        recomputed from x and the saved statistics. With g = dy * act'(z) and du = g * scale
+        (the gradient of u = x_hat * w + b): dresidual = g; dshift[n, c] = sum_s g;
+        dscale[n, c] = w sum_s(g x_hat) + b sum_s g; dx, dweight, dbias are the plain op's
+        formulas applied to du. Launches: per-(sample, channel) sums of g and g x_hat (reads x,
+        dy and, with an activation, the residual or y), then finalize (dscale, dshift, dweight,
+        dbias, the dx coefficients), then apply (reads them again; writes dx and dresidual); an
+        instance or group that fits one program writes dx and dresidual in the first launch."""
+        red, device, ep = self.epi_red, x.device, self.epilogue
+        view = red.view
+        dx = torch.empty_like(x)
+        dres = torch.empty_like(x) if self.mask[5] else None
+        dweight = dbias = dscale = dshift = None
+        if self.param_grads:
+            dweight = torch.empty(view.C, dtype=self.param_dtype, device=device)
+            dbias = torch.empty_like(dweight)
+        if (self.mask[3] or self.mask[4]) and scale is not None:
+            dscale, dshift = torch.empty_like(scale), torch.empty_like(scale)
+        fused = self.epi_fused
+        sums = torch.empty((2, self.epi_max_split, view.N, view.C), dtype=self.acc, device=device)
+        residual_arg = residual if ep.activation else None  # only z needs it
+        tensors = dict(x_ptr=x, dy_ptr=dy, mean_ptr=mean, rstd_ptr=rstd, weight_ptr=weight,
+                       bias_ptr=bias, partial_ptr=sums, scale_ptr=scale, shift_ptr=shift,
+                       res_ptr=residual_arg)  # fmt: skip
+        if fused:
+            tensors.update(dx_ptr=dx, dres_ptr=dres)
+        grad = self._step("grad", tensors, lambda: _grad_step(
+            red, tensors, dy_view=self.dy_view, fused=fused, extras=self.extras,
+            z_from_output=self.z_from_output, stats_shared=self.red.reduce_batch))  # fmt: skip
+        if fused and dweight is None and dscale is None:
+            return dx, None, None, None, None, dres
+        num_partials = grad.cfg.kwargs["SPLIT"]
+        coef = None
+        if not fused:
+            coef = torch.empty((4, self.red.rows, view.C), dtype=self.acc, device=device)
+        tensors = dict(partial_ptr=sums, mean_ptr=mean, rstd_ptr=rstd, weight_ptr=weight,
+                       bias_ptr=bias, dweight_ptr=dweight, dbias_ptr=dbias, coef_ptr=coef,
+                       scale_ptr=scale, dscale_ptr=dscale, dshift_ptr=dshift)  # fmt: skip
+        self._step("finalize", tensors, lambda: _finalize_grad_step(
+            red, tensors, num_partials, partial_strides=(sums.stride(0), sums.stride(1)),
+            count=self.red.count, use_input_stats=self.norm.use_input_stats,
+            param_grads=self.param_grads, epilogue=True,
+            stats_shared=self.red.reduce_batch))  # fmt: skip
+        if fused:
+            return dx, dweight, dbias, dscale, dshift, dres
+        with_z = ep.activation and not self.z_from_output
+        tensors = dict(x_ptr=x, dy_ptr=dy, out_ptr=dx, coef_ptr=coef, scale_ptr=scale,
+                       shift_ptr=shift, res_ptr=residual_arg, dres_ptr=dres,
+                       mean_ptr=mean if with_z else None, rstd_ptr=rstd if with_z else None,
+                       weight_ptr=weight if with_z else None,
+                       bias_ptr=bias if with_z else None)  # fmt: skip
+        coef_red = Reduction(view, red.group_size, self.red.reduce_batch, red.dtype)
+        self._step("apply", tensors, lambda: _apply_step(
+            coef_red, tensors, source=COEFFICIENTS, dy_view=self.dy_view, extras=self.extras,
+            z_from_output=self.z_from_output))  # fmt: skip
+        return dx, dweight, dbias, dscale, dshift, dres
 
     def _empty(self, x, scale):
         C = x.shape[1]
@@ -1001,100 +1066,3 @@ def finalize_grad(
         use_input_stats=use_input_stats, param_grads=want_param_grads,
     )(**tensors)  # fmt: skip
     return dweight, dbias, coef
-
-
-def _per_channel(t: torch.Tensor | None, C: int, default: float, dtype, device) -> torch.Tensor:
-    if t is None:
-        return torch.full((C,), default, dtype=dtype, device=device)
-    return t.to(dtype)
-
-
-def backward_epilogue_unplanned(
-    dy: torch.Tensor,
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    mean: torch.Tensor,
-    rstd: torch.Tensor,
-    epilogue: Epilogue,
-    *,
-    norm: Norm,
-    param_grads: bool,
-    scale_grads: bool,
-    residual_grad: bool,
-    z_from_output: bool = False,
-) -> tuple[torch.Tensor | None, ...]:
-    """dx, dweight, dbias, dscale, dshift, dresidual (None where not asked) of
-    y = act((x_hat * w + b) * scale + shift + residual), recomputing x_hat and the
-    pre-activation z from x and the saved (rows, groups) statistics.
-
-    With g = dy * act'(z) and du = g * scale (the gradient of u = x_hat * w + b):
-    dresidual = g; dshift[n, c] = sum_s g; dscale[n, c] = w sum_s(g x_hat) + b sum_s g; and
-    dx, dweight, dbias are the plain op's formulas applied to du."""
-    x, red = plan(x, norm, fold_batch=False)
-    view = red.view
-    N, C = view.N, view.C
-    acc = red.acc_dtype
-    dx = torch.empty_like(x)
-    d_res = torch.empty_like(x) if residual_grad else None
-    dy, dy_view = grad_view(dy, x, view)
-    res_view = None
-    if epilogue.residual is not None:
-        residual, res_view = grad_view(epilogue.residual, x, view)
-        epilogue = Epilogue(epilogue.scale, epilogue.shift, residual, epilogue.activation,
-                            epilogue.slope)  # fmt: skip
-    if z_from_output:
-        assert epilogue.residual is not None
-        assert derivative_from_output(epilogue.activation, epilogue.slope)
-    # Gradient sums per (sample, channel) even when the batch axis is reduced: the statistics are
-    # repeated for every sample ((N, groups): negligible next to x).
-    per_sample = Reduction(view, red.group_size, False, red.dtype)
-    mean_rows = mean.expand(N, mean.shape[1]).contiguous()
-    rstd_rows = rstd.expand(N, rstd.shape[1]).contiguous()
-    # On chip when an instance / group fits one tile (not BatchNorm: its dx needs sums over the
-    # batch, its dscale sums per sample): dx and dresidual written by the same kernel.
-    fused = (
-        norm.use_input_stats and not red.reduce_batch and _fused(red, backward=True, epilogue=True)
-    )
-    partials, num_partials = grad_partials(
-        dy, dy_view, x, per_sample, mean_rows, rstd_rows, weight=weight, bias=bias,
-        epilogue=epilogue, res_view=res_view, fused_dx=dx if fused else None,
-        d_residual=d_res if fused else None, z_from_output=z_from_output,
-    )  # fmt: skip
-    sum_g, sum_g_xhat = partials[:, :num_partials].sum(1)  # (N, C) each, fixed order
-    w = _per_channel(weight, C, 1.0, acc, x.device)
-    b = _per_channel(bias, C, 0.0, acc, x.device)
-    d_scale = d_shift = None
-    sum_du, sum_du_xhat = sum_g, sum_g_xhat
-    if epilogue.scale is not None:
-        if scale_grads:
-            d_scale = (w * sum_g_xhat + b * sum_g).to(epilogue.scale.dtype)
-            d_shift = sum_g.to(epilogue.scale.dtype, copy=True)
-        scale = epilogue.scale.to(acc)
-        sum_du, sum_du_xhat = scale * sum_g, scale * sum_g_xhat
-    if red.reduce_batch:
-        sum_du, sum_du_xhat = sum_du.sum(0, keepdim=True), sum_du_xhat.sum(0, keepdim=True)
-    if fused and not param_grads:
-        return dx, None, None, d_scale, d_shift, d_res
-    dweight, dbias, coef = finalize_grad(
-        red, torch.stack([sum_du, sum_du_xhat])[:, None].contiguous(), 1, mean, rstd,
-        weight=weight, use_input_stats=norm.use_input_stats, want_dx_coef=not fused,
-        want_param_grads=param_grads,
-    )  # fmt: skip
-    if fused:
-        return dx, dweight, dbias, d_scale, d_shift, d_res
-    fwd_coef = None
-    if epilogue.activation and not z_from_output:  # forward coefficients, as finalize_stats wrote
-        mu = mean.repeat_interleave(red.group_size, dim=1)
-        k_x = rstd.repeat_interleave(red.group_size, dim=1) * w
-        fwd_coef = torch.stack([mu, k_x, torch.zeros_like(k_x), b.expand_as(k_x)]).contiguous()
-    tensors = dict(
-        x_ptr=x, dy_ptr=dy, out_ptr=dx, coef_ptr=coef, scale_ptr=epilogue.scale,
-        shift_ptr=epilogue.shift, res_ptr=epilogue.residual, fwd_coef_ptr=fwd_coef,
-        dres_ptr=d_res,
-    )  # fmt: skip
-    _apply_step(
-        red, tensors, source=COEFFICIENTS, dy_view=dy_view,
-        extras=_epilogue_constants(epilogue, res_view, force=True), z_from_output=z_from_output,
-    )(**tensors)  # fmt: skip
-    return dx, dweight, dbias, d_scale, d_shift, d_res
