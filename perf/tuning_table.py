@@ -79,6 +79,14 @@ def _features_of(kernel: str, shape, logged: set) -> tuple[bool, dict] | None:
     return None
 
 
+def _clear_candidate_caches() -> None:
+    from tritonnorm.kernels import config
+
+    config._reduction_configs.cache_clear()
+    config.apply_configs.cache_clear()
+    config._fused_blocks.cache_clear()
+
+
 def build(paths: list[Path], arch: str) -> dict:
     from tritonnorm.kernels import config
 
@@ -86,8 +94,11 @@ def build(paths: list[Path], arch: str) -> dict:
     launches = defaultdict(list)
     for r in rows:
         launches[r["kernel"], r["tune_key"]].append(r)
-    saved = config.target_programs
+    # The GPU's candidate lists (the interpreter's are shorter), cached apart from this run's.
+    saved, interpret = config.target_programs, config.INTERPRET
     config.target_programs = lambda: config.PROGRAMS_PER_SM * SMS[arch]
+    config.INTERPRET = False
+    _clear_candidate_caches()
     # class -> features -> list of log slowdowns; class -> launches seen
     scores: dict[tuple, dict] = defaultdict(lambda: defaultdict(float))
     counts: dict[tuple, int] = defaultdict(int)
@@ -113,7 +124,8 @@ def build(paths: list[Path], arch: str) -> dict:
             for feat in scores[cls]:
                 scores[cls][feat] += math.log(by_features.get(feat, first) / best)
     finally:
-        config.target_programs = saved
+        config.target_programs, config.INTERPRET = saved, interpret
+        _clear_candidate_caches()
     rules = []
     for cls, by_feat in sorted(scores.items(), key=lambda kv: str(kv[0])):
         feat, loss = min(by_feat.items(), key=lambda kv: (kv[1], str(kv[0])))

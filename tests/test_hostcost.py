@@ -54,3 +54,42 @@ def test_torch_ops_are_classified(report):
         assert counts[name] == sum(row["torch_kernel_ops"].values()), name
         assert row["allocations"] == sum(row["allocation_ops"].values()) > 0, name
         assert all(op.split(".")[1] in hostcost._ALLOCATIONS for op in row["allocation_ops"])
+
+
+# Triton launches per call (issue 15's targets): eval BatchNorm 1; a streamed BatchNorm 2 each
+# way; an instance or group on chip 1 forward, 1 backward + 1 to sum dweight/dbias over the
+# samples (no float atomics); GroupNorm's streamed backward keeps a finalize (its dx
+# coefficients sum over a group's channels); an epilogue's backward 3 (sums, finalize of dscale/
+# dshift and the coefficients, apply).
+LAUNCH_TARGETS = {
+    "bn eval forward": 1,
+    "bn train forward": 2,
+    "bn train forward+backward": 4,
+    "in forward": 2,
+    "in forward+backward": 4,
+    "gn forward": 2,
+    "gn forward+backward": 5,
+    "gn+scale/shift+silu forward": 2,
+    "gn+scale/shift+silu forward+backward": 5,
+    "bn+residual+relu forward+backward": 5,
+    "in forward+backward, on chip": 3,
+    "gn forward+backward, on chip": 3,
+}
+
+
+def test_launch_counts_meet_their_targets(report):
+    counts = hostcost.launch_counts(report)
+    assert set(LAUNCH_TARGETS) == set(counts)
+    over = {n: (counts[n], t) for n, t in LAUNCH_TARGETS.items() if counts[n] > t}
+    assert not over, f"launches per call over target (got, target): {over}"
+
+
+def test_no_torch_kernels_beyond_allocations(report):
+    counts = hostcost.torch_kernel_counts(report)
+    assert not any(counts.values()), {n: report["cases"][n]["torch_kernel_ops"] for n in counts}
+
+
+def test_later_calls_launch_the_compiled_kernels_directly(report):
+    # After the warm-up every launch bypasses JITFunction.run (launcher.py's direct path).
+    jit = {n: row["jit_launches"] for n, row in report["cases"].items()}
+    assert not any(jit.values()), jit

@@ -195,10 +195,14 @@ def choose(
     return candidates.pick(features)
 
 
-def _time(name: str, key: tuple, candidates: Candidates, bench: Callable) -> Features:
+def _benchmarker():
     from triton.runtime import driver
 
-    benchmarker = driver.active.get_benchmarker()
+    return driver.active.get_benchmarker()
+
+
+def _time(name: str, key: tuple, candidates: Candidates, bench: Callable) -> Features:
+    benchmarker = _benchmarker()
     timings = {}
     for cfg in candidates.configs:
         t = benchmarker(lambda cfg=cfg: bench(cfg), quantiles=None, warmup=5, rep=25)
