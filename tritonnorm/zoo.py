@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import sys
 
+import torch
 from torch import Tensor, nn
 
 from .functional import batch_norm
@@ -133,10 +134,13 @@ class FrozenNormMixin(Converted):
     ) -> Tensor:
         if input.dim() != 4:
             raise ValueError(f"expected 4D input (got {input.dim()}D input)")
-        extras = epilogue_extras(self, scale, shift, residual, activation)
+        # The original's arithmetic promotes (half input, float32 buffers: a float32 output).
+        dtype = torch.promote_types(input.dtype, self.weight.dtype)
+        cast = lambda t: t if t is None else t.to(dtype)
+        extras = epilogue_extras(self, cast(scale), cast(shift), cast(residual), activation)
         return batch_norm(
-            input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0,
-            self.eps, **extras,
+            cast(input), cast(self.running_mean), cast(self.running_var), cast(self.weight),
+            cast(self.bias), False, 0.0, self.eps, **extras,
         )  # fmt: skip
 
 
