@@ -10,11 +10,21 @@ setup: $(VENV)/.installed
 
 # torch is pinned first: these machines carry a CPU wheel of 2.13.0; a looser requirement would
 # pull the registry's CUDA build (several GB). On a GPU machine the same pin gets the CUDA build.
+# Then the zoo extra (tests/test_zoo.py converts timm, diffusers and torchvision models), about
+# 25 MB: the three with --no-deps, so that pip never swaps torch (torchvision pins its torch
+# exactly), then their small pure-Python dependencies with torch held at its pin. torchvision
+# 0.28.0 is the release for torch 2.13.0; the registry's wheel is a CUDA build whose C++
+# operators cannot load beside the CPU torch (tests/test_zoo.py says how it copes).
+ZOO := "torchvision==0.28.0" "timm==1.0.31" "diffusers==0.42.1"
+ZOO_DEPS := huggingface-hub safetensors pyyaml regex requests importlib-metadata pillow
+
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "torch==2.13.0"
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps $(ZOO)
+	$(BIN)/python -m pip install -q "torch==2.13.0" $(ZOO_DEPS)
 	touch $@
 
 test: setup

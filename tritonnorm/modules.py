@@ -30,6 +30,19 @@ def count_batch(module: nn.Module) -> float:
     return momentum
 
 
+def epilogue_extras(module, scale, shift, residual, activation) -> dict:
+    """A norm module's epilogue keywords: the forward's extras, and its own ``activation`` unless
+    the call gives one (both is an error)."""
+    own = getattr(module, "activation", None)
+    if activation is not None and own is not None:
+        raise ValueError(
+            f"{type(module).__name__} has its own activation {own!r}; got activation="
+            f"{activation!r} as well"
+        )
+    activation = own if activation is None else activation
+    return dict(scale=scale, shift=shift, residual=residual, activation=activation)
+
+
 class ActivationMixin:
     """The ``activation=None`` constructor argument of every tritonnorm norm module: checked,
     kept as a plain attribute, shown by ``repr``."""
@@ -50,18 +63,27 @@ class TritonNormMixin(ActivationMixin):
     torch's semantics; inputs are checked before num_batches_tracked or running statistics
     change."""
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(
+        self,
+        input: Tensor,
+        *,
+        scale: Tensor | None = None,
+        shift: Tensor | None = None,
+        residual: Tensor | None = None,
+        activation: str | tuple | None = None,
+    ) -> Tensor:
+        """torch's forward; the keyword-only extras are the functions' fused epilogue (what a
+        block's fused forward passes, see tritonnorm.blocks). ``activation`` is for a module
+        without one of its own."""
+        extras = epilogue_extras(self, scale, shift, residual, activation)
         if isinstance(self, nn.GroupNorm):
-            return group_norm(
-                input, self.num_groups, self.weight, self.bias, self.eps,
-                activation=getattr(self, "activation", None),
-            )  # fmt: skip
+            return group_norm(input, self.num_groups, self.weight, self.bias, self.eps, **extras)
         self._check_input_dim(input)
         if isinstance(self, _InstanceNorm):
-            return self._instance_norm_forward(input)
-        return self._batch_norm_forward(input)
+            return self._instance_norm_forward(input, extras)
+        return self._batch_norm_forward(input, extras)
 
-    def _batch_norm_forward(self, input: Tensor) -> Tensor:
+    def _batch_norm_forward(self, input: Tensor, extras: dict) -> Tensor:
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         use_buffers = not self.training or self.track_running_stats
         running_mean = self.running_mean if use_buffers else None
@@ -69,15 +91,18 @@ class TritonNormMixin(ActivationMixin):
         validation.check_batch_norm(
             input, running_mean, running_var, self.weight, self.bias, bn_training, self.eps
         )
-        activation = getattr(self, "activation", None)
-        validation.parse_activation(activation)
+        validation.parse_activation(extras["activation"])
+        if any(extras[k] is not None for k in ("scale", "shift", "residual")):
+            validation.check_epilogue(
+                "batch_norm", input, extras["scale"], extras["shift"], extras["residual"]
+            )
         momentum = count_batch(self)
         return batch_norm(
             input, running_mean, running_var, self.weight, self.bias, bn_training, momentum,
-            self.eps, activation=activation,
+            self.eps, **extras,
         )  # fmt: skip
 
-    def _instance_norm_forward(self, input: Tensor) -> Tensor:
+    def _instance_norm_forward(self, input: Tensor, extras: dict) -> Tensor:
         feature_dim = input.dim() - self._get_no_batch_dim()
         if input.size(feature_dim) != self.num_features:
             if self.affine:
@@ -92,13 +117,15 @@ class TritonNormMixin(ActivationMixin):
                 stacklevel=3,
             )
         unbatched = input.dim() == self._get_no_batch_dim()
+        if unbatched and extras["residual"] is not None:
+            extras = {**extras, "residual": extras["residual"].unsqueeze(0)}
         y = instance_norm(
             input.unsqueeze(0) if unbatched else input,
             self.running_mean, self.running_var, self.weight, self.bias,
             self.training or not self.track_running_stats,
             self.momentum if self.momentum is not None else 0.0,
             self.eps,
-            activation=getattr(self, "activation", None),
+            **extras,
         )  # fmt: skip
         return y.squeeze(0) if unbatched else y
 
