@@ -9,6 +9,7 @@ autograd) and ``tritonnorm.functional`` (torch.nn.functional signatures) -> ``tr
 from . import modules
 from .conversion import convert
 from .functional import batch_norm, group_norm, instance_norm
+from .kernels.tuning import autotune
 from .modules import *  # noqa: F403 (the module classes, listed in modules.__all__)
 from .sync import SyncBatchNorm
 
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     *modules.__all__,
     "SyncBatchNorm",
+    "autotune",
     "batch_norm",
     "convert",
     "group_norm",
