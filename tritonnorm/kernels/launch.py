@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import activations
 from . import config, tuning
 from .apply import _norm_apply_kernel
 from .grad import _norm_grad_finalize_kernel, _norm_grad_partial_kernel
@@ -41,34 +42,8 @@ _GRAD_FINALIZE = Kernel(_norm_grad_finalize_kernel)
 _APPLY = Kernel(_norm_apply_kernel)
 
 
-@dataclass(frozen=True)
-class Activation:
-    """One epilogue activation: its name, the kernels' code (common.py), torch's composition,
-    and whether act'(z) can be read off y = act(z)."""
-
-    name: str
-    code: int
-    torch_fn: str  # torch.nn.functional's name
-    from_output: bool  # y > 0 exactly where z > 0 (for every slope >= 0 where there is one)
-
-
-# The one table of activations (validation, functional, conversion and the kernels' codes).
-ACTIVATION_TABLE = (
-    Activation("relu", 1, "relu", True),
-    Activation("leaky_relu", 2, "leaky_relu", True),
-    Activation("silu", 3, "silu", False),
-    Activation("gelu", 4, "gelu", False),
-    Activation("gelu_tanh", 5, "gelu", False),
-)
-ACTIVATIONS = {a.name: a.code for a in ACTIVATION_TABLE}
-
-
-def derivative_from_output(activation: int, slope: float) -> bool:
-    """Whether act'(z) can be read off the output y = act(z): y > 0 exactly where z > 0 (ReLU;
-    leaky ReLU with slope >= 0; a negative slope makes y > 0 where z < 0)."""
-    return activation == ACTIVATIONS["relu"] or (
-        activation == ACTIVATIONS["leaky_relu"] and slope >= 0
-    )
+ACTIVATIONS = activations.CODES  # name -> the kernels' code
+derivative_from_output = activations.derivative_from_output
 
 
 @dataclass(frozen=True)
