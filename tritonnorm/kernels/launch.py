@@ -336,7 +336,7 @@ class _Bench:
 _EXTERNAL = (
     "x_ptr", "dy_ptr", "weight_ptr", "bias_ptr", "mean_ptr", "rstd_ptr", "running_mean_ptr",
     "running_var_ptr", "new_running_mean_ptr", "new_running_var_ptr", "scale_ptr", "shift_ptr",
-    "res_ptr", "partial_ptr",
+    "res_ptr",
 )  # fmt: skip
 
 
@@ -498,7 +498,7 @@ class _Plan:
         step = self.steps.get(name)
         if step is None:
             step = self.steps[name] = bind()
-        step(**tensors)
+        step(*tensors.values())
         return step
 
 
@@ -912,7 +912,7 @@ def stats_partials(x: torch.Tensor, red: Reduction) -> tuple[torch.Tensor, int]:
     tensors = dict(x_ptr=x, partial_ptr=partials)
     launch = _stats_step(red, tensors, fused=False, eps=0.0, momentum=0.0,
                          extras=_epilogue_constants(None, None))  # fmt: skip
-    launch(**tensors)
+    launch(*tensors.values())
     return partials, launch.cfg.kwargs["SPLIT"]
 
 
@@ -952,7 +952,7 @@ def finalize_stats(
     _finalize_stats_step(
         red, tensors, num_partials, eps=eps, momentum=momentum, update=update,
         from_running=False, partial_strides=(partials.stride(0), partials.stride(1)),
-    )(**tensors)  # fmt: skip
+    )(*tensors.values())  # fmt: skip
     return mean, rstd, coef, combined
 
 
@@ -968,7 +968,7 @@ def apply(
     """out = k_x * (x - mu) + k_dy * dy + k_c with (4, rows, C) coefficients; out has x's
     strides."""
     tensors = dict(x_ptr=x, dy_ptr=dy, out_ptr=out, coef_ptr=coef)
-    _apply_step(red, tensors, source=COEFFICIENTS, dy_view=dy_view)(**tensors)
+    _apply_step(red, tensors, source=COEFFICIENTS, dy_view=dy_view)(*tensors.values())
 
 
 def grad_partials(
@@ -1003,7 +1003,7 @@ def grad_partials(
     )  # fmt: skip
     launch = _grad_step(red, tensors, dy_view=dy_view, fused=fused, extras=extras,
                         z_from_output=z_from_output)  # fmt: skip
-    launch(**tensors)
+    launch(*tensors.values())
     return partials, launch.cfg.kwargs["SPLIT"]
 
 
@@ -1039,5 +1039,5 @@ def finalize_grad(
     _finalize_grad_step(
         red, tensors, num_partials, partial_strides=strides, count=count or red.count,
         use_input_stats=use_input_stats, param_grads=want_param_grads,
-    )(**tensors)  # fmt: skip
+    )(*tensors.values())  # fmt: skip
     return dweight, dbias, coef
