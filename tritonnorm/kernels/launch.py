@@ -684,7 +684,8 @@ class BackwardPlan(_Plan):
     - a reduction that fits one tile: the gradient kernel writes dx from registers, and with the
       batch reduced dweight and dbias - 1 launch (+ finalize: dweight and dbias summed over the
       samples of InstanceNorm and GroupNorm);
-    - eval without parameter gradients: apply (dx = w rstd dy) - 1 launch;
+    - eval without parameter gradients: apply (dx = w rstd dy) - 1 launch; with them, the
+      gradient sums write dx on the way, then finalize (dweight, dbias) - 2 launches, 3 passes;
     - streamed, one channel per statistic: gradient-sum partials, then apply (GRAD_PARTIALS),
       whose owner programs write dweight and dbias - 2 launches; GroupNorm's groups, or many
       partials, add a finalize between them - 3."""
@@ -820,6 +821,16 @@ class BackwardPlan(_Plan):
                 red, tensors, source=GRAD_PARTIALS, dy_view=dy_view,
                 use_input_stats=False))  # fmt: skip
             return dx, None, None, None, None, None
+        if not norm.use_input_stats:  # eval with dweight/dbias: dx written by the sums' pass
+            sums = torch.empty((2, self.max_split, red.rows, red.view.C), dtype=self.acc,
+                               device=device)  # fmt: skip
+            tensors = dict(x_ptr=x, dy_ptr=dy, dx_ptr=dx, mean_ptr=mean, rstd_ptr=rstd,
+                           weight_ptr=weight, partial_ptr=sums)  # fmt: skip
+            grad = self._step("grad", tensors, lambda: _grad_step(
+                red, tensors, dy_view=dy_view, fused=False))  # fmt: skip
+            self._finalize(sums, grad.cfg.kwargs["SPLIT"], mean, rstd, weight, dweight, dbias,
+                           None)  # fmt: skip
+            return dx, dweight, dbias, None, None, None
         direct = self.fused and red.reduce_batch
         sums = None
         if not (self.fused and (direct or not self.param_grads)):
