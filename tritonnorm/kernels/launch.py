@@ -389,14 +389,14 @@ def _max_split(red: Reduction, fused: bool, backward: bool = False, epilogue: bo
 
 def _finalize_stats_step(
     red: Reduction, tensors: dict, num_partials: int, *, eps: float, momentum: float,
-    update: bool, from_running: bool, partial_strides: tuple[int, int],
+    update: bool, partial_strides: tuple[int, int],
 ) -> Launch:  # fmt: skip
     grid, blocks = red.finalize_grid(ordered_rows=update)
     return _bind(
         _STATS_FINALIZE, red, tensors, dict(
             num_partials=num_partials, partial_stride_k=partial_strides[0],
             partial_stride_p=partial_strides[1], rows=red.rows, C=red.view.C, K=red.group_size,
-            momentum=momentum, eps=eps, FROM_RUNNING=from_running, **blocks,
+            momentum=momentum, eps=eps, **blocks,
         ), grid=grid,
     )  # fmt: skip
 
@@ -616,8 +616,7 @@ class ForwardPlan(_Plan):
         red = self.red
         self._step("finalize", tensors, lambda: _finalize_stats_step(
             red, tensors, num_partials, eps=self.eps, momentum=self.momentum,
-            update=self.running, from_running=False,
-            partial_strides=(partials.stride(0), partials.stride(1))))  # fmt: skip
+            update=self.running, partial_strides=(partials.stride(0), partials.stride(1))))  # fmt: skip
 
 
 _forward_plans: dict[tuple, ForwardPlan] = {}
@@ -962,7 +961,7 @@ def finalize_stats(
     )  # fmt: skip
     _finalize_stats_step(
         red, tensors, num_partials, eps=eps, momentum=momentum, update=update,
-        from_running=False, partial_strides=(partials.stride(0), partials.stride(1)),
+        partial_strides=(partials.stride(0), partials.stride(1)),
     )(*tensors.values())  # fmt: skip
     return mean, rstd, coef, combined
 
