@@ -16,12 +16,15 @@ differentiates.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
 from .kernels import launch
 
 
+@functools.cache
 def _norm(use_input_stats: bool, reduce_batch: bool, num_groups: int) -> launch.Norm:
     return launch.Norm(reduce_batch, num_groups, use_input_stats)
 

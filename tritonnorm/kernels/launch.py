@@ -655,19 +655,23 @@ def forward(
     in the statistics' dtype (None in eval without ``want_stats``). With input statistics, the
     updated running statistics go to ``running_out`` (default: in place). An ``epilogue`` is
     applied where y is written. Weight, bias and the running statistics must be contiguous."""
-    if not is_dense(x):
-        x = x.contiguous()
     running = norm.use_input_stats and running_mean is not None and running_var is not None
     if running and running_out is not None:
         running_out[0].copy_(running_mean), running_out[1].copy_(running_var)
         running_mean, running_var = running_out
     key = (
-        x.shape, x.stride(), x.dtype, x.device, norm, momentum, eps, _meta(weight), _meta(bias),
-        _meta(running_mean), running, _epilogue_key(epilogue), config._overrides,
-        tuning._enabled,
+        x.shape, x.stride(), x.dtype, x.device, norm, momentum, eps,
+        None if weight is None else weight.dtype, None if bias is None else bias.dtype,
+        None if running_mean is None else running_mean.dtype, running, _epilogue_key(epilogue),
+        config._overrides, tuning._enabled,
     )  # fmt: skip
     plan_ = _forward_plans.get(key)
     if plan_ is None:
+        if not is_dense(x):  # other strides: one copy, then the plan of the dense layout
+            return forward(
+                x.contiguous(), weight, bias, running_mean, running_var, norm=norm,
+                momentum=momentum, eps=eps, epilogue=epilogue, want_stats=want_stats,
+            )  # fmt: skip
         plan_ = _forward_plans[key] = ForwardPlan(x, norm, epilogue, eps, momentum, running)
     if plan_.epilogue is None:
         return plan_.run(x, weight, bias, running_mean, running_var, want_stats=want_stats)
@@ -893,16 +897,19 @@ def backward(
     pre-activation are recomputed from x and the saved statistics. ``z_from_output``:
     ``epilogue.residual`` is the forward's output y (ReLU or a leaky ReLU of slope >= 0: act'(z)
     is read off y); the residual's gradient can still be asked for."""
-    if not is_dense(x):
-        x = x.contiguous()
     ep = epilogue if epilogue is not None and epilogue.present else None
     key = (
-        x.shape, x.stride(), x.dtype, x.device, dy.stride(), dy.dtype, norm, _meta(weight),
-        bias is not None, _epilogue_key(ep), output_mask, z_from_output, config._overrides,
-        tuning._enabled,
+        x.shape, x.stride(), x.dtype, x.device, dy.stride(), dy.dtype, norm,
+        None if weight is None else weight.dtype, bias is not None, _epilogue_key(ep),
+        output_mask, z_from_output, config._overrides, tuning._enabled,
     )  # fmt: skip
     plan_ = _backward_plans.get(key)
     if plan_ is None:
+        if not is_dense(x):  # as the forward: one copy, then the dense layout's plan
+            return backward(
+                dy, x.contiguous(), weight, bias, mean, rstd, norm=norm, epilogue=epilogue,
+                output_mask=output_mask, z_from_output=z_from_output,
+            )  # fmt: skip
         plan_ = _backward_plans[key] = BackwardPlan(
             x, dy, norm, ep, output_mask, z_from_output, _meta(weight), bias is not None
         )
