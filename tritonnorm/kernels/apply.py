@@ -20,9 +20,11 @@ With ``EPILOGUE`` the forward writes act(y * scale[n, c] + shift[n, c] + residua
 backward first turns dy into the gradient of x_hat * w + b, recomputing the pre-activation from x
 and the forward coefficients (common.epilogue_output_grad), and writes the residual's gradient."""
 
+import torch
 import triton
 import triton.language as tl
 
+from . import config
 from .common import (
     K_C,
     K_DY,
@@ -41,6 +43,7 @@ from .common import (
     pre_activation,
     tile_offsets,
 )
+from .launcher import NO_EPILOGUE, Kernel, Launch, bind, index_64
 
 # Where the coefficients come from (module docstring).
 COEFFICIENTS = tl.constexpr(0)
@@ -266,3 +269,36 @@ def _norm_apply_kernel(
     else:  # dx with constant (running) statistics: k_x = 0, so x is not read
         out = k_dy * dy + k_c
     tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# --- launcher -----------------------------------------------------------------------------------
+
+_APPLY = Kernel(_norm_apply_kernel)
+
+
+def bind_apply(
+    red, tensors: dict, *, source: tl.constexpr, dy_view=None, extras: dict = NO_EPILOGUE,
+    num_partials: int = 0, partial_strides=(0, 0), eps: float = 0.0, momentum: float = 0.0,
+    use_input_stats: bool = True, z_from_output: bool = False,
+) -> Launch:  # fmt: skip
+    """The elementwise pass (y or dx) over ``red`` (launch.Reduction) with its coefficients from
+    ``source`` (one of this module's sources); config chosen by tuning.py."""
+    view = red.view
+    candidates = config.apply_configs(red.shape, epilogue=extras["EPILOGUE"])
+    constants = dict(
+        N=view.N, C=view.C, S=view.S, K=red.group_size, rows=red.rows,
+        stride_n=view.stride_n, stride_c=view.stride_c, stride_s=view.stride_s,
+        **dict(zip(("dy_stride_n", "dy_stride_c", "dy_stride_s"),
+                   dy_view.strides if dy_view is not None else (0, 0, 0), strict=True)),
+        count=max(red.count, 1), eps=eps, momentum=momentum, num_partials=num_partials,
+        partial_stride_k=partial_strides[0], partial_stride_p=partial_strides[1],
+        **extras, SOURCE=source.value, HAS_X=tensors.get("x_ptr") is not None,
+        HAS_DY=tensors.get("dy_ptr") is not None, USE_INPUT_STATS=use_input_stats,
+        FP64=red.acc_dtype == torch.float64, INDEX_64=index_64(view, dy_view),
+        Z_FROM_OUTPUT=z_from_output,
+    )  # fmt: skip
+    grid_of = lambda m: (
+        config.cdiv(view.N, m["BLOCK_N"]) * config.cdiv(view.C, m["BLOCK_C"])
+        * config.cdiv(view.S, m["BLOCK_S"]),
+    )  # fmt: skip
+    return bind(_APPLY, red, tensors, constants, candidates=candidates, grid_of=grid_of)

@@ -329,6 +329,13 @@ def apply_configs(shape: Shape, epilogue: bool = False) -> Candidates:
     return _candidates(pairs)
 
 
+def max_split(shape_of, fused: bool, backward: bool = False, epilogue: bool = False) -> int:
+    """The largest split among a reduction's candidates (its partials buffer's size). Takes a
+    record with a ``shape`` (launch.Reduction)."""
+    candidates = reduction_configs(shape_of.shape, fused, backward, epilogue)
+    return max(c.kwargs["SPLIT"] for c in candidates.configs)
+
+
 # The finalize kernels: one small tile of (rows, groups, channels of a group) per program.
 FINALIZE_TILE = 1024
 FINALIZE_CHANNELS = 128

@@ -4,6 +4,7 @@ that combines them into dweight, dbias and the per-channel coefficients of the d
 import triton
 import triton.language as tl
 
+from . import config
 from .common import (
     channel_offsets,
     channel_values,
@@ -16,6 +17,7 @@ from .common import (
     stat_offsets,
     store_coefficients,
 )
+from .launcher import NO_EPILOGUE, Kernel, Launch, bind, index_64
 
 
 @triton.jit
@@ -251,3 +253,51 @@ def _norm_grad_finalize_kernel(
         tl.store(dweight_ptr + c, dweight.to(dweight_ptr.dtype.element_ty), mask=c_mask)
     if dbias_ptr is not None:
         tl.store(dbias_ptr + c, dbias.to(dbias_ptr.dtype.element_ty), mask=c_mask)
+
+
+# --- launchers ----------------------------------------------------------------------------------
+
+_GRAD = Kernel(_norm_grad_partial_kernel)
+_FINALIZE = Kernel(_norm_grad_finalize_kernel)
+
+
+def bind_gradient_sums(
+    red, tensors: dict, *, dy_view, fused: bool, extras: dict = NO_EPILOGUE,
+    z_from_output: bool = False, stats_shared: bool = False,
+) -> Launch:  # fmt: skip
+    """The gradient-sum kernel over the reduction ``red`` (launch.Reduction): partials, or
+    fused dx and, with the batch reduced, dweight and dbias; config chosen by tuning.py."""
+    candidates = config.reduction_configs(
+        red.shape, fused, backward=True, epilogue=extras["EPILOGUE"]
+    )
+    max_split = max(c.kwargs["SPLIT"] for c in candidates.configs)
+    constants = dict(
+        **red.kernel_args(), **extras,
+        **dict(zip(("dy_stride_n", "dy_stride_c", "dy_stride_s"), dy_view.strides, strict=True)),
+        partial_stride_k=max_split * red.rows * red.view.C,
+        partial_stride_p=red.rows * red.view.C,
+        REDUCE_BATCH=red.reduce_batch, FUSED=fused, INDEX_64=index_64(red.view, dy_view),
+        Z_FROM_OUTPUT=z_from_output, STATS_SHARED=stats_shared,
+    )  # fmt: skip
+    return bind(
+        _GRAD, red, tensors, constants, candidates=candidates, fused=fused,
+        grid_of=lambda m: (red.stats_programs(m), m["SPLIT"]),
+    )  # fmt: skip
+
+
+def bind_finalize(
+    red, tensors: dict, num_partials: int, *, partial_strides: tuple[int, int], count: int,
+    use_input_stats: bool, param_grads: bool, epilogue: bool = False,
+    stats_shared: bool = False,
+) -> Launch:  # fmt: skip
+    """The gradient finalize kernel: dweight, dbias, the dx coefficients (and with an epilogue,
+    dscale and dshift) from ``num_partials`` partials, combined in order."""
+    grid, blocks = red.finalize_grid(ordered_rows=param_grads or stats_shared)
+    return bind(
+        _FINALIZE, red, tensors, dict(
+            num_partials=num_partials, partial_stride_k=partial_strides[0],
+            partial_stride_p=partial_strides[1], rows=red.rows, C=red.view.C, K=red.group_size,
+            count=max(count, 1), USE_INPUT_STATS=use_input_stats, EPILOGUE=epilogue,
+            STATS_SHARED=stats_shared, **blocks,
+        ), grid=grid,
+    )  # fmt: skip

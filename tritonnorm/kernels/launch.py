@@ -29,18 +29,9 @@ from dataclasses import dataclass
 import torch
 
 from .. import activations
-from . import config, tuning
-from .apply import _norm_apply_kernel
-from .grad import _norm_grad_finalize_kernel, _norm_grad_partial_kernel
-from .launcher import Kernel, Launch
-from .stats import _norm_stats_finalize_kernel, _norm_stats_partial_kernel
-
-_STATS = Kernel(_norm_stats_partial_kernel)
-_STATS_FINALIZE = Kernel(_norm_stats_finalize_kernel)
-_GRAD = Kernel(_norm_grad_partial_kernel)
-_GRAD_FINALIZE = Kernel(_norm_grad_finalize_kernel)
-_APPLY = Kernel(_norm_apply_kernel)
-
+from . import apply as apply_
+from . import config, grad, stats, tuning
+from .launcher import NO_EPILOGUE, Launch, index_64
 
 ACTIVATIONS = activations.CODES  # name -> the kernels' code
 derivative_from_output = activations.derivative_from_output
@@ -272,8 +263,7 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _index_64(*views: View | None) -> bool:
-    return config.index_64(max(v.span for v in views if v is not None))
+_index_64 = index_64  # the name tests know
 
 
 def _nan_stats(x: torch.Tensor, norm: Norm) -> torch.Tensor:
@@ -302,176 +292,6 @@ def _epilogue_constants(ep: Epilogue | None, res_view: View | None, force: bool 
 
 def _fused(red: Reduction, backward: bool = False, epilogue: bool = False) -> bool:
     return config.fused_blocks(red.shape, backward, epilogue) is not None
-
-
-# --- the steps, bound -------------------------------------------------------------------------
-
-
-def _bucket(red: Reduction) -> tuple:
-    """A tuned result's shape key: the view with its batch and long axes rounded up to powers
-    of two (a smaller last batch reuses the full batch's result)."""
-    v = red.view
-    return (config._pow2(v.N), v.C, config._pow2(v.S), red.group_size, red.reduce_batch,
-            v.channels_fast, red.acc_dtype.itemsize)  # fmt: skip
-
-
-class _Bench:
-    """Runs one candidate config of a launch with real tensors (the autotuner's timing)."""
-
-    def __init__(self, kernel: Kernel, grid_of, tensors: dict, constants: dict):
-        self.kernel, self.grid_of, self.tensors, self.constants = (
-            kernel,
-            grid_of,
-            tensors,
-            constants,
-        )
-        self.device = next(t.device for t in tensors.values() if t is not None)
-
-    def __call__(self, cfg) -> None:
-        kwargs = {**self.constants, **self.tensors, **cfg.all_kwargs(), **config.LAUNCH_OPTIONS}
-        self.kernel.run_jit(self.grid_of(cfg.kwargs), kwargs)
-
-
-# Tensors that come from the user, whose alignment a call checks (launcher.py).
-_EXTERNAL = (
-    "x_ptr", "dy_ptr", "weight_ptr", "bias_ptr", "mean_ptr", "rstd_ptr", "running_mean_ptr",
-    "running_var_ptr", "new_running_mean_ptr", "new_running_var_ptr", "scale_ptr", "shift_ptr",
-    "res_ptr",
-)  # fmt: skip
-
-
-def _bind(
-    kernel: Kernel, red: Reduction, tensors: dict, constants: dict, *, candidates=None,
-    fused: bool = False, grid_of=None, grid=None,
-) -> Launch:  # fmt: skip
-    """A launch of ``kernel`` passing ``tensors`` (names -> this call's tensors, None allowed)
-    at every call; every other pointer argument is None. With ``candidates``, the config is
-    chosen (tuning.py; the tensors serve the timing) and the grid is ``grid_of(its
-    meta-parameters)``."""
-    constants = dict(constants)
-    for name in kernel.params:
-        if name.endswith("_ptr") and name not in tensors:
-            constants[name] = None
-    cfg = None
-    if candidates is not None:
-        flags = tuple(sorted((k, v) for k, v in constants.items() if k.isupper()))
-        bench = _Bench(kernel, grid_of, tensors, constants) if tuning.enabled() else None
-        device = bench.device if bench is not None else torch.device("cpu")
-        cfg = tuning.choose(
-            kernel, candidates, shape=red.shape, fused=fused, flags=flags, bucket=_bucket(red),
-            device=device, bench=bench,
-        )  # fmt: skip
-        grid = grid_of(cfg.kwargs)
-    return kernel.bind(grid, cfg, tuple(tensors), _EXTERNAL, **constants)
-
-
-def _stats_step(
-    red: Reduction, tensors: dict, *, fused: bool, eps: float, momentum: float, extras: dict
-) -> Launch:
-    """The statistics kernel (partials, or fused: y and the statistics themselves)."""
-    candidates = config.reduction_configs(red.shape, fused, epilogue=extras["EPILOGUE"])
-    max_split = max(c.kwargs["SPLIT"] for c in candidates.configs)
-    constants = dict(
-        **red.kernel_args(), eps=eps, momentum=momentum, **extras,
-        REDUCE_BATCH=red.reduce_batch, FUSED=fused, INDEX_64=_index_64(red.view),
-        partial_stride_k=max_split * red.rows * red.groups, partial_stride_p=red.rows * red.groups,
-    )  # fmt: skip
-    return _bind(
-        _STATS, red, tensors, constants, candidates=candidates, fused=fused,
-        grid_of=lambda m: (red.stats_programs(m), m["SPLIT"]),
-    )  # fmt: skip
-
-
-def _max_split(red: Reduction, fused: bool, backward: bool = False, epilogue: bool = False):
-    candidates = config.reduction_configs(red.shape, fused, backward=backward, epilogue=epilogue)
-    return max(c.kwargs["SPLIT"] for c in candidates.configs)
-
-
-def _finalize_stats_step(
-    red: Reduction, tensors: dict, num_partials: int, *, eps: float, momentum: float,
-    update: bool, partial_strides: tuple[int, int],
-) -> Launch:  # fmt: skip
-    grid, blocks = red.finalize_grid(ordered_rows=update)
-    return _bind(
-        _STATS_FINALIZE, red, tensors, dict(
-            num_partials=num_partials, partial_stride_k=partial_strides[0],
-            partial_stride_p=partial_strides[1], rows=red.rows, C=red.view.C, K=red.group_size,
-            momentum=momentum, eps=eps, **blocks,
-        ), grid=grid,
-    )  # fmt: skip
-
-
-# The apply kernel's coefficient sources (apply.py).
-COEFFICIENTS, RUNNING, STATS_PARTIALS, GRAD_PARTIALS = 0, 1, 2, 3
-
-
-def _apply_step(
-    red: Reduction, tensors: dict, *, source: int, dy_view: View | None = None,
-    extras: dict | None = None, num_partials: int = 0, partial_strides=(0, 0), eps: float = 0.0,
-    momentum: float = 0.0, use_input_stats: bool = True, z_from_output: bool = False,
-) -> Launch:  # fmt: skip
-    """The elementwise pass (y or dx) with its coefficients from ``source``."""
-    view = red.view
-    extras = extras or _epilogue_constants(None, None)
-    candidates = config.apply_configs(red.shape, epilogue=extras["EPILOGUE"])
-    constants = dict(
-        N=view.N, C=view.C, S=view.S, K=red.group_size, rows=red.rows,
-        stride_n=view.stride_n, stride_c=view.stride_c, stride_s=view.stride_s,
-        **dict(zip(("dy_stride_n", "dy_stride_c", "dy_stride_s"),
-                   dy_view.strides if dy_view is not None else (0, 0, 0), strict=True)),
-        count=max(red.count, 1), eps=eps, momentum=momentum, num_partials=num_partials,
-        partial_stride_k=partial_strides[0], partial_stride_p=partial_strides[1],
-        **extras, SOURCE=source, HAS_X=tensors.get("x_ptr") is not None,
-        HAS_DY=tensors.get("dy_ptr") is not None, USE_INPUT_STATS=use_input_stats,
-        FP64=red.acc_dtype == torch.float64, INDEX_64=_index_64(view, dy_view),
-        Z_FROM_OUTPUT=z_from_output,
-    )  # fmt: skip
-    grid_of = lambda m: (
-        config.cdiv(view.N, m["BLOCK_N"]) * config.cdiv(view.C, m["BLOCK_C"])
-        * config.cdiv(view.S, m["BLOCK_S"]),
-    )  # fmt: skip
-    return _bind(_APPLY, red, tensors, constants, candidates=candidates, grid_of=grid_of)
-
-
-def _grad_step(
-    red: Reduction, tensors: dict, *, dy_view: View, fused: bool, extras: dict | None = None,
-    z_from_output: bool = False, stats_shared: bool = False,
-) -> Launch:  # fmt: skip
-    """The gradient-sum kernel (partials, or fused: dx and, with the batch reduced, dweight and
-    dbias)."""
-    extras = extras or _epilogue_constants(None, None)
-    candidates = config.reduction_configs(
-        red.shape, fused, backward=True, epilogue=extras["EPILOGUE"]
-    )
-    max_split = max(c.kwargs["SPLIT"] for c in candidates.configs)
-    constants = dict(
-        **red.kernel_args(), **extras,
-        **dict(zip(("dy_stride_n", "dy_stride_c", "dy_stride_s"), dy_view.strides, strict=True)),
-        partial_stride_k=max_split * red.rows * red.view.C,
-        partial_stride_p=red.rows * red.view.C,
-        REDUCE_BATCH=red.reduce_batch, FUSED=fused, INDEX_64=_index_64(red.view, dy_view),
-        Z_FROM_OUTPUT=z_from_output, STATS_SHARED=stats_shared,
-    )  # fmt: skip
-    return _bind(
-        _GRAD, red, tensors, constants, candidates=candidates, fused=fused,
-        grid_of=lambda m: (red.stats_programs(m), m["SPLIT"]),
-    )  # fmt: skip
-
-
-def _finalize_grad_step(
-    red: Reduction, tensors: dict, num_partials: int, *, partial_strides: tuple[int, int],
-    count: int, use_input_stats: bool, param_grads: bool, epilogue: bool = False,
-    stats_shared: bool = False,
-) -> Launch:  # fmt: skip
-    grid, blocks = red.finalize_grid(ordered_rows=param_grads or stats_shared)
-    return _bind(
-        _GRAD_FINALIZE, red, tensors, dict(
-            num_partials=num_partials, partial_stride_k=partial_strides[0],
-            partial_stride_p=partial_strides[1], rows=red.rows, C=red.view.C, K=red.group_size,
-            count=max(count, 1), USE_INPUT_STATS=use_input_stats, EPILOGUE=epilogue,
-            STATS_SHARED=stats_shared, **blocks,
-        ), grid=grid,
-    )  # fmt: skip
 
 
 def _fold(num_partials: int) -> bool:
@@ -536,7 +356,7 @@ class ForwardPlan(_Plan):
         self.sample_running = running and not red.reduce_batch
         # A reduced batch's running statistics are updated by the kernel owning the channel.
         self.direct_running = running and red.reduce_batch
-        self.max_split = _max_split(red, self.fused, epilogue=self.fused and ep is not None)
+        self.max_split = config.max_split(red, self.fused, epilogue=self.fused and ep is not None)
         self.num_partials: int | None = None  # the statistics launch's split, once bound
 
     def run(self, x, weight, bias, running_mean, running_var, scale=None, shift=None,
@@ -561,8 +381,8 @@ class ForwardPlan(_Plan):
             tensors = dict(x_ptr=x, out_ptr=y, weight_ptr=weight, bias_ptr=bias,
                            running_mean_ptr=running_mean, running_var_ptr=running_var,
                            mean_ptr=mean, rstd_ptr=rstd, **ep)  # fmt: skip
-            self._step("apply", tensors, lambda: _apply_step(
-                red, tensors, source=RUNNING, extras=self.extras, eps=self.eps))  # fmt: skip
+            self._step("apply", tensors, lambda: apply_.bind_apply(
+                red, tensors, source=apply_.RUNNING, extras=self.extras, eps=self.eps))  # fmt: skip
             return y, mean, rstd
         partials = None
         if not self.fused or self.sample_running:
@@ -572,7 +392,7 @@ class ForwardPlan(_Plan):
         if self.fused:
             tensors = dict(x_ptr=x, y_ptr=y, weight_ptr=weight, bias_ptr=bias, mean_ptr=mean,
                            rstd_ptr=rstd, partial_ptr=partials, **direct, **ep)  # fmt: skip
-            self._step("stats", tensors, lambda: _stats_step(
+            self._step("stats", tensors, lambda: stats.bind_statistics(
                 red, tensors, fused=True, eps=self.eps, momentum=self.momentum,
                 extras=self.extras))  # fmt: skip
             if self.sample_running:
@@ -580,16 +400,16 @@ class ForwardPlan(_Plan):
                                running_var)  # fmt: skip
             return y, mean, rstd
         tensors = dict(x_ptr=x, partial_ptr=partials)
-        stats = self._step("stats", tensors, lambda: _stats_step(
+        launched = self._step("stats", tensors, lambda: stats.bind_statistics(
             red, tensors, fused=False, eps=self.eps, momentum=self.momentum,
-            extras=_epilogue_constants(None, None)))  # fmt: skip
-        num_partials = stats.cfg.kwargs["SPLIT"]
+            extras=NO_EPILOGUE))  # fmt: skip
+        num_partials = launched.cfg.kwargs["SPLIT"]
         strides = (partials.stride(0), partials.stride(1))
         if _fold(num_partials) and not self.sample_running:
             tensors = dict(x_ptr=x, out_ptr=y, weight_ptr=weight, bias_ptr=bias,
                            partial_ptr=partials, mean_ptr=mean, rstd_ptr=rstd, **direct, **ep)  # fmt: skip
-            self._step("apply", tensors, lambda: _apply_step(
-                red, tensors, source=STATS_PARTIALS, extras=self.extras,
+            self._step("apply", tensors, lambda: apply_.bind_apply(
+                red, tensors, source=apply_.STATS_PARTIALS, extras=self.extras,
                 num_partials=num_partials, partial_strides=strides, eps=self.eps,
                 momentum=self.momentum))  # fmt: skip
             return y, mean, rstd
@@ -597,8 +417,8 @@ class ForwardPlan(_Plan):
         self._finalize(partials, num_partials, mean, rstd, coef, weight, bias, running_mean,
                        running_var)  # fmt: skip
         tensors = dict(x_ptr=x, out_ptr=y, coef_ptr=coef, **ep)
-        self._step("apply", tensors, lambda: _apply_step(
-            red, tensors, source=COEFFICIENTS, extras=self.extras))  # fmt: skip
+        self._step("apply", tensors, lambda: apply_.bind_apply(
+            red, tensors, source=apply_.COEFFICIENTS, extras=self.extras))  # fmt: skip
         return y, mean, rstd
 
     def _finalize(self, partials, num_partials, mean, rstd, coef, weight, bias, running_mean,
@@ -614,7 +434,7 @@ class ForwardPlan(_Plan):
             new_running_var_ptr=running_var,
         )  # fmt: skip
         red = self.red
-        self._step("finalize", tensors, lambda: _finalize_stats_step(
+        self._step("finalize", tensors, lambda: stats.bind_finalize(
             red, tensors, num_partials, eps=self.eps, momentum=self.momentum,
             update=self.running, partial_strides=(partials.stride(0), partials.stride(1))))  # fmt: skip
 
@@ -717,7 +537,7 @@ class BackwardPlan(_Plan):
             if self.res_view is None:
                 self.res_copy, self.res_view = True, red.view
         self.fused = norm.use_input_stats and _fused(red, backward=True)
-        self.max_split = _max_split(red, self.fused, backward=True)
+        self.max_split = config.max_split(red, self.fused, backward=True)
         if ep is not None:
             # Sums per (sample, channel) even with the batch reduced: per-sample scale/shift.
             self.epi_red = Reduction(red.view, red.group_size, False, red.dtype)
@@ -728,7 +548,7 @@ class BackwardPlan(_Plan):
                 norm.use_input_stats and not red.reduce_batch
                 and _fused(red, backward=True, epilogue=True)
             )  # fmt: skip
-            self.epi_max_split = _max_split(self.epi_red, self.epi_fused, True, True)
+            self.epi_max_split = config.max_split(self.epi_red, self.epi_fused, True, True)
 
     def run(self, dy, x, weight, bias, mean, rstd, scale=None, shift=None, residual=None):
         if self.empty:
@@ -768,19 +588,19 @@ class BackwardPlan(_Plan):
                        res_ptr=residual_arg)  # fmt: skip
         if fused:
             tensors.update(dx_ptr=dx, dres_ptr=dres)
-        grad = self._step("grad", tensors, lambda: _grad_step(
+        launched = self._step("grad", tensors, lambda: grad.bind_gradient_sums(
             red, tensors, dy_view=self.dy_view, fused=fused, extras=self.extras,
             z_from_output=self.z_from_output, stats_shared=self.red.reduce_batch))  # fmt: skip
         if fused and dweight is None and dscale is None:
             return dx, None, None, None, None, dres
-        num_partials = grad.cfg.kwargs["SPLIT"]
+        num_partials = launched.cfg.kwargs["SPLIT"]
         coef = None
         if not fused:
             coef = torch.empty((4, self.red.rows, view.C), dtype=self.acc, device=device)
         tensors = dict(partial_ptr=sums, mean_ptr=mean, rstd_ptr=rstd, weight_ptr=weight,
                        bias_ptr=bias, dweight_ptr=dweight, dbias_ptr=dbias, coef_ptr=coef,
                        scale_ptr=scale, dscale_ptr=dscale, dshift_ptr=dshift)  # fmt: skip
-        self._step("finalize", tensors, lambda: _finalize_grad_step(
+        self._step("finalize", tensors, lambda: grad.bind_finalize(
             red, tensors, num_partials, partial_strides=(sums.stride(0), sums.stride(1)),
             count=self.red.count, use_input_stats=self.norm.use_input_stats,
             param_grads=self.param_grads, epilogue=True,
@@ -794,8 +614,8 @@ class BackwardPlan(_Plan):
                        weight_ptr=weight if with_z else None,
                        bias_ptr=bias if with_z else None)  # fmt: skip
         coef_red = Reduction(view, red.group_size, self.red.reduce_batch, red.dtype)
-        self._step("apply", tensors, lambda: _apply_step(
-            coef_red, tensors, source=COEFFICIENTS, dy_view=self.dy_view, extras=self.extras,
+        self._step("apply", tensors, lambda: apply_.bind_apply(
+            coef_red, tensors, source=apply_.COEFFICIENTS, dy_view=self.dy_view, extras=self.extras,
             z_from_output=self.z_from_output))  # fmt: skip
         return dx, dweight, dbias, dscale, dshift, dres
 
@@ -820,8 +640,8 @@ class BackwardPlan(_Plan):
         dy_view = self.dy_view
         if not norm.use_input_stats and not self.param_grads:  # dx = w rstd dy
             tensors = dict(dy_ptr=dy, out_ptr=dx, weight_ptr=weight, mean_ptr=mean, rstd_ptr=rstd)
-            self._step("apply", tensors, lambda: _apply_step(
-                red, tensors, source=GRAD_PARTIALS, dy_view=dy_view,
+            self._step("apply", tensors, lambda: apply_.bind_apply(
+                red, tensors, source=apply_.GRAD_PARTIALS, dy_view=dy_view,
                 use_input_stats=False))  # fmt: skip
             return dx, None, None, None, None, None
         if not norm.use_input_stats:  # eval with dweight/dbias: dx written by the sums' pass
@@ -829,9 +649,9 @@ class BackwardPlan(_Plan):
                                device=device)  # fmt: skip
             tensors = dict(x_ptr=x, dy_ptr=dy, dx_ptr=dx, mean_ptr=mean, rstd_ptr=rstd,
                            weight_ptr=weight, partial_ptr=sums)  # fmt: skip
-            grad = self._step("grad", tensors, lambda: _grad_step(
+            launched = self._step("grad", tensors, lambda: grad.bind_gradient_sums(
                 red, tensors, dy_view=dy_view, fused=False))  # fmt: skip
-            self._finalize(sums, grad.cfg.kwargs["SPLIT"], mean, rstd, weight, dweight, dbias,
+            self._finalize(sums, launched.cfg.kwargs["SPLIT"], mean, rstd, weight, dweight, dbias,
                            None)  # fmt: skip
             return dx, dweight, dbias, None, None, None
         direct = self.fused and red.reduce_batch
@@ -845,34 +665,34 @@ class BackwardPlan(_Plan):
             tensors.update(dx_ptr=dx)
             if direct:
                 tensors.update(dweight_ptr=dweight, dbias_ptr=dbias)
-        grad = self._step("grad", tensors, lambda: _grad_step(
+        launched = self._step("grad", tensors, lambda: grad.bind_gradient_sums(
             red, tensors, dy_view=dy_view, fused=self.fused))  # fmt: skip
         if self.fused:
             if sums is not None:
                 self._finalize(sums, 1, mean, rstd, weight, dweight, dbias, None)
             return dx, dweight, dbias, None, None, None
-        num_partials = grad.cfg.kwargs["SPLIT"]
+        num_partials = launched.cfg.kwargs["SPLIT"]
         strides = (sums.stride(0), sums.stride(1))
         x_in = x if norm.use_input_stats else None
         if red.group_size == 1 and _fold(num_partials):
             tensors = dict(x_ptr=x_in, dy_ptr=dy, out_ptr=dx, weight_ptr=weight, partial_ptr=sums,
                            mean_ptr=mean, rstd_ptr=rstd, dweight_ptr=dweight, dbias_ptr=dbias)  # fmt: skip
-            self._step("apply", tensors, lambda: _apply_step(
-                red, tensors, source=GRAD_PARTIALS, dy_view=dy_view, num_partials=num_partials,
+            self._step("apply", tensors, lambda: apply_.bind_apply(
+                red, tensors, source=apply_.GRAD_PARTIALS, dy_view=dy_view, num_partials=num_partials,
                 partial_strides=strides, use_input_stats=norm.use_input_stats))  # fmt: skip
             return dx, dweight, dbias, None, None, None
         coef = torch.empty((4, red.rows, red.view.C), dtype=self.acc, device=device)
         self._finalize(sums, num_partials, mean, rstd, weight, dweight, dbias, coef)
         tensors = dict(x_ptr=x_in, dy_ptr=dy, out_ptr=dx, coef_ptr=coef)
-        self._step("apply", tensors, lambda: _apply_step(
-            red, tensors, source=COEFFICIENTS, dy_view=dy_view))  # fmt: skip
+        self._step("apply", tensors, lambda: apply_.bind_apply(
+            red, tensors, source=apply_.COEFFICIENTS, dy_view=dy_view))  # fmt: skip
         return dx, dweight, dbias, None, None, None
 
     def _finalize(self, sums, num_partials, mean, rstd, weight, dweight, dbias, coef) -> None:
         tensors = dict(partial_ptr=sums, mean_ptr=mean, rstd_ptr=rstd, weight_ptr=weight,
                        dweight_ptr=dweight, dbias_ptr=dbias, coef_ptr=coef)  # fmt: skip
         red = self.red
-        self._step("finalize", tensors, lambda: _finalize_grad_step(
+        self._step("finalize", tensors, lambda: grad.bind_finalize(
             red, tensors, num_partials, partial_strides=(sums.stride(0), sums.stride(1)),
             count=red.count, use_input_stats=self.norm.use_input_stats,
             param_grads=self.param_grads))  # fmt: skip
@@ -924,11 +744,11 @@ def backward(
 
 def stats_partials(x: torch.Tensor, red: Reduction) -> tuple[torch.Tensor, int]:
     """Partials (3, P, rows, groups) of (count, mean, M2), and P."""
-    max_split = _max_split(red, False)
+    max_split = config.max_split(red, False)
     partials = _partials_buffer(red, 3, max_split, red.groups, x.device)
     tensors = dict(x_ptr=x, partial_ptr=partials)
-    launch = _stats_step(red, tensors, fused=False, eps=0.0, momentum=0.0,
-                         extras=_epilogue_constants(None, None))  # fmt: skip
+    launch = stats.bind_statistics(red, tensors, fused=False, eps=0.0, momentum=0.0,
+                         extras=NO_EPILOGUE)  # fmt: skip
     launch(*tensors.values())
     return partials, launch.cfg.kwargs["SPLIT"]
 
@@ -966,7 +786,7 @@ def finalize_stats(
         running_var_ptr=running_var, new_running_mean_ptr=running_mean,
         new_running_var_ptr=running_var,
     )  # fmt: skip
-    _finalize_stats_step(
+    stats.bind_finalize(
         red, tensors, num_partials, eps=eps, momentum=momentum, update=update,
         partial_strides=(partials.stride(0), partials.stride(1)),
     )(*tensors.values())  # fmt: skip
@@ -985,7 +805,7 @@ def apply(
     """out = k_x * (x - mu) + k_dy * dy + k_c with (4, rows, C) coefficients; out has x's
     strides."""
     tensors = dict(x_ptr=x, dy_ptr=dy, out_ptr=out, coef_ptr=coef)
-    _apply_step(red, tensors, source=COEFFICIENTS, dy_view=dy_view)(*tensors.values())
+    apply_.bind_apply(red, tensors, source=apply_.COEFFICIENTS, dy_view=dy_view)(*tensors.values())
 
 
 def grad_partials(
@@ -1010,7 +830,7 @@ def grad_partials(
     du = g * scale and g goes to ``d_residual``."""
     fused = fused_dx is not None
     extras = _epilogue_constants(epilogue, res_view, force=epilogue is not None)
-    max_split = _max_split(red, fused, backward=True, epilogue=extras["EPILOGUE"])
+    max_split = config.max_split(red, fused, backward=True, epilogue=extras["EPILOGUE"])
     partials = _partials_buffer(red, 2, max_split, red.view.C, x.device)
     ep = epilogue or Epilogue()
     tensors = dict(
@@ -1018,7 +838,7 @@ def grad_partials(
         bias_ptr=bias, partial_ptr=partials, scale_ptr=ep.scale, shift_ptr=ep.shift,
         res_ptr=ep.residual, dres_ptr=d_residual,
     )  # fmt: skip
-    launch = _grad_step(red, tensors, dy_view=dy_view, fused=fused, extras=extras,
+    launch = grad.bind_gradient_sums(red, tensors, dy_view=dy_view, fused=fused, extras=extras,
                         z_from_output=z_from_output)  # fmt: skip
     launch(*tensors.values())
     return partials, launch.cfg.kwargs["SPLIT"]
@@ -1053,7 +873,7 @@ def finalize_grad(
     strides = (partials.stride(0), partials.stride(1)) if partials is not None else (0, 0)
     tensors = dict(partial_ptr=partials, mean_ptr=mean, rstd_ptr=rstd, weight_ptr=weight,
                    dweight_ptr=dweight, dbias_ptr=dbias, coef_ptr=coef)  # fmt: skip
-    _finalize_grad_step(
+    grad.bind_finalize(
         red, tensors, num_partials, partial_strides=strides, count=count or red.count,
         use_input_stats=use_input_stats, param_grads=want_param_grads,
     )(*tensors.values())  # fmt: skip

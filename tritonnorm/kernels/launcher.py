@@ -28,9 +28,10 @@ import os
 from collections.abc import Callable
 from typing import ClassVar
 
+import torch
 import triton
 
-from . import config
+from . import config, tuning
 
 try:  # the knobs module exists from Triton 3.4 on
     from triton import knobs as _knobs
@@ -174,3 +175,68 @@ class Launch:
     def direct(self) -> bool:
         """Whether later calls launch the compiled kernel directly."""
         return self._direct is not None
+
+
+# --- binding a launch ---------------------------------------------------------------------------
+
+# Tensors that come from the user, whose alignment a call checks.
+EXTERNAL = (
+    "x_ptr", "dy_ptr", "weight_ptr", "bias_ptr", "mean_ptr", "rstd_ptr", "running_mean_ptr",
+    "running_var_ptr", "new_running_mean_ptr", "new_running_var_ptr", "scale_ptr", "shift_ptr",
+    "res_ptr",
+)  # fmt: skip
+# The epilogue constants of a launch without one (tensors: None pointers, bind fills them).
+NO_EPILOGUE = dict(
+    res_stride_n=0, res_stride_c=0, res_stride_s=0, slope=0.0, EPILOGUE=False, ACTIVATION=0
+)
+
+
+def index_64(*views) -> bool:
+    """Whether element offsets over these (N, C, S) views need int64."""
+    return config.index_64(max(v.span for v in views if v is not None))
+
+
+def _bucket(red) -> tuple:
+    """A tuned result's shape key: the view with its batch and long axes rounded up to powers
+    of two (a smaller last batch reuses the full batch's result)."""
+    v = red.view
+    return (config._pow2(v.N), v.C, config._pow2(v.S), red.group_size, red.reduce_batch,
+            v.channels_fast, red.acc_dtype.itemsize)  # fmt: skip
+
+
+class _Bench:
+    """Runs one candidate config of a launch with real tensors (the autotuner's timing)."""
+
+    def __init__(self, kernel: Kernel, grid_of, tensors: dict, constants: dict):
+        self.kernel, self.grid_of = kernel, grid_of
+        self.tensors, self.constants = tensors, constants
+        self.device = next(t.device for t in tensors.values() if t is not None)
+
+    def __call__(self, cfg) -> None:
+        kwargs = {**self.constants, **self.tensors, **cfg.all_kwargs(), **config.LAUNCH_OPTIONS}
+        self.kernel.run_jit(self.grid_of(cfg.kwargs), kwargs)
+
+
+def bind(
+    kernel: Kernel, red, tensors: dict, constants: dict, *, candidates=None,
+    fused: bool = False, grid_of=None, grid=None,
+) -> Launch:  # fmt: skip
+    """A launch of ``kernel`` over the reduction ``red`` passing ``tensors`` (names -> this
+    call's tensors, None allowed) at every call; every other pointer argument is None. With
+    ``candidates``, the config is chosen (tuning.py; the tensors serve the timing) and the grid
+    is ``grid_of(its meta-parameters)``."""
+    constants = dict(constants)
+    for name in kernel.params:
+        if name.endswith("_ptr") and name not in tensors:
+            constants[name] = None
+    cfg = None
+    if candidates is not None:
+        flags = tuple(sorted((k, v) for k, v in constants.items() if k.isupper()))
+        bench = _Bench(kernel, grid_of, tensors, constants) if tuning.enabled() else None
+        device = bench.device if bench is not None else torch.device("cpu")
+        cfg = tuning.choose(
+            kernel, candidates, shape=red.shape, fused=fused, flags=flags, bucket=_bucket(red),
+            device=device, bench=bench,
+        )  # fmt: skip
+        grid = grid_of(cfg.kwargs)
+    return kernel.bind(grid, cfg, tuple(tensors), EXTERNAL, **constants)

@@ -5,6 +5,7 @@ coefficients of the apply pass."""
 import triton
 import triton.language as tl
 
+from . import config
 from .common import (
     activation,
     chan_combine,
@@ -21,6 +22,7 @@ from .common import (
     store_coefficients,
     tile_summary,
 )
+from .launcher import NO_EPILOGUE, Kernel, Launch, bind, index_64
 
 
 @triton.jit
@@ -210,3 +212,43 @@ def _norm_stats_finalize_kernel(
         out_dtype = new_running_mean_ptr.dtype.element_ty
         tl.store(new_running_mean_ptr + c, running_mean.to(out_dtype), mask=c_mask)
         tl.store(new_running_var_ptr + c, running_var.to(out_dtype), mask=c_mask)
+
+
+# --- launchers ----------------------------------------------------------------------------------
+
+_STATS = Kernel(_norm_stats_partial_kernel)
+_FINALIZE = Kernel(_norm_stats_finalize_kernel)
+
+
+def bind_statistics(
+    red, tensors: dict, *, fused: bool, eps: float, momentum: float, extras: dict = NO_EPILOGUE
+) -> Launch:
+    """The statistics kernel over the reduction ``red`` (launch.Reduction): partials, or fused
+    (the reduction fits one tile) y and the statistics themselves; config chosen by tuning.py."""
+    candidates = config.reduction_configs(red.shape, fused, epilogue=extras["EPILOGUE"])
+    max_split = max(c.kwargs["SPLIT"] for c in candidates.configs)
+    constants = dict(
+        **red.kernel_args(), eps=eps, momentum=momentum, **extras,
+        REDUCE_BATCH=red.reduce_batch, FUSED=fused, INDEX_64=index_64(red.view),
+        partial_stride_k=max_split * red.rows * red.groups, partial_stride_p=red.rows * red.groups,
+    )  # fmt: skip
+    return bind(
+        _STATS, red, tensors, constants, candidates=candidates, fused=fused,
+        grid_of=lambda m: (red.stats_programs(m), m["SPLIT"]),
+    )  # fmt: skip
+
+
+def bind_finalize(
+    red, tensors: dict, num_partials: int, *, eps: float, momentum: float, update: bool,
+    partial_strides: tuple[int, int],
+) -> Launch:  # fmt: skip
+    """The finalize kernel: ``num_partials`` partials combined in order; running statistics
+    updated when ``update`` (one program walks every row of its groups)."""
+    grid, blocks = red.finalize_grid(ordered_rows=update)
+    return bind(
+        _FINALIZE, red, tensors, dict(
+            num_partials=num_partials, partial_stride_k=partial_strides[0],
+            partial_stride_p=partial_strides[1], rows=red.rows, C=red.view.C, K=red.group_size,
+            momentum=momentum, eps=eps, **blocks,
+        ), grid=grid,
+    )  # fmt: skip
