@@ -7,12 +7,14 @@ For an input's sizes, strides, dtype and device, and those settings, a :class:`F
 buffers' shapes, the chosen configs and the bound launches (launcher.py). It is looked up with a
 flat tuple; a call then allocates its outputs and launches.
 
-Forward: statistics partials (split over a (statistics x SPLIT) grid) -> finalize (combine in a
-fixed order, update running statistics, per-channel coefficients) -> apply (write y). When a
-whole reduction fits one tile, the first kernel normalises in registers and writes y itself.
-Backward: per-channel gradient-sum partials -> finalize (dweight, dbias, dx coefficients) ->
-apply (write dx), or the fused single-tile kernel. With an epilogue the backward recomputes the
-pre-activation from x and the saved statistics instead of saving it.
+Forward: statistics partials (split over a (statistics x SPLIT) grid) -> apply (write y), which
+combines the partials itself in a fixed order; or, when a whole reduction fits one tile, one
+kernel normalising in registers; or, in eval, apply alone from the running statistics. Backward:
+per-channel gradient-sum partials -> apply (write dx), or the fused single-tile kernel. A
+finalize launch between them remains where a combination needs it (many partials, GroupNorm's
+backward, InstanceNorm's running statistics, dweight/dbias over samples, the epilogue
+backward). With an epilogue the backward recomputes the pre-activation from x and the saved
+statistics instead of saving it. Each plan's docstring lists its launches.
 
 The lower-level steps (:func:`stats_partials`, :func:`finalize_stats`, :func:`apply`,
 :func:`grad_partials`, :func:`finalize_grad`) serve SyncBatchNorm, which puts collectives
