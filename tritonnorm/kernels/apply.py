@@ -32,7 +32,7 @@ from .common import (
     MU,
     activation,
     affine_grad,
-    chan_combine,
+    combine_partials,
     epilogue_output_grad,
     forward_coefficients,
     grad_coefficients,
@@ -42,6 +42,7 @@ from .common import (
     normalized,
     pre_activation,
     tile_offsets,
+    update_running,
 )
 from .launcher import NO_EPILOGUE, Kernel, Launch, bind, index_64
 
@@ -103,32 +104,27 @@ def _coefficients(
         elif SOURCE == STATS_PARTIALS:
             groups = C // K
             stats = (row * groups)[:, None] + (c // K)[None, :]
-            count_, mean, m2 = zero, zero, zero
-            for p in range(num_partials):
-                part = partial_ptr + p * partial_stride_p + stats
-                count_, mean, m2 = chan_combine(
-                    count_, mean, m2,
-                    tl.load(part, mask=mask, other=0.0),
-                    tl.load(part + partial_stride_k, mask=mask, other=0.0),
-                    tl.load(part + 2 * partial_stride_k, mask=mask, other=0.0),
-                )  # fmt: skip
+            count_, mean, m2 = combine_partials(
+                partial_ptr, num_partials, partial_stride_k, partial_stride_p, stats, mask,
+                zero, zero, zero,
+            )  # fmt: skip
             rstd = inverse_std(count_, m2, eps)
-            # a float64 scalar (common.inverse_std), cast outside the runtime branch below (a
-            # variable may not change type inside one)
-            momentum_acc = tl.cast(momentum, dtype)
+            # a float64 scalar (common.inverse_std), made a tensor outside the runtime branch
+            # below (a variable may not change type inside one); float64 by addition: the
+            # interpreter's tl.cast of a Python float rounds it to float32 first
+            if dtype == tl.float64:
+                momentum_acc = momentum + tl.zeros([1], dtype)
+            else:
+                momentum_acc = tl.cast(momentum, dtype)
             if owner:  # one write per statistic: its group's first channel
                 first = mask & ((c % K) == 0)[None, :]
                 tl.store(mean_ptr + stats, mean, mask=first)
                 tl.store(rstd_ptr + stats, rstd, mask=first)
                 if running_mean_ptr is not None:  # rows == 1, K == 1 (BatchNorm)
-                    unbiased = m2 / tl.maximum(count_ - 1.0, 1.0)
-                    rm = tl.load(running_mean_ptr + stats, mask=first, other=0.0).to(dtype)
-                    rv = tl.load(running_var_ptr + stats, mask=first, other=0.0).to(dtype)
-                    rm = (1.0 - momentum_acc) * rm + momentum_acc * mean
-                    rv = (1.0 - momentum_acc) * rv + momentum_acc * unbiased
-                    out_dtype = running_mean_ptr.dtype.element_ty
-                    tl.store(running_mean_ptr + stats, rm.to(out_dtype), mask=first)
-                    tl.store(running_var_ptr + stats, rv.to(out_dtype), mask=first)
+                    update_running(
+                        running_mean_ptr, running_var_ptr, running_mean_ptr, running_var_ptr,
+                        stats, first, mean, m2 / tl.maximum(count_ - 1.0, 1.0), momentum_acc,
+                    )  # fmt: skip
             mu, k_x, k_dy = mean, weight * rstd, zero
             k_c = _per_channel(bias_ptr, c, c_mask, 0.0, dtype) + zero
         else:  # GRAD_PARTIALS, one channel per statistic

@@ -148,6 +148,38 @@ def chan_combine(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
 
 
 @triton.jit
+def combine_partials(partial_ptr, num_partials, stride_k, stride_p, offsets, mask, count, mean,
+                     m2):  # fmt: skip
+    """(count, mean, M2) of ``num_partials`` partials of a (3, P, ...) array at ``offsets``,
+    combined in order p = 0..P-1 onto the summary given (Chan): every reader of the same
+    partials gets bitwise the same statistics."""
+    for p in range(num_partials):
+        part = partial_ptr + p * stride_p + offsets
+        count, mean, m2 = chan_combine(
+            count, mean, m2,
+            tl.load(part, mask=mask, other=0.0),
+            tl.load(part + stride_k, mask=mask, other=0.0),
+            tl.load(part + 2 * stride_k, mask=mask, other=0.0),
+        )  # fmt: skip
+    return count, mean, m2
+
+
+@triton.jit
+def update_running(running_mean_ptr, running_var_ptr, out_mean_ptr, out_var_ptr, offsets, mask,
+                   mean, unbiased_var, momentum):  # fmt: skip
+    """running = (1 - momentum) running + momentum batch, for the mean and the unbiased
+    variance, in the statistics' dtype (``momentum`` already cast to it: inverse_std), stored in
+    the buffers' dtype at ``out_*`` (the buffers themselves when updated in place)."""
+    dtype = mean.dtype
+    running_mean = tl.load(running_mean_ptr + offsets, mask=mask, other=0.0).to(dtype)
+    running_var = tl.load(running_var_ptr + offsets, mask=mask, other=0.0).to(dtype)
+    running_mean = (1.0 - momentum) * running_mean + momentum * mean
+    running_var = (1.0 - momentum) * running_var + momentum * unbiased_var
+    tl.store(out_mean_ptr + offsets, running_mean.to(out_mean_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_var_ptr + offsets, running_var.to(out_var_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def tile_summary(x, mask, count, REDUCE_BATCH: tl.constexpr):
     """(mean, M2) of a tile's valid elements per statistic, given their count. Two passes over
     registers, one over memory."""

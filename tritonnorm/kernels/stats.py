@@ -11,6 +11,7 @@ from .common import (
     chan_combine,
     channel_offsets,
     channel_values,
+    combine_partials,
     forward_coefficients,
     inverse_std,
     lane_update,
@@ -21,6 +22,7 @@ from .common import (
     stat_offsets,
     store_coefficients,
     tile_summary,
+    update_running,
 )
 from .launcher import NO_EPILOGUE, Kernel, Launch, bind, index_64
 
@@ -126,16 +128,16 @@ def _norm_stats_partial_kernel(
         tl.store(mean_ptr + stats, mean, mask=stats_mask)
         tl.store(rstd_ptr + stats, rstd, mask=stats_mask)
         if running_mean_ptr is not None:  # REDUCE_BATCH, K = 1: stats index the channels
-            if acc_dtype != tl.float64:  # a float64 scalar (common.inverse_std)
+            # a float64 scalar (common.inverse_std); float64 by addition: the interpreter's
+            # tl.cast of a Python float rounds it to float32 first
+            if acc_dtype == tl.float64:
+                momentum = momentum + tl.zeros([1], acc_dtype)
+            else:
                 momentum = tl.cast(momentum, acc_dtype)
-            unbiased = m2 / tl.maximum(count - 1.0, 1.0)
-            running_mean = tl.load(running_mean_ptr + stats, mask=stats_mask).to(acc_dtype)
-            running_var = tl.load(running_var_ptr + stats, mask=stats_mask).to(acc_dtype)
-            running_mean = (1.0 - momentum) * running_mean + momentum * mean
-            running_var = (1.0 - momentum) * running_var + momentum * unbiased
-            out_dtype = running_mean_ptr.dtype.element_ty
-            tl.store(running_mean_ptr + stats, running_mean.to(out_dtype), mask=stats_mask)
-            tl.store(running_var_ptr + stats, running_var.to(out_dtype), mask=stats_mask)
+            update_running(
+                running_mean_ptr, running_var_ptr, running_mean_ptr, running_var_ptr, stats,
+                stats_mask, mean, m2 / tl.maximum(count - 1.0, 1.0), momentum,
+            )  # fmt: skip
     if partial_ptr is not None:
         stats += tl.program_id(1) * partial_stride_p
         tl.store(partial_ptr + stats, count, mask=stats_mask)
@@ -172,17 +174,11 @@ def _norm_stats_finalize_kernel(
     sum_unbiased_var = tl.zeros([BLOCK_G], acc_dtype)
     for r0 in range(tl.program_id(1) * BLOCK_R, rows, tl.num_programs(1) * BLOCK_R):
         stats, stats_mask = stat_offsets(r0, g0, rows, groups, BLOCK_R, BLOCK_G)
-        count = tl.zeros([BLOCK_R, BLOCK_G], acc_dtype)
-        mean = tl.zeros([BLOCK_R, BLOCK_G], acc_dtype)
-        m2 = tl.zeros([BLOCK_R, BLOCK_G], acc_dtype)
-        for p in range(num_partials):
-            part = partial_ptr + p * partial_stride_p + stats
-            count, mean, m2 = chan_combine(
-                count, mean, m2,
-                tl.load(part, mask=stats_mask, other=0.0),
-                tl.load(part + partial_stride_k, mask=stats_mask, other=0.0),
-                tl.load(part + 2 * partial_stride_k, mask=stats_mask, other=0.0),
-            )  # fmt: skip
+        zero = tl.zeros([BLOCK_R, BLOCK_G], acc_dtype)
+        count, mean, m2 = combine_partials(
+            partial_ptr, num_partials, partial_stride_k, partial_stride_p, stats, stats_mask,
+            zero, zero, zero,
+        )  # fmt: skip
         if combined_ptr is not None:
             slot = rows * groups
             tl.store(combined_ptr + stats, count, mask=stats_mask)
@@ -202,16 +198,14 @@ def _norm_stats_finalize_kernel(
             sum_unbiased_var += tl.sum(tl.where(stats_mask, unbiased_var, 0.0), axis=0)
     if new_running_mean_ptr is not None:
         c = g0 + tl.arange(0, BLOCK_G)
-        c_mask = c < C
-        running_mean = tl.load(running_mean_ptr + c, mask=c_mask, other=0.0).to(acc_dtype)
-        running_var = tl.load(running_var_ptr + c, mask=c_mask, other=0.0).to(acc_dtype)
-        if acc_dtype != tl.float64:  # a float64 scalar (common.inverse_std)
+        if acc_dtype == tl.float64:  # as above: exact
+            momentum = momentum + tl.zeros([1], acc_dtype)
+        else:
             momentum = tl.cast(momentum, acc_dtype)
-        running_mean = (1.0 - momentum) * running_mean + momentum * (sum_mean / rows)
-        running_var = (1.0 - momentum) * running_var + momentum * (sum_unbiased_var / rows)
-        out_dtype = new_running_mean_ptr.dtype.element_ty
-        tl.store(new_running_mean_ptr + c, running_mean.to(out_dtype), mask=c_mask)
-        tl.store(new_running_var_ptr + c, running_var.to(out_dtype), mask=c_mask)
+        update_running(
+            running_mean_ptr, running_var_ptr, new_running_mean_ptr, new_running_var_ptr, c,
+            c < C, sum_mean / rows, sum_unbiased_var / rows, momentum,
+        )  # fmt: skip
 
 
 # --- launchers ----------------------------------------------------------------------------------
