@@ -402,10 +402,16 @@ _SPECS: list[Spec] = []  # inherited by forked workers
 def _warm_index(args: tuple[int, int]) -> str:
     index, arch = args
     try:  # the JIT's own compile call: the result lands in Triton's cache under the JIT's key
-        triton.compile(_SPECS[index].source(), target=GPUTarget("cuda", arch, 32),
-                       options=_SPECS[index].options)  # fmt: skip
+        kernel = triton.compile(_SPECS[index].source(), target=GPUTarget("cuda", arch, 32),
+                                options=_SPECS[index].options)  # fmt: skip
     except Exception as exc:
         return f"{_SPECS[index].kernel}: {type(exc).__name__}: {exc}"[:200]
+    # Its C launcher too: Triton 3.6 builds one per signature with gcc (~0.25 s each, cached),
+    # on a kernel's first load otherwise. Without a driver (no GPU) there is nothing to build.
+    with contextlib.suppress(Exception):
+        from triton.runtime import driver
+
+        driver.active.launcher_cls(kernel.src, kernel.metadata)
     return ""
 
 

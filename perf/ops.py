@@ -10,7 +10,6 @@ on one of those norms. Every op function takes ``(x, running_mean, running_var, 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,13 +45,20 @@ def launch_norm(norm: str, channels: int):
     return Norm(name == "batch_norm", use_input_stats=kw.get("training", kw.get("use_input_stats")))
 
 
-# The epilogue's activations as torch composes them (the references, eager and torch.compile).
+# The epilogue's activations as torch composes them (the references, eager and torch.compile):
+# tritonnorm.activations' compositions, imported when first called (perf.gpu sets
+# TRITON_INTERPRET before anything imports tritonnorm).
+def _torch_activation(name: str) -> Callable:
+    def apply(y):
+        from tritonnorm import activations
+
+        return activations.apply(y, name)
+
+    return apply
+
+
 ACTIVATIONS: dict[str, Callable] = {
-    "relu": F.relu,
-    "leaky_relu": F.leaky_relu,  # tritonnorm's default slope is torch's, 0.01
-    "silu": F.silu,
-    "gelu": F.gelu,
-    "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
+    name: _torch_activation(name) for name in ("relu", "leaky_relu", "silu", "gelu", "gelu_tanh")
 }
 # Activations with a kink at 0: where the pre-activation z is within rounding error of 0, a float32
 # result may fall on the other side than the float64 reference, and its gradient differs by all of

@@ -55,14 +55,15 @@ with recording(90, heuristic=True) as (specs, scenario):
             from_output = has_res and launch.derivative_from_output(act, 0.01)
             if from_output:
                 ep = launch.Epilogue(sc, sc, y, act, 0.01)
-            launch.backward_epilogue(
-                torch.empty_like(x), x, w, b, mean, rstd, ep, norm=norm, param_grads=True,
-                scale_grads=has_scale, residual_grad=has_res, z_from_output=from_output,
+            mask = (True, True, True, has_scale, has_scale, has_res)
+            launch.backward(
+                torch.empty_like(x), x, w, b, mean, rstd, norm=norm, epilogue=ep,
+                output_mask=mask, z_from_output=from_output,
             )
 results = [compile_one(s, 90) for s in specs]
 print(json.dumps({
     "specs": len(specs),
-    "errors": [f"{r.spec.kernel} {r.spec.scenario}: {r.error}" for r in results if r.error],
+    "errors": [f"{r.kernel} {r.flags} {r.scenario}: {r.error}" for r in results if r.error],
     "problems": problems(results, 90),
     "epilogue_specs": sum(1 for s in specs if "EPILOGUE=1" in s.describe()[0]),
     "from_output_specs": sum(1 for s in specs if "Z_FROM_OUTPUT=1" in s.describe()[0]),

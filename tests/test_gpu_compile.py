@@ -97,9 +97,12 @@ def test_every_launch_path_was_compiled(compiled):
         for fused in ("FUSED=0", "FUSED=1"):
             assert seen("_norm_stats_partial_kernel", reduce_batch, fused)
             assert seen("_norm_grad_partial_kernel", reduce_batch, fused)
-    assert seen("_norm_stats_finalize_kernel", "FROM_RUNNING=1")
-    assert seen("_norm_stats_finalize_kernel", "FROM_RUNNING=0")
+    assert seen("_norm_stats_finalize_kernel")  # many partials, IN's running statistics, sync
     assert seen("_norm_grad_finalize_kernel", "USE_INPUT_STATS=0")
+    # The apply pass's coefficient sources (apply.py): a finalize's, the running statistics',
+    # the statistics partials', the gradient partials'.
+    for source in ("SOURCE=0", "SOURCE=1", "SOURCE=2", "SOURCE=3"):
+        assert seen("_norm_apply_kernel", source), source
     assert seen("_norm_apply_kernel", "HAS_X=1", "HAS_DY=1")  # training dx
     assert seen("_norm_apply_kernel", "HAS_X=0", "HAS_DY=1")  # eval dx
     assert seen("_norm_apply_kernel", "HAS_X=1", "HAS_DY=0")  # y

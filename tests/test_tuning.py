@@ -38,7 +38,8 @@ def tuner(monkeypatch, tmp_path):
     timed = []
 
     class Benchmarker:
-        times: dict = {}
+        def __init__(self):
+            self.times: dict = {}
 
         def __call__(self, fn, **_):
             fn()

@@ -17,9 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import ops, validation
+from . import activations, ops, validation
 from .kernels.config import INTERPRET
-from .kernels.launch import ACTIVATIONS
 
 
 def runs_triton(input: Tensor) -> bool:
@@ -27,15 +26,7 @@ def runs_triton(input: Tensor) -> bool:
     return input.is_cuda or (INTERPRET and input.device.type == "cpu")
 
 
-def apply_activation(y: Tensor, name: str | None, slope: float) -> Tensor:
-    """torch's own activation (the unfused fallback and the tests' composition)."""
-    if name is None:
-        return y
-    if name == "leaky_relu":
-        return F.leaky_relu(y, slope)
-    if name in ("gelu", "gelu_tanh"):
-        return F.gelu(y, approximate="tanh" if name == "gelu_tanh" else "none")
-    return {"relu": F.relu, "silu": F.silu}[name](y)
+apply_activation = activations.apply  # torch's own activation (the unfused fallback)
 
 
 def _extras(op, input, scale, shift, residual, activation) -> dict | None:
@@ -73,7 +64,7 @@ def _normalize(input, torch_op, weight, bias, running_mean, running_var, extras,
     return ops.normalize(
         input, weight, bias, running_mean, running_var, scale=extras["scale"],
         shift=extras["shift"], residual=extras["residual"],
-        activation=ACTIVATIONS[name] if name is not None else 0, slope=extras["slope"],
+        activation=activations.CODES[name] if name is not None else 0, slope=extras["slope"],
         **settings,
     )  # fmt: skip
 

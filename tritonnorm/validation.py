@@ -9,6 +9,8 @@ import operator
 import torch
 from torch import Tensor
 
+from . import activations
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -182,8 +184,8 @@ def check_group_norm(
     return num_groups
 
 
-ACTIVATION_NAMES = ("relu", "leaky_relu", "silu", "gelu", "gelu_tanh")
-LEAKY_RELU_SLOPE = 0.01  # torch.nn.functional.leaky_relu's default
+ACTIVATION_NAMES = activations.NAMES
+LEAKY_RELU_SLOPE = activations.LEAKY_RELU_SLOPE
 
 
 def parse_activation(activation) -> tuple[str | None, float]:

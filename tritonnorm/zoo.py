@@ -19,6 +19,7 @@ import sys
 import torch
 from torch import Tensor, nn
 
+from . import activations
 from .functional import batch_norm
 from .modules import TritonNormMixin, epilogue_extras
 from .sync import SyncBatchNorm
@@ -36,15 +37,10 @@ _FOREIGN_ACTIVATIONS = {
 def activation_of(module: nn.Module) -> str | tuple | None:
     """The epilogue activation equivalent to an activation module (exact type), or None."""
     kind = type(module)
-    if kind is nn.ReLU:
-        return "relu"
-    if kind is nn.SiLU:
-        return "silu"
-    if kind is nn.LeakyReLU:
-        return ("leaky_relu", float(module.negative_slope))
-    if kind is nn.GELU:
-        return "gelu_tanh" if module.approximate == "tanh" else "gelu"
-    return _FOREIGN_ACTIVATIONS.get((kind.__module__, kind.__name__))
+    found = activations.of_module(module)
+    return (
+        found if found is not None else _FOREIGN_ACTIVATIONS.get((kind.__module__, kind.__name__))
+    )
 
 
 def class_path(cls: type) -> str:

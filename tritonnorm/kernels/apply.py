@@ -110,18 +110,19 @@ def _coefficients(
                     tl.load(part + 2 * partial_stride_k, mask=mask, other=0.0),
                 )  # fmt: skip
             rstd = inverse_std(count_, m2, eps)
+            # a float64 scalar (common.inverse_std), cast outside the runtime branch below (a
+            # variable may not change type inside one)
+            momentum_acc = tl.cast(momentum, dtype)
             if owner:  # one write per statistic: its group's first channel
                 first = mask & ((c % K) == 0)[None, :]
                 tl.store(mean_ptr + stats, mean, mask=first)
                 tl.store(rstd_ptr + stats, rstd, mask=first)
                 if running_mean_ptr is not None:  # rows == 1, K == 1 (BatchNorm)
-                    if dtype != tl.float64:  # a float64 scalar (common.inverse_std)
-                        momentum = tl.cast(momentum, dtype)
                     unbiased = m2 / tl.maximum(count_ - 1.0, 1.0)
                     rm = tl.load(running_mean_ptr + stats, mask=first, other=0.0).to(dtype)
                     rv = tl.load(running_var_ptr + stats, mask=first, other=0.0).to(dtype)
-                    rm = (1.0 - momentum) * rm + momentum * mean
-                    rv = (1.0 - momentum) * rv + momentum * unbiased
+                    rm = (1.0 - momentum_acc) * rm + momentum_acc * mean
+                    rv = (1.0 - momentum_acc) * rv + momentum_acc * unbiased
                     out_dtype = running_mean_ptr.dtype.element_ty
                     tl.store(running_mean_ptr + stats, rm.to(out_dtype), mask=first)
                     tl.store(running_var_ptr + stats, rv.to(out_dtype), mask=first)

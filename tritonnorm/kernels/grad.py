@@ -45,7 +45,9 @@ def _grad_tile(
 def _norm_grad_partial_kernel(
     x_ptr,  # input, viewed as (N, C, S)
     dy_ptr,  # output gradient, (N, C, S) with its own strides
-    dx_ptr,  # input gradient, same strides as x; written only when FUSED
+    # input gradient, same strides as x, or None: written when FUSED, and streamed in eval
+    # (the running statistics: dx = w rstd dy, no sums needed for it)
+    dx_ptr,
     mean_ptr, rstd_ptr,  # (rows, C // K) statistics used by the forward
     weight_ptr,  # (C,) or None; read when FUSED or EPILOGUE
     bias_ptr,  # (C,) or None; read only when EPILOGUE
@@ -132,13 +134,13 @@ def _norm_grad_partial_kernel(
         if LANES:
             lane_dy = tl.zeros([BLOCK_N, BLOCK_G, BLOCK_K, BLOCK_S], acc_dtype)
             lane_dy_xhat = tl.zeros([BLOCK_N, BLOCK_G, BLOCK_K, BLOCK_S], acc_dtype)
-        if EPILOGUE:
+        if EPILOGUE or dx_ptr is not None:
             weight = channel_values(weight_ptr, g0, K, C, 1.0, acc_dtype, BLOCK_G, BLOCK_K)
             bias = channel_values(bias_ptr, g0, K, C, 0.0, acc_dtype, BLOCK_G, BLOCK_K)
         for t in range(t_begin, t_end):
             n0 = n_first + (t // num_s_tiles) * BLOCK_N
             s0 = (t % num_s_tiles) * BLOCK_S
-            x, x_hat, dy, _, _ = _grad_tile(
+            x, x_hat, dy, offsets, mask = _grad_tile(
                 x_ptr, dy_ptr, n0, g0, s0, N, C, S, K, stride_n, stride_c, stride_s,
                 dy_stride_n, dy_stride_c, dy_stride_s, mean, rstd, acc_dtype,
                 BLOCK_N, BLOCK_G, BLOCK_K, BLOCK_S, INDEX_64,
@@ -150,6 +152,9 @@ def _norm_grad_partial_kernel(
                     res_stride_n, res_stride_c, res_stride_s, slope, ACTIVATION, Z_FROM_OUTPUT,
                     BLOCK_N, BLOCK_G, BLOCK_K, BLOCK_S, INDEX_64,
                 )  # fmt: skip
+            if dx_ptr is not None:  # eval: dx = w rstd dy, written on the way (x, dy read once)
+                dx = (weight[:, :, :, None] * rstd) * dy
+                tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
             if LANES:
                 lane_dy += dy
                 lane_dy_xhat += dy * x_hat

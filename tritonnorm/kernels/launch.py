@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import activations
 from . import config, tuning
 from .apply import _norm_apply_kernel
 from .grad import _norm_grad_finalize_kernel, _norm_grad_partial_kernel
@@ -41,34 +42,8 @@ _GRAD_FINALIZE = Kernel(_norm_grad_finalize_kernel)
 _APPLY = Kernel(_norm_apply_kernel)
 
 
-@dataclass(frozen=True)
-class Activation:
-    """One epilogue activation: its name, the kernels' code (common.py), torch's composition,
-    and whether act'(z) can be read off y = act(z)."""
-
-    name: str
-    code: int
-    torch_fn: str  # torch.nn.functional's name
-    from_output: bool  # y > 0 exactly where z > 0 (for every slope >= 0 where there is one)
-
-
-# The one table of activations (validation, functional, conversion and the kernels' codes).
-ACTIVATION_TABLE = (
-    Activation("relu", 1, "relu", True),
-    Activation("leaky_relu", 2, "leaky_relu", True),
-    Activation("silu", 3, "silu", False),
-    Activation("gelu", 4, "gelu", False),
-    Activation("gelu_tanh", 5, "gelu", False),
-)
-ACTIVATIONS = {a.name: a.code for a in ACTIVATION_TABLE}
-
-
-def derivative_from_output(activation: int, slope: float) -> bool:
-    """Whether act'(z) can be read off the output y = act(z): y > 0 exactly where z > 0 (ReLU;
-    leaky ReLU with slope >= 0; a negative slope makes y > 0 where z < 0)."""
-    return activation == ACTIVATIONS["relu"] or (
-        activation == ACTIVATIONS["leaky_relu"] and slope >= 0
-    )
+ACTIVATIONS = activations.CODES  # name -> the kernels' code
+derivative_from_output = activations.derivative_from_output
 
 
 @dataclass(frozen=True)
@@ -361,7 +336,7 @@ class _Bench:
 _EXTERNAL = (
     "x_ptr", "dy_ptr", "weight_ptr", "bias_ptr", "mean_ptr", "rstd_ptr", "running_mean_ptr",
     "running_var_ptr", "new_running_mean_ptr", "new_running_var_ptr", "scale_ptr", "shift_ptr",
-    "res_ptr", "partial_ptr",
+    "res_ptr",
 )  # fmt: skip
 
 
@@ -414,14 +389,14 @@ def _max_split(red: Reduction, fused: bool, backward: bool = False, epilogue: bo
 
 def _finalize_stats_step(
     red: Reduction, tensors: dict, num_partials: int, *, eps: float, momentum: float,
-    update: bool, from_running: bool, partial_strides: tuple[int, int],
+    update: bool, partial_strides: tuple[int, int],
 ) -> Launch:  # fmt: skip
     grid, blocks = red.finalize_grid(ordered_rows=update)
     return _bind(
         _STATS_FINALIZE, red, tensors, dict(
             num_partials=num_partials, partial_stride_k=partial_strides[0],
             partial_stride_p=partial_strides[1], rows=red.rows, C=red.view.C, K=red.group_size,
-            momentum=momentum, eps=eps, FROM_RUNNING=from_running, **blocks,
+            momentum=momentum, eps=eps, **blocks,
         ), grid=grid,
     )  # fmt: skip
 
@@ -523,7 +498,7 @@ class _Plan:
         step = self.steps.get(name)
         if step is None:
             step = self.steps[name] = bind()
-        step(**tensors)
+        step(*tensors.values())
         return step
 
 
@@ -641,8 +616,7 @@ class ForwardPlan(_Plan):
         red = self.red
         self._step("finalize", tensors, lambda: _finalize_stats_step(
             red, tensors, num_partials, eps=self.eps, momentum=self.momentum,
-            update=self.running, from_running=False,
-            partial_strides=(partials.stride(0), partials.stride(1))))  # fmt: skip
+            update=self.running, partial_strides=(partials.stride(0), partials.stride(1))))  # fmt: skip
 
 
 _forward_plans: dict[tuple, ForwardPlan] = {}
@@ -709,7 +683,8 @@ class BackwardPlan(_Plan):
     - a reduction that fits one tile: the gradient kernel writes dx from registers, and with the
       batch reduced dweight and dbias - 1 launch (+ finalize: dweight and dbias summed over the
       samples of InstanceNorm and GroupNorm);
-    - eval without parameter gradients: apply (dx = w rstd dy) - 1 launch;
+    - eval without parameter gradients: apply (dx = w rstd dy) - 1 launch; with them, the
+      gradient sums write dx on the way, then finalize (dweight, dbias) - 2 launches, 3 passes;
     - streamed, one channel per statistic: gradient-sum partials, then apply (GRAD_PARTIALS),
       whose owner programs write dweight and dbias - 2 launches; GroupNorm's groups, or many
       partials, add a finalize between them - 3."""
@@ -845,6 +820,16 @@ class BackwardPlan(_Plan):
                 red, tensors, source=GRAD_PARTIALS, dy_view=dy_view,
                 use_input_stats=False))  # fmt: skip
             return dx, None, None, None, None, None
+        if not norm.use_input_stats:  # eval with dweight/dbias: dx written by the sums' pass
+            sums = torch.empty((2, self.max_split, red.rows, red.view.C), dtype=self.acc,
+                               device=device)  # fmt: skip
+            tensors = dict(x_ptr=x, dy_ptr=dy, dx_ptr=dx, mean_ptr=mean, rstd_ptr=rstd,
+                           weight_ptr=weight, partial_ptr=sums)  # fmt: skip
+            grad = self._step("grad", tensors, lambda: _grad_step(
+                red, tensors, dy_view=dy_view, fused=False))  # fmt: skip
+            self._finalize(sums, grad.cfg.kwargs["SPLIT"], mean, rstd, weight, dweight, dbias,
+                           None)  # fmt: skip
+            return dx, dweight, dbias, None, None, None
         direct = self.fused and red.reduce_batch
         sums = None
         if not (self.fused and (direct or not self.param_grads)):
@@ -937,7 +922,7 @@ def stats_partials(x: torch.Tensor, red: Reduction) -> tuple[torch.Tensor, int]:
     tensors = dict(x_ptr=x, partial_ptr=partials)
     launch = _stats_step(red, tensors, fused=False, eps=0.0, momentum=0.0,
                          extras=_epilogue_constants(None, None))  # fmt: skip
-    launch(**tensors)
+    launch(*tensors.values())
     return partials, launch.cfg.kwargs["SPLIT"]
 
 
@@ -976,8 +961,8 @@ def finalize_stats(
     )  # fmt: skip
     _finalize_stats_step(
         red, tensors, num_partials, eps=eps, momentum=momentum, update=update,
-        from_running=False, partial_strides=(partials.stride(0), partials.stride(1)),
-    )(**tensors)  # fmt: skip
+        partial_strides=(partials.stride(0), partials.stride(1)),
+    )(*tensors.values())  # fmt: skip
     return mean, rstd, coef, combined
 
 
@@ -993,7 +978,7 @@ def apply(
     """out = k_x * (x - mu) + k_dy * dy + k_c with (4, rows, C) coefficients; out has x's
     strides."""
     tensors = dict(x_ptr=x, dy_ptr=dy, out_ptr=out, coef_ptr=coef)
-    _apply_step(red, tensors, source=COEFFICIENTS, dy_view=dy_view)(**tensors)
+    _apply_step(red, tensors, source=COEFFICIENTS, dy_view=dy_view)(*tensors.values())
 
 
 def grad_partials(
@@ -1028,7 +1013,7 @@ def grad_partials(
     )  # fmt: skip
     launch = _grad_step(red, tensors, dy_view=dy_view, fused=fused, extras=extras,
                         z_from_output=z_from_output)  # fmt: skip
-    launch(**tensors)
+    launch(*tensors.values())
     return partials, launch.cfg.kwargs["SPLIT"]
 
 
@@ -1064,5 +1049,5 @@ def finalize_grad(
     _finalize_grad_step(
         red, tensors, num_partials, partial_strides=strides, count=count or red.count,
         use_input_stats=use_input_stats, param_grads=want_param_grads,
-    )(**tensors)  # fmt: skip
+    )(*tensors.values())  # fmt: skip
     return dweight, dbias, coef

@@ -90,8 +90,9 @@ class Kernel:
     ) -> Launch:
         """A launch of this kernel with ``grid``, the config's meta-parameters and warps, and
         ``constants`` (every other argument, None pointers included); ``tensors`` names the
-        arguments a call passes (by keyword), ``external`` those among them that come from the
-        user (their alignment can vary between calls; buffers a plan allocates are aligned)."""
+        arguments a call passes (in that order), ``external`` those among them that come from
+        the user (their alignment can vary between calls; buffers a plan allocates are
+        aligned)."""
         return Launch(self, grid, cfg, tensors, external, constants)
 
     def run_jit(self, grid, kwargs: dict):
@@ -101,8 +102,8 @@ class Kernel:
 
 
 class Launch:
-    """One bound launch of a :class:`Kernel`, called with its tensors by keyword (see the module
-    docstring)."""
+    """One bound launch of a :class:`Kernel`, called with its tensors in the order they were
+    named (see the module docstring)."""
 
     __slots__ = ("_direct", "cfg", "constants", "empty_grid", "external", "grid", "kernel",
                  "tensors")  # fmt: skip
@@ -113,14 +114,15 @@ class Launch:
         self.empty_grid = self.grid[0] * self.grid[1] * self.grid[2] == 0
         self.cfg = cfg
         self.tensors = tuple(tensors)
-        self.external = tuple(name for name in external if name in self.tensors)
+        self.external = tuple(self.tensors.index(name) for name in external if name in tensors)
         self.constants = dict(constants)
         if cfg is not None:
             self.constants.update(cfg.all_kwargs())
         self.constants.update(config.LAUNCH_OPTIONS)
         self._direct = None  # (run, function, packed metadata, arguments, slots, stream fns)
 
-    def __call__(self, **tensors) -> None:
+    def __call__(self, *tensors) -> None:
+        """Launch with the tensors named at binding, in that order."""
         if observers:
             for observe in observers:
                 observe(self.kernel.name, self.grid, self.cfg)
@@ -128,15 +130,15 @@ class Launch:
             config._chosen[self.kernel.name] = self.cfg
         direct = self._direct
         if direct is not None:
-            for name in self.external:
-                t = tensors[name]
+            for i in self.external:
+                t = tensors[i]
                 if t is not None and t.data_ptr() & 15:
                     break
             else:
                 if not _hooks_set():
                     run, function, packed, args, slots, current_stream, current_device = direct
-                    for name, t in tensors.items():
-                        args[slots[name]] = t
+                    for i, t in zip(slots, tensors, strict=True):
+                        args[i] = t
                     g0, g1, g2 = self.grid
                     run(g0, g1, g2, current_stream(current_device()), function, packed, None,
                         None, None, *args)  # fmt: skip
@@ -144,13 +146,12 @@ class Launch:
         if self.empty_grid:
             return
         kwargs = dict(self.constants)
-        kwargs.update(tensors)
+        kwargs.update(zip(self.tensors, tensors, strict=True))
         compiled = self.kernel.run_jit(self.grid, kwargs)
         if (
             DIRECT
             and compiled is not None
-            and len(tensors) == len(self.tensors)
-            and all(t is None or not t.data_ptr() & 15 for t in tensors.values())
+            and all(t is None or not t.data_ptr() & 15 for t in tensors)
         ):
             self._record(compiled, kwargs)
 
@@ -160,8 +161,8 @@ class Launch:
         params = self.kernel.params
         defaults = self.kernel.defaults
         args = [kwargs[name] if name in kwargs else defaults[name] for name in params]
-        slots = {name: params.index(name) for name in self.tensors}
-        for i in slots.values():
+        slots = tuple(params.index(name) for name in self.tensors)
+        for i in slots:
             args[i] = None  # no tensor kept alive by the plan
         active = triton.runtime.driver.active
         self._direct = (

@@ -156,7 +156,6 @@ def _norm_stats_finalize_kernel(
     rows, C,
     K,  # channels per statistic
     momentum: tl.float64, eps: tl.float64,  # float64: exact for float64 running statistics
-    FROM_RUNNING: tl.constexpr,  # eval: statistics are the running ones (K = 1, one row)
     BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     # Programs: (blocks of groups) x (programs over rows). Updating running statistics averages
@@ -171,27 +170,22 @@ def _norm_stats_finalize_kernel(
     sum_unbiased_var = tl.zeros([BLOCK_G], acc_dtype)
     for r0 in range(tl.program_id(1) * BLOCK_R, rows, tl.num_programs(1) * BLOCK_R):
         stats, stats_mask = stat_offsets(r0, g0, rows, groups, BLOCK_R, BLOCK_G)
-        if FROM_RUNNING:
-            mean = tl.load(running_mean_ptr + stats, mask=stats_mask, other=0.0).to(acc_dtype)
-            m2 = tl.load(running_var_ptr + stats, mask=stats_mask, other=1.0).to(acc_dtype)
-            count = tl.full([BLOCK_R, BLOCK_G], 1.0, acc_dtype)
-        else:
-            count = tl.zeros([BLOCK_R, BLOCK_G], acc_dtype)
-            mean = tl.zeros([BLOCK_R, BLOCK_G], acc_dtype)
-            m2 = tl.zeros([BLOCK_R, BLOCK_G], acc_dtype)
-            for p in range(num_partials):
-                part = partial_ptr + p * partial_stride_p + stats
-                count, mean, m2 = chan_combine(
-                    count, mean, m2,
-                    tl.load(part, mask=stats_mask, other=0.0),
-                    tl.load(part + partial_stride_k, mask=stats_mask, other=0.0),
-                    tl.load(part + 2 * partial_stride_k, mask=stats_mask, other=0.0),
-                )  # fmt: skip
-            if combined_ptr is not None:
-                slot = rows * groups
-                tl.store(combined_ptr + stats, count, mask=stats_mask)
-                tl.store(combined_ptr + slot + stats, mean, mask=stats_mask)
-                tl.store(combined_ptr + 2 * slot + stats, m2, mask=stats_mask)
+        count = tl.zeros([BLOCK_R, BLOCK_G], acc_dtype)
+        mean = tl.zeros([BLOCK_R, BLOCK_G], acc_dtype)
+        m2 = tl.zeros([BLOCK_R, BLOCK_G], acc_dtype)
+        for p in range(num_partials):
+            part = partial_ptr + p * partial_stride_p + stats
+            count, mean, m2 = chan_combine(
+                count, mean, m2,
+                tl.load(part, mask=stats_mask, other=0.0),
+                tl.load(part + partial_stride_k, mask=stats_mask, other=0.0),
+                tl.load(part + 2 * partial_stride_k, mask=stats_mask, other=0.0),
+            )  # fmt: skip
+        if combined_ptr is not None:
+            slot = rows * groups
+            tl.store(combined_ptr + stats, count, mask=stats_mask)
+            tl.store(combined_ptr + slot + stats, mean, mask=stats_mask)
+            tl.store(combined_ptr + 2 * slot + stats, m2, mask=stats_mask)
         rstd = inverse_std(count, m2, eps)
         tl.store(mean_ptr + stats, mean, mask=stats_mask)
         tl.store(rstd_ptr + stats, rstd, mask=stats_mask)
