@@ -25,10 +25,15 @@ def _prod(sizes) -> int:
     return out
 
 
+# What a row is called with when the caller does not say (the torch defaults).
+DEFAULTS = dict(running_mean=None, running_var=None, weight=None, bias=None, momentum=0.1, eps=1e-5)
+
+
 @dataclass(frozen=True)
 class Norm:
     id: str
-    # fn(lib, x, *, running_mean, running_var, weight, bias, momentum, eps): lib is tn or F
+    # fn(lib, x, *, running_mean, running_var, weight, bias, momentum, eps, **extras): lib is tn
+    # or F; extras are tritonnorm's fused-epilogue keywords (scale, shift, residual, activation)
     call: Callable
     # Running statistics are passed (running_mean / running_var tensors, else None).
     buffers: bool
@@ -50,40 +55,41 @@ class Norm:
         return not (self.needs_two_values and n == 1)
 
     def ours(self, x, **kw):
-        return self.call(tn, x, **kw)
+        """tritonnorm's function; ``kw`` may add the fused epilogue's keywords."""
+        return self.call(tn, x, **{**DEFAULTS, **kw})
 
     def torch(self, x, **kw):
-        return self.call(F, x, **kw)
+        return self.call(F, x, **{**DEFAULTS, **kw})
 
 
 def _bn(training: bool):
-    def call(lib, x, *, running_mean, running_var, weight, bias, momentum, eps):
+    def call(lib, x, *, running_mean, running_var, weight, bias, momentum, eps, **extras):
         return lib.batch_norm(
             x, running_mean, running_var, weight, bias, training=training, momentum=momentum,
-            eps=eps,
+            eps=eps, **extras,
         )  # fmt: skip
 
     return call
 
 
 def _in(use_input_stats: bool):
-    def call(lib, x, *, running_mean, running_var, weight, bias, momentum, eps):
+    def call(lib, x, *, running_mean, running_var, weight, bias, momentum, eps, **extras):
         return lib.instance_norm(
             x, running_mean, running_var, weight, bias, use_input_stats=use_input_stats,
-            momentum=momentum, eps=eps,
+            momentum=momentum, eps=eps, **extras,
         )  # fmt: skip
 
     return call
 
 
 def _gn(groups: Callable[[int], int]):
-    def call(lib, x, *, running_mean, running_var, weight, bias, momentum, eps):
+    def call(lib, x, *, running_mean, running_var, weight, bias, momentum, eps, **extras):
         assert running_mean is None and running_var is None, "GroupNorm has no running statistics"
         if lib is F and weight is None and bias is not None:
             # torch's CPU group_norm backward fails with a bias but no weight ("tensor does not
             # have a device", torch 2.x): give torch the identical weight of ones instead.
             weight = torch.ones_like(bias)
-        return lib.group_norm(x, groups(x.shape[1]), weight, bias, eps)
+        return lib.group_norm(x, groups(x.shape[1]), weight, bias, eps, **extras)
 
     return call
 

@@ -1,6 +1,7 @@
 """Numerical quality beyond "matches torch on randn": a large common offset (cancellation), long
 reductions (~1e6 values; GN's long groups), NaN containment (in its channel / instance / (sample,
-group)), bitwise determinism, and gradcheck in float64, for BatchNorm, InstanceNorm and GroupNorm."""
+group)), bitwise determinism, and gradcheck in float64 (channels_last), for BatchNorm,
+InstanceNorm and GroupNorm."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import kernel_path, run_norm
+from helpers import kernel_path, paths, run_norm
+from norms import NORMS, norm_params
 from tolerances import assert_bitwise_equal, assert_close_to_reference
 
 import tritonnorm as tn
@@ -70,7 +72,7 @@ OFFSET_VAR_RTOL = 1e-3
 OFFSET_Y_ATOL = 8 * ULP_1E4
 
 
-@pytest.mark.parametrize("path", ["auto", "fused", "split"])
+@pytest.mark.parametrize("path", paths("auto", "fused", "split"))
 def test_large_offset_batch_norm(device, path):
     x = (1e4 + torch.randn(4, 3, 256, dtype=torch.float64, device=device)).float()
     y, rm, rv = _bn_stats(x, path)
@@ -86,7 +88,7 @@ def test_large_offset_batch_norm(device, path):
     )
 
 
-@pytest.mark.parametrize("path", ["auto", "fused", "split"])
+@pytest.mark.parametrize("path", paths("auto", "fused", "split"))
 def test_large_offset_instance_norm(device, path):
     x = (1e4 + torch.randn(2, 3, 16, 32, dtype=torch.float64, device=device)).float()
     y, rm, rv = _in_stats(x, path)
@@ -103,7 +105,7 @@ def test_large_offset_instance_norm(device, path):
     )
 
 
-@pytest.mark.parametrize("path", ["auto", "fused", "split"])
+@pytest.mark.parametrize("path", paths("auto", "fused", "split"))
 @pytest.mark.parametrize("groups", [1, 3, 6], ids=["1group", "3groups", "6groups"])
 def test_large_offset_group_norm(device, groups, path):
     # GN has no running statistics: the output, normalised with the group's mean and biased
@@ -116,37 +118,20 @@ def test_large_offset_group_norm(device, groups, path):
     assert err <= OFFSET_Y_ATOL, f"output abs error {err:.3e} > {OFFSET_Y_ATOL:.3e}"
 
 
-def _norm_fn(norm):
-    """(ours, torch's, kwargs) for the "batch" / "instance" / "group" norm names of this file."""
-    if norm == "batch":
-        return tn.batch_norm, F.batch_norm, dict(training=True)
-    if norm == "instance":
-        return tn.instance_norm, F.instance_norm, {}
-
-    def ours(x, running_mean=None, running_var=None, weight=None, bias=None):
-        return tn.group_norm(x, 3, weight, bias)
-
-    def ref(x, running_mean=None, running_var=None, weight=None, bias=None):
-        return F.group_norm(x, 3, weight, bias)
-
-    return ours, ref, {}
-
-
 @pytest.mark.parametrize("path", ["fused", "split", "lanes"])
-@pytest.mark.parametrize("norm", ["batch", "instance", "group"])
+@pytest.mark.parametrize("norm", norm_params(["bn-train-nobuf", "in", "gn-half"]))
 def test_large_offset_gradients(device, norm, path):
     # The backward re-centres with the saved mean: same cancellation, same bound (relative to the
     # gradient's scale), checked against float64 torch on the same values.
-    # GN: 2 groups of 3 channels.
-    C = 6 if norm == "group" else 3
+    # GN: 3 groups of 2 channels.
+    C = 6 if norm.id == "gn-half" else 3
     x = (1e4 + torch.randn(4, C, 128, dtype=torch.float64, device=device)).float()
     g = torch.randn_like(x)
     w = torch.rand(C, device=device) + 0.5
     b = torch.randn(C, device=device)
-    fn, ref_fn, kw = _norm_fn(norm)
     with kernel_path(path):
-        ours = run_norm(fn, x, grad_out=g, weight=w, bias=b, **kw)
-    ref = run_norm(ref_fn, x, grad_out=g, weight=w, bias=b, dtype=torch.float64, **kw)
+        ours = run_norm(norm.ours, x, grad_out=g, weight=w, bias=b)
+    ref = run_norm(norm.torch, x, grad_out=g, weight=w, bias=b, dtype=torch.float64)
     for k in ("grad_input", "grad_weight", "grad_bias"):
         scale = max(1.0, ref[k].abs().max().item())
         err = (ours[k].double() - ref[k]).abs().max().item()
@@ -317,85 +302,55 @@ def test_nan_stays_in_its_group_group_norm(device, path):
 
 
 @pytest.mark.parametrize("path", ["auto", "split"])
-@pytest.mark.parametrize(
-    "norm,fmt",
-    [
-        ("batch", torch.contiguous_format),
-        ("batch", torch.channels_last),
-        ("instance", torch.contiguous_format),
-        ("instance", torch.channels_last),
-        ("group", torch.contiguous_format),
-        ("group", torch.channels_last),
-    ],
-    ids=["bn", "bn-channels_last", "in", "in-channels_last", "gn", "gn-channels_last"],
-)
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last],
+                         ids=["contiguous", "channels_last"])  # fmt: skip
+@pytest.mark.parametrize("norm", norm_params(["bn-train", "in-running", "gn-half"]))
 def test_bitwise_deterministic(device, norm, fmt, path):
-    C = 6 if norm == "group" else 5  # GN: 3 groups of 2
+    C = 6 if norm.id == "gn-half" else 5  # GN: 3 groups of 2
     x = torch.randn(3, C, 23, 11, device=device).contiguous(memory_format=fmt)
     g = torch.randn_like(x)
     w, b = torch.rand(C, device=device) + 0.5, torch.randn(C, device=device)
     rm, rv = torch.zeros(C, device=device), torch.ones(C, device=device)
-    fn, _, kw = _norm_fn(norm)
-    if norm == "group":
+    if not norm.buffers:
         rm = rv = None
     runs = []
     for _ in range(2):
         with kernel_path(path):
             runs.append(
-                run_norm(fn, x, grad_out=g, weight=w, bias=b, running_mean=rm, running_var=rv, **kw)
-            )
+                run_norm(norm.ours, x, grad_out=g, weight=w, bias=b, running_mean=rm,
+                         running_var=rv)
+            )  # fmt: skip
     for k in runs[0]:
         assert_bitwise_equal(runs[0][k], runs[1][k], k)
 
 
 # --------------------------------------------------------------------------------------------
-# gradcheck (float64, tiny)
-
-
-# id -> (input shape, channels_last?, fn(x, w, b, rm, rv)); C = 2 for BN/IN, 4 for GN.
-GRADCHECK_CASES = {
-    "bn-train": (
-        (3, 2, 4),
-        False,
-        lambda x, w, b, rm, rv: tn.batch_norm(x, None, None, w, b, True),
-    ),
-    "bn-eval": ((3, 2, 4), False, lambda x, w, b, rm, rv: tn.batch_norm(x, rm, rv, w, b, False)),
-    "bn-train-channels_last": (
-        (3, 2, 2, 2),
-        True,
-        lambda x, w, b, rm, rv: tn.batch_norm(x, None, None, w, b, True),
-    ),
-    "in": ((3, 2, 4), False, lambda x, w, b, rm, rv: tn.instance_norm(x, None, None, w, b)),
-    "in-running-stats": (
-        (3, 2, 4),
-        False,
-        lambda x, w, b, rm, rv: tn.instance_norm(x, rm, rv, w, b, use_input_stats=False),
-    ),
-    # GN, kept to 16 values or fewer (gradcheck perturbs each one through the interpreter):
-    # 2 groups of 2 channels; one group over a (N, C) input (LayerNorm); channels_last.
-    "gn": ((2, 4, 2), False, lambda x, w, b, rm, rv: tn.group_norm(x, 2, w, b)),
-    "gn-1group-NC": ((3, 4), False, lambda x, w, b, rm, rv: tn.group_norm(x, 1, w, b)),
-    "gn-channels_last": ((1, 4, 2, 2), True, lambda x, w, b, rm, rv: tn.group_norm(x, 2, w, b)),
-}
+# gradcheck (float64, tiny): the backward against finite differences of our own forward. Where
+# test_norms.py's float64 comparisons (test_dtypes: BN train/eval, IN with running statistics or
+# with them in place of its own, GN with 1 group and with 3-channel groups, fused and split, the
+# gradients of input, weight and bias against torch's) already hold, a gradcheck adds nothing:
+# it only runs on what they leave out, float64 in channels_last (test_channels_last is float32).
+# The epilogue's float64 gradients: test_epilogues.py's gradcheck.
 
 
 @pytest.mark.parametrize("path", ["fused", "split"])
-@pytest.mark.parametrize("case", list(GRADCHECK_CASES))
-def test_gradcheck(device, case, path):
+@pytest.mark.parametrize(
+    "norm,shape",
+    [
+        pytest.param(NORMS["bn-train-nobuf"], (3, 2, 2, 2), id="bn-train-channels_last"),
+        pytest.param(NORMS["gn-half"], (1, 4, 2, 2), id="gn-channels_last"),  # 2 groups of 2
+    ],
+)
+def test_gradcheck_channels_last(device, norm, shape, path):
     dt = torch.float64
-    shape, channels_last, call = GRADCHECK_CASES[case]
     C = shape[1]
-    x = torch.randn(shape, dtype=dt, device=device)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = torch.randn(shape, dtype=dt, device=device).contiguous(memory_format=torch.channels_last)
     x.requires_grad_()
     w = (torch.rand(C, dtype=dt, device=device) + 0.5).requires_grad_()
     b = torch.randn(C, dtype=dt, device=device).requires_grad_()
-    rm = torch.randn(C, dtype=dt, device=device) * 0.3
-    rv = torch.rand(C, dtype=dt, device=device) + 0.5
 
     def fn(x, w, b):
         with kernel_path(path):
-            return call(x, w, b, rm, rv)
+            return norm.ours(x, weight=w, bias=b)
 
-    assert torch.autograd.gradcheck(fn, (x, w, b), eps=1e-6, atol=1e-6, rtol=1e-4)
+    assert torch.autograd.gradcheck(fn, (x, w, b), eps=1e-6, atol=1e-6, rtol=1e-4, fast_mode=True)

@@ -14,42 +14,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import kernel_path
+from norms import NORMS, Norm, norm_params
 from tolerances import assert_bitwise_equal, assert_close_to_reference
 from torch import nn
 
 import tritonnorm as tn
 from tritonnorm.functional import apply_activation
 
-EPS, MOMENTUM, GROUPS = 1e-5, 0.1, 2
+# The rows of tests/norms.py the epilogue runs on (momentum 0.1, eps 1e-5): BN train and eval, IN
+# with running statistics (updated, or used in place of the instance statistics), GN with C/2
+# groups (2 groups of 2 on SHAPE's 4 channels).
+ROWS = ("bn-train", "bn-eval", "in-running", "in-running-eval", "gn-half")
 
-# name -> (ours(x, w, b, rm, rv, **extras), torch(x, w, b, rm, rv), updates running statistics)
-NORMS = {
-    "bn_train": (
-        lambda x, w, b, rm, rv, **e: tn.batch_norm(x, rm, rv, w, b, True, MOMENTUM, EPS, **e),
-        lambda x, w, b, rm, rv: F.batch_norm(x, rm, rv, w, b, True, MOMENTUM, EPS),
-        True,
-    ),
-    "bn_eval": (
-        lambda x, w, b, rm, rv, **e: tn.batch_norm(x, rm, rv, w, b, False, MOMENTUM, EPS, **e),
-        lambda x, w, b, rm, rv: F.batch_norm(x, rm, rv, w, b, False, MOMENTUM, EPS),
-        False,
-    ),
-    "in": (
-        lambda x, w, b, rm, rv, **e: tn.instance_norm(x, rm, rv, w, b, True, MOMENTUM, EPS, **e),
-        lambda x, w, b, rm, rv: F.instance_norm(x, rm, rv, w, b, True, MOMENTUM, EPS),
-        True,
-    ),
-    "in_eval": (
-        lambda x, w, b, rm, rv, **e: tn.instance_norm(x, rm, rv, w, b, False, MOMENTUM, EPS, **e),
-        lambda x, w, b, rm, rv: F.instance_norm(x, rm, rv, w, b, False, MOMENTUM, EPS),
-        False,
-    ),
-    "gn": (
-        lambda x, w, b, rm, rv, **e: tn.group_norm(x, GROUPS, w, b, EPS, **e),
-        lambda x, w, b, rm, rv: F.group_norm(x, GROUPS, w, b, EPS),
-        False,
-    ),
-}
+
+def rows(*ids):
+    return norm_params(ids or ROWS)
+
 
 # name -> (which of scale / shift / residual are given, activation)
 EXTRAS = {
@@ -123,23 +103,25 @@ def make_inputs(shape, device, parts, memory_format=torch.contiguous_format, res
 GRADS = ("x", "w", "b", "scale", "shift", "residual")
 
 
-def run(norm, activation, inputs, dtype, ours: bool):
+def run(norm: Norm, activation, inputs, dtype, ours: bool):
     """Forward + backward of ours or of torch's composition, on copies cast to ``dtype``.
     Returns the output, the gradients of every differentiable input, and the running stats."""
-    ours_fn, torch_fn, _ = NORMS[norm]
     t = {
         k: v.detach().clone().to(dtype).requires_grad_(k in GRADS)
         for k, v in inputs.items()
         if k != "dy"
     }
-    rm, rv = t["rm"].detach(), t["rv"].detach()
+    rm, rv = (t["rm"].detach(), t["rv"].detach()) if norm.buffers else (None, None)
+    common = dict(running_mean=rm, running_var=rv, weight=t["w"], bias=t["b"])
     extras = {k: t[k] for k in ("scale", "shift", "residual") if k in t}
     if ours:
-        y = ours_fn(t["x"], t["w"], t["b"], rm, rv, **extras, activation=activation)
+        y = norm.ours(t["x"], **common, **extras, activation=activation)
     else:
-        y = compose(torch_fn(t["x"], t["w"], t["b"], rm, rv), **extras, activation=activation)
+        y = compose(norm.torch(t["x"], **common), **extras, activation=activation)
     y.backward(inputs["dy"].to(dtype))
-    out = {"out": y.detach(), "running_mean": rm, "running_var": rv}
+    out = {"out": y.detach()}
+    if norm.buffers:
+        out.update(running_mean=rm, running_var=rv)
     out.update({f"grad_{k}": t[k].grad for k in GRADS if k in t})
     return out
 
@@ -161,13 +143,13 @@ def check(norm, extras, device, dtype=torch.float32, shape=SHAPE, **formats):
 
 
 @pytest.mark.parametrize("extras", list(EXTRAS))
-@pytest.mark.parametrize("norm", list(NORMS))
+@pytest.mark.parametrize("norm", rows())
 def test_matches_torch_composition(device, norm, extras):
     check(norm, extras, device)
 
 
 @pytest.mark.parametrize("extras", ["residual+relu", "all+gelu_tanh"])
-@pytest.mark.parametrize("norm", ["bn_train", "bn_eval", "in", "gn"])
+@pytest.mark.parametrize("norm", rows("bn-train", "bn-eval", "in-running", "gn-half"))
 def test_channels_last(device, norm, extras):
     # x channels last, the residual contiguous: read through its own strides
     check(
@@ -178,17 +160,17 @@ def test_channels_last(device, norm, extras):
 @pytest.mark.parametrize(
     ("norm", "shape"),
     [
-        ("bn_train", (5, 3)),  # (N, C) input: S = 1
-        ("bn_eval", (5, 3)),
-        ("in", (2, 3, 7)),  # 1-D spatial, prime length
-        ("gn", (1, 6, 5)),  # N = 1, 3 channels per group
+        pytest.param(NORMS["bn-train"], (5, 3), id="bn-train-NC"),  # (N, C) input: S = 1
+        pytest.param(NORMS["bn-eval"], (5, 3), id="bn-eval-NC"),
+        pytest.param(NORMS["in-running"], (2, 3, 7), id="in-running-NCL"),  # 1-D, prime length
+        pytest.param(NORMS["gn-3per"], (1, 6, 5), id="gn-3per-N1"),  # N = 1, 3 channels a group
     ],
 )
 def test_odd_shapes(device, norm, shape):
     check(norm, "all+leaky_relu", device, shape=shape)
 
 
-@pytest.mark.parametrize("norm", ["bn_train", "in", "gn"])
+@pytest.mark.parametrize("norm", rows("bn-train", "in-running", "gn-half"))
 def test_empty_batch(device, norm):
     parts, activation = EXTRAS["all+gelu_tanh"]
     inputs = make_inputs((0, 4, 3, 2), device, parts)
@@ -196,20 +178,21 @@ def test_empty_batch(device, norm):
     assert out["out"].shape == (0, 4, 3, 2)
     assert out["grad_scale"].shape == (0, 4) and out["grad_residual"].shape == (0, 4, 3, 2)
     assert torch.equal(out["grad_w"], torch.zeros_like(out["grad_w"]))
-    assert torch.equal(out["running_mean"], inputs["rm"].float())  # an empty batch changes nothing
+    if norm.buffers:  # an empty batch changes nothing
+        assert torch.equal(out["running_mean"], inputs["rm"].float())
 
 
 def test_deterministic(device):
     parts, activation = EXTRAS["all+gelu_tanh"]
     inputs = make_inputs(SHAPE, device, parts)
     with kernel_path("split"):
-        first = run("bn_train", activation, inputs, torch.float32, ours=True)
-        second = run("bn_train", activation, inputs, torch.float32, ours=True)
+        first = run(NORMS["bn-train"], activation, inputs, torch.float32, ours=True)
+        second = run(NORMS["bn-train"], activation, inputs, torch.float32, ours=True)
     for k in first:
         assert_bitwise_equal(first[k], second[k], k)
 
 
-@pytest.mark.parametrize("norm", ["bn_train", "in", "gn"])
+@pytest.mark.parametrize("norm", rows("bn-train", "in-running", "gn-half"))
 def test_split_path(device, norm):
     # statistics split over 3 programs: y written by the apply pass, not the fused statistics one
     with kernel_path("split"):
@@ -217,12 +200,12 @@ def test_split_path(device, norm):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
-@pytest.mark.parametrize("norm", ["bn_train", "bn_eval", "in", "gn"])
+@pytest.mark.parametrize("norm", rows("bn-train", "bn-eval", "in-running", "gn-half"))
 def test_half_precision(device, norm, dtype):
     check(norm, "all+leaky_relu", device, dtype=dtype)
 
 
-@pytest.mark.parametrize("norm", ["bn_train", "in"])
+@pytest.mark.parametrize("norm", rows("bn-train", "in-running"))
 def test_running_statistics_are_the_plain_ops(device, norm):
     parts, activation = EXTRAS["all+gelu_tanh"]
     inputs = make_inputs(SHAPE, device, parts)
@@ -233,15 +216,17 @@ def test_running_statistics_are_the_plain_ops(device, norm):
     assert_bitwise_equal(with_extras["running_var"], plain["running_var"], "running_var")
 
 
-@pytest.mark.parametrize("norm", ["bn_train", "bn_eval", "in", "gn"])
+@pytest.mark.parametrize("norm", rows("bn-train", "bn-eval", "in-running", "gn-half"))
 def test_gradcheck(device, norm):
-    ours_fn = NORMS[norm][0]
+    # The only float64 check of the epilogue's gradients (the comparisons above are in float32
+    # and half precision): scale, shift and residual included.
     d = make_inputs((2, 4, 3), device, "scale shift residual")
     leaves = [d[k].requires_grad_() for k in ("x", "w", "b", "scale", "shift", "residual")]
 
     def fn(x, w, b, scale, shift, residual):
-        return ours_fn(x, w, b, d["rm"].clone(), d["rv"].clone(), scale=scale, shift=shift,
-                       residual=residual, activation="silu")  # fmt: skip
+        rm, rv = (d["rm"].clone(), d["rv"].clone()) if norm.buffers else (None, None)
+        return norm.ours(x, running_mean=rm, running_var=rv, weight=w, bias=b, scale=scale,
+                         shift=shift, residual=residual, activation="silu")  # fmt: skip
 
     assert torch.autograd.gradcheck(fn, leaves, fast_mode=True)
 
@@ -441,14 +426,15 @@ BAD = {
 
 
 @pytest.mark.parametrize("bad", list(BAD))
-@pytest.mark.parametrize("norm", ["bn_train", "in", "gn"])
+@pytest.mark.parametrize("norm", rows("bn-train", "in-running", "gn-half"))
 def test_bad_inputs_raise_before_running_statistics_change(device, norm, bad):
     kwargs, error, match = BAD[bad]
     kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
     x = torch.randn(SHAPE, device=device)
     rm, rv = torch.zeros(4, device=device), torch.ones(4, device=device)
+    buffers = dict(running_mean=rm, running_var=rv) if norm.buffers else {}
     with pytest.raises(error, match=match):
-        NORMS[norm][0](x, None, None, rm, rv, **kwargs)
+        norm.ours(x, **buffers, **kwargs)
     assert torch.equal(rm, torch.zeros(4, device=device))
     assert torch.equal(rv, torch.ones(4, device=device))
 

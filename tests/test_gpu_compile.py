@@ -113,112 +113,130 @@ def test_every_launch_path_was_compiled(compiled):
         assert any(dtype in d for d in dtypes), dtypes
 
 
-def _run_compiled(code: str, timeout: int = 300) -> str:
-    """The last line ``code`` prints, run in a fresh interpreter without TRITON_INTERPRET
-    (kernels are compilable there only)."""
+# The checks below each need a fresh interpreter without TRITON_INTERPRET (kernels are compilable
+# there only): one process runs them all, each in its own try, and reports every result (or its
+# error) as JSON; each test then reads its own. Order matters for the first: it checks that a
+# recording leaves no autotune results behind, so it runs before any other recording.
+PROBES = {
+    # The recording autotunes on meta tensors (no kernel runs); its "winner" is keyed by shapes,
+    # strides and dtypes, like a real CUDA launch's.
+    "autotune_left_behind": """
+from perf.compile_check import recording, scenarios
+from tritonnorm.kernels import tuning
+todo = [s for s in scenarios('dry-run') if s[0].startswith('bn train')][:1]
+count = lambda: len(tuning._tuned)
+with recording(90) as (specs, scenario):
+    for label, thunk in todo:
+        thunk()
+    inside, log = count(), tuning.tuning_log()
+chosen = {}
+for kernel, key, cfg, ms, best in log:
+    chosen[kernel, key] = chosen.get((kernel, key), 0) + best
+result = (sorted(set(chosen.values())), len(log), len(tuning.tuning_log()), inside, count())
+""",
+    # Without --heuristic the tool compiles every candidate (recorded here for one scenario).
+    "candidates": """
+from perf.compile_check import record, scenarios
+label = 'bn train 32x256x56x56 contiguous float32'
+specs = record(90, 'quick', todo=[s for s in scenarios('quick') if s[0] == label])
+result = sorted({s.describe()[1] for s in specs
+                 if s.kernel.endswith('_norm_stats_partial_kernel') and s.scenario == label
+                 and 'FUSED=0' in s.describe()[0]})
+""",
+    "float_scalars": """
+from perf.compile_check import record, scenarios
+todo = [s for s in scenarios('dry-run') if 'float64' in s[0]]
+specs = record(90, 'dry-run', heuristic=True, todo=todo)
+result = sorted({(n, t) for s in specs for n, t in s.signature.items()
+                 if n in ('momentum', 'eps', 'slope')})
+""",
+    "register_cap": """
+from perf.compile_check import register_cap as cap
+result = [cap(90, 4), cap(90, 8), cap(90, 16), cap(90, 32)]
+""",
+    "lanes": """
+from perf.compile_check import compile_one, problems, record, scenarios
+from tritonnorm.kernels import config
+with config.forced(fused=False, lanes=True):
+    specs = record(90, 'dry-run', heuristic=True, todo=list(scenarios('dry-run')))
+pick = {}
+for s in specs:
+    flags, cfg, dtypes = s.describe()
+    if 'LANES=True' in cfg:
+        pick.setdefault((s.kernel, flags, dtypes), s)
+results = [compile_one(s, 90) for s in pick.values()]
+result = {'compiled': len(results), 'dtypes': sorted({k[2] for k in pick}),
+          'errors': [r.error for r in results if r.error], 'problems': problems(results, 90)}
+""",
+}
+
+_DRIVER = """
+import json, sys, traceback
+out = {}
+for name, code in json.loads(sys.stdin.read()).items():
+    scope = {}
+    try:
+        exec(code, scope)
+        out[name] = {"result": scope["result"]}
+    except BaseException:
+        out[name] = {"error": traceback.format_exc()[-3000:]}
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def probes() -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-        timeout=timeout,
+        [sys.executable, "-c", _DRIVER], input=json.dumps(PROBES), cwd=ROOT, env=env,
+        capture_output=True, text=True, timeout=1200,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout.strip().splitlines()[-1]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_the_recording_holds_every_autotune_candidate():
-    # Without --heuristic the tool compiles every candidate: a statistics launch of the
-    # (32, 256, 56, 56) shape on 132 SMs has three split factors, each its own specialisation.
-    code = (
-        "from perf.compile_check import record\n"
-        "specs = record(90, 'quick')\n"
-        "print(sorted({s.describe()[1] for s in specs if s.kernel.endswith('_norm_stats_partial_kernel')"
-        " and s.scenario == 'bn train 32x256x56x56 contiguous float32' and 'FUSED=0' in s.describe()[0]}))"
-    )
-    configs = eval(_run_compiled(code))
+def _probe(probes: dict, name: str):
+    assert "error" not in probes[name], probes[name]["error"]
+    return probes[name]["result"]
+
+
+def test_the_recording_holds_every_autotune_candidate(probes):
+    # A statistics launch of the (32, 256, 56, 56) shape on 132 SMs has three split factors,
+    # each its own specialisation.
+    configs = _probe(probes, "candidates")
     splits = {c.split("SPLIT=")[1].split()[0] for c in configs}
     assert len(splits) == 3, configs
 
 
-def test_spill_rule_flags_only_spills_at_the_register_cap():
-    # Runs without the interpreter's kernels: the rule is plain arithmetic on ptxas's report.
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "from perf.compile_check import register_cap as cap;"
-            "print(cap(90, 4), cap(90, 8), cap(90, 16), cap(90, 32))",
-        ],
-        cwd=ROOT,
-        env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["255", "255", "128", "64"]
+def test_spill_rule_flags_only_spills_at_the_register_cap(probes):
+    # Plain arithmetic on ptxas's report.
+    assert _probe(probes, "register_cap") == [255, 255, 128, 64]
 
 
-def test_float_scalars_reach_the_kernels_as_float64():
+def test_float_scalars_reach_the_kernels_as_float64(probes):
     # Triton passes an unannotated Python float as float32: on an H100, float64 running
     # statistics then drifted by ~1e-8 from torch's (momentum 0.1 rounded). The interpreter keeps
     # Python floats, so only the compiled signature shows it.
-    code = (
-        "import itertools\n"
-        "from perf.compile_check import record, scenarios\n"
-        "todo = [s for s in scenarios('dry-run') if 'float64' in s[0]]\n"
-        "specs = record(90, 'dry-run', heuristic=True, todo=todo)\n"
-        "print(sorted({(n, t) for s in specs for n, t in s.signature.items()"
-        " if n in ('momentum', 'eps', 'slope')}))"
-    )
-    found = eval(_run_compiled(code))
+    found = _probe(probes, "float_scalars")
     assert {n for n, _ in found} == {"momentum", "eps", "slope"}, found
     assert all(t == "fp64" for _, t in found), found
 
 
-def test_recording_leaves_no_autotune_results_behind():
-    # The recording autotunes on meta tensors (no kernel runs); its "winner" is keyed by shapes,
-    # strides and dtypes, like a real CUDA launch's. Kept, it became the GPU's choice: on the
-    # first H100 run (after perf.gpu's warm stage) every tuned launch used its first candidate.
-    code = (
-        "from perf.compile_check import recording, scenarios\n"
-        "from tritonnorm.kernels import tuning\n"
-        "todo = [s for s in scenarios('dry-run') if s[0].startswith('bn train')][:1]\n"
-        "count = lambda: len(tuning._tuned)\n"
-        "with recording(90) as (specs, scenario):\n"
-        "    for label, thunk in todo:\n"
-        "        thunk()\n"
-        "    inside, log = count(), tuning.tuning_log()\n"
-        "chosen = {}\n"
-        "for kernel, key, cfg, ms, best in log:\n"
-        "    chosen[kernel, key] = chosen.get((kernel, key), 0) + best\n"
-        "print((set(chosen.values()), len(log), len(tuning.tuning_log()), inside, count()))"
-    )
-    chosen, logged, logged_after, inside, after = eval(_run_compiled(code))
+def test_recording_leaves_no_autotune_results_behind(probes):
+    # Kept, the recording's "winner" became the GPU's choice: on the first H100 run (after
+    # perf.gpu's warm stage) every tuned launch used its first candidate.
+    chosen, logged, logged_after, inside, after = _probe(probes, "autotune_left_behind")
     assert inside > 0, "the recording no longer autotunes: this test checks nothing"
     assert after == 0
     # While it lasted, the tuning log held every candidate, one chosen per launch; after, none.
-    assert logged > 0 and chosen == {1}
+    assert logged > 0 and chosen == [1]
     assert logged_after == 0
 
 
-def test_lane_accumulation_variants_compile_without_spilling():
+def test_lane_accumulation_variants_compile_without_spilling(probes):
     # The streamed reductions' per-element accumulators (LANES, an autotune choice) hold three
     # tiles of values: one specialisation of each kernel, flag set and dtype of the small shape
     # set, forced to LANES, compiled for sm_90 and checked against the spill rule.
-    code = (
-        "import json\n"
-        "from perf.compile_check import compile_one, problems, record, scenarios\n"
-        "from tritonnorm.kernels import config\n"
-        "with config.forced(fused=False, lanes=True):\n"
-        "    specs = record(90, 'dry-run', heuristic=True, todo=list(scenarios('dry-run')))\n"
-        "pick = {}\n"
-        "for s in specs:\n"
-        "    flags, cfg, dtypes = s.describe()\n"
-        "    if 'LANES=True' in cfg:\n"
-        "        pick.setdefault((s.kernel, flags, dtypes), s)\n"
-        "results = [compile_one(s, 90) for s in pick.values()]\n"
-        "print(json.dumps({'compiled': len(results), 'dtypes': sorted({k[2] for k in pick}),\n"
-        "    'errors': [r.error for r in results if r.error], 'problems': problems(results, 90)}))"
-    )
-    report = json.loads(_run_compiled(code, timeout=900))
+    report = _probe(probes, "lanes")
     assert report["compiled"] >= 8 and "fp64" in report["dtypes"], report
     assert not report["errors"] and not report["problems"], report

@@ -12,7 +12,8 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import kernel_path
+from helpers import INTERPRET, kernel_path
+from norms import NORMS, Norm, norm_params
 
 import tritonnorm as tn
 
@@ -31,33 +32,26 @@ def _splits() -> dict[str, int]:
     return out
 
 
-def _call(lib, norm, x):
-    """BN in training, IN, or GN with 2 groups (inputs here have an even channel count for GN)."""
-    if norm == "bn":
-        return lib.batch_norm(x, None, None, training=True)
-    if norm == "in":
-        return lib.instance_norm(x)
-    return lib.group_norm(x, 2)
-
-
-def _run(norm, x, path, split=3):
+def _run(norm: Norm, x, path, split=3):
     config.reset_chosen_configs()
     x = x.clone().requires_grad_()
     with kernel_path(path, split=split):
-        y = _call(tn, norm, x)
+        y = norm.ours(x)
         y.backward(torch.ones_like(y))
     return y, x.grad
 
 
-def _shape(norm, shape):
-    """GN needs C divisible by its 2 groups: the same shape with 4 channels."""
-    return (shape[0], 4, *shape[2:]) if norm == "gn" else shape
+def _shape(norm: Norm, shape):
+    """GN with C/2 groups: the same shape with 4 channels (2 groups of 2)."""
+    return (shape[0], 4, *shape[2:]) if norm.id == "gn-half" else shape
 
 
-NORMS = ["bn", "in", "gn"]
+# The rows of tests/norms.py whose paths are forced here: BN in training and IN (batch and
+# instance statistics, no running statistics: the reductions alone), GN with C/2 groups.
+ROWS = norm_params(["bn-train-nobuf", "in", "gn-half"])
 
 
-@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("norm", ROWS)
 @pytest.mark.parametrize("split", [2, 3, 7])
 def test_forced_split_launches_split_reductions(device, norm, split):
     # (2, 3, 5): 10 values per channel, 5 per instance: split=7 leaves some programs empty.
@@ -68,14 +62,14 @@ def test_forced_split_launches_split_reductions(device, norm, split):
     assert set(splits.values()) == {split}, splits
 
 
-@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("norm", ROWS)
 def test_forced_fused_launches_single_program_reductions(device, norm):
     _run(norm, torch.randn(_shape(norm, (2, 3, 5)), device=device), "fused")
     splits = _splits()
     assert splits and set(splits.values()) == {1}, splits
 
 
-@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("norm", ROWS)
 def test_forced_lanes_launch_per_element_accumulation(device, norm):
     _run(norm, torch.randn(_shape(norm, (2, 3, 5)), device=device), "lanes", 2)
     partial = {k: v for k, v in config.chosen_configs().items() if "partial" in k}
@@ -87,7 +81,7 @@ def test_forced_lanes_launch_per_element_accumulation(device, norm):
 
 @pytest.mark.parametrize("path", ["split", "lanes"])
 @pytest.mark.parametrize("split", [2, 7])
-@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("norm", norm_params(["bn-train-nobuf", "in", "gn-C"]))
 def test_empty_split_programs_are_harmless(device, norm, split, path):
     # More split programs than values in a reduction: the empty partials (count 0) must not
     # disturb Chan's combination (no 0/0 NaN, no bias). GN (3, 2, 2): 2 groups of 1 channel.
@@ -95,7 +89,7 @@ def test_empty_split_programs_are_harmless(device, norm, split, path):
     x = torch.randn(3, 2, 2, device=device, dtype=torch.float64)
     y, gx = _run(norm, x, path, split)
     xr = x.clone().requires_grad_()
-    yr = _call(F, norm, xr)
+    yr = norm.torch(xr)
     yr.backward(torch.ones_like(yr))
     torch.testing.assert_close(y, yr, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(gx, xr.grad, rtol=1e-9, atol=1e-9)
@@ -105,7 +99,7 @@ def test_fused_request_too_long_falls_back_to_split(device):
     # 27000 values per channel do not fit one tile: forced(fused=True) silently splits, and the
     # result is still right.
     x = torch.randn(3, 2, 9000, device=device) + 1.0
-    y, _ = _run("bn", x, "fused")
+    y, _ = _run(NORMS["bn-train-nobuf"], x, "fused")
     ref = F.batch_norm(x.double(), None, None, training=True)
     torch.testing.assert_close(y.double(), ref, rtol=2e-5, atol=2e-5)
 
@@ -126,7 +120,7 @@ def test_offsets_switch_to_int64_only_for_tensors_spanning_2_to_the_30_elements(
     assert _index_64(last)
 
 
-@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("norm", ROWS)
 @pytest.mark.parametrize("path", ["fused", "split"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_int64_offsets_address_the_same_elements(device, norm, path, layout):
@@ -140,14 +134,14 @@ def test_int64_offsets_address_the_same_elements(device, norm, path, layout):
         with config.forced(fused=path == "fused", split=None if path == "fused" else 3,
                            index_64=index_64):  # fmt: skip
             xi = x.clone().requires_grad_()
-            y = _call(tn, norm, xi)
+            y = norm.ours(xi)
             y.backward(torch.linspace(-1, 1, y.numel(), device=device, dtype=y.dtype).view_as(y))
         results.append((y.detach(), xi.grad))
     (y32, g32), (y64, g64) = results
     assert torch.equal(y32, y64)
     assert torch.equal(g32, g64)
     ref = x.clone().requires_grad_()
-    yr = _call(F, norm, ref)
+    yr = norm.torch(ref)
     torch.testing.assert_close(y64, yr, rtol=1e-10, atol=1e-10)
 
 
@@ -185,3 +179,39 @@ def test_instance_fused_forward_with_split_backward(device):
     yr.backward(dy.double())
     torch.testing.assert_close(y.double(), yr, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(xi.grad.double(), xr.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="natively, auto may take a table's or a tuned config")
+@pytest.mark.parametrize(
+    "norm,shape,fmt,extras",
+    [
+        pytest.param(NORMS["bn-train"], (2, 3, 5), None, {}, id="bn-train"),
+        pytest.param(NORMS["bn-eval"], (4, 3), None, {}, id="bn-eval-NC"),
+        pytest.param(NORMS["in-running"], (2, 5, 3, 4), torch.channels_last, {}, id="in-cl"),
+        pytest.param(NORMS["gn-3per"], (2, 6, 3, 5), None, {"activation": "silu"}, id="gn-silu"),
+    ],
+)
+def test_auto_launches_what_fused_launches_under_the_interpreter(norm, shape, fmt, extras):
+    # Why tests/helpers.paths() drops "auto" where "fused" is run too: the same configs, forward
+    # and backward, and bitwise the same results. Should this fail, "auto" has become a path
+    # of its own under the interpreter: put it back in paths().
+    x = torch.randn(shape)
+    if fmt is not None:
+        x = x.contiguous(memory_format=fmt)
+    w, b = torch.rand(shape[1]) + 0.5, torch.randn(shape[1])
+    dy = torch.randn(shape)
+    runs = []
+    for path in ("auto", "fused"):
+        rm, rv = (torch.zeros(shape[1]), torch.ones(shape[1])) if norm.buffers else (None, None)
+        xi, wi, bi = (t.clone().requires_grad_() for t in (x, w, b))
+        config.reset_chosen_configs()
+        with kernel_path(path):
+            y = norm.ours(xi, running_mean=rm, running_var=rv, weight=wi, bias=bi, **extras)
+            forward = config.chosen_configs()
+            y.backward(dy)
+        tensors = [t for t in (y, xi.grad, wi.grad, bi.grad, rm, rv) if t is not None]
+        runs.append((forward, config.chosen_configs(), tensors))
+    (fwd_a, both_a, auto), (fwd_f, both_f, fused) = runs
+    assert fwd_a == fwd_f and both_a == both_f, (both_a, both_f)
+    for a, f in zip(auto, fused, strict=True):
+        assert torch.equal(a, f)
