@@ -260,6 +260,11 @@ def scenarios(shape_set: str) -> Iterator[tuple[str, Callable[[], None]]]:
             f"in eval-running {tag}",
             functools.partial(_run_norm, x, Norm(False, use_input_stats=False)),
         )
+        # eval BatchNorm: dx written by the gradient sums' pass (dweight/dbias asked), or the
+        # apply pass alone (dx = w rstd dy)
+        bn_eval = Norm(True, use_input_stats=False)
+        yield f"bn eval {tag}", functools.partial(_run_norm, x, bn_eval)
+        yield f"bn eval no-affine {tag}", functools.partial(_run_norm, x, bn_eval, False)
         yield f"in train-running {tag}", functools.partial(_run_norm, x, Norm(False))
         yield f"sync-bn {tag}", functools.partial(_run_sync, x, dtype)
     for shape, (kind, norm) in itertools.product(few, (("bn", Norm(True)), ("in", Norm(False)))):

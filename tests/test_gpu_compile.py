@@ -104,7 +104,12 @@ def test_every_launch_path_was_compiled(compiled):
     for source in ("SOURCE=0", "SOURCE=1", "SOURCE=2", "SOURCE=3"):
         assert seen("_norm_apply_kernel", source), source
     assert seen("_norm_apply_kernel", "HAS_X=1", "HAS_DY=1")  # training dx
-    assert seen("_norm_apply_kernel", "HAS_X=0", "HAS_DY=1")  # eval dx
+    assert seen("_norm_apply_kernel", "HAS_X=0", "HAS_DY=1")  # eval dx = w rstd dy
+    # eval dx written by the gradient sums' pass (dweight, dbias asked: frozen statistics)
+    assert any(
+        k == "_norm_grad_partial_kernel" and "FUSED=0" in f and "dx_ptr=None" not in f
+        for k, f in flags
+    )
     assert seen("_norm_apply_kernel", "HAS_X=1", "HAS_DY=0")  # y
     assert any(r["scenario"].startswith("sync-bn") for r in rows)
     assert any(r["scenario"].startswith("gn") for r in rows)
