@@ -130,10 +130,11 @@ def _coefficients(
         else:  # GRAD_PARTIALS, one channel per statistic
             sums = (row * C)[:, None] + c[None, :]
             sum_dy, sum_dy_xhat = zero, zero
-            for p in range(num_partials):
-                part = partial_ptr + p * partial_stride_p + sums
-                sum_dy += tl.load(part, mask=mask, other=0.0)
-                sum_dy_xhat += tl.load(part + partial_stride_k, mask=mask, other=0.0)
+            if partial_ptr is not None:  # None: eval dx = w rstd dy, no sums (compiled, the
+                for p in range(num_partials):  # loop would add to a None pointer)
+                    part = partial_ptr + p * partial_stride_p + sums
+                    sum_dy += tl.load(part, mask=mask, other=0.0)
+                    sum_dy_xhat += tl.load(part + partial_stride_k, mask=mask, other=0.0)
             mu = tl.load(mean_ptr + sums, mask=mask, other=0.0)
             rstd = tl.load(rstd_ptr + sums, mask=mask, other=0.0)
             k_x, k_dy, k_c = grad_coefficients(
