@@ -328,6 +328,16 @@ def test_timm_sync_conversion_keeps_act(timm):
     _close(ours(x), ref(x))
 
 
+def test_timm_direct_sync_conversion_keeps_act(timm):
+    # tn.SyncBatchNorm.convert_sync_batchnorm called directly (not through tn.convert): torch's
+    # method would make a plain SyncBatchNorm whose forward never calls act
+    ref = nn.Sequential(timm.layers.BatchNormAct2d(6, act_layer=nn.SiLU)).double()
+    ours = tn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(ref))
+    assert isinstance(ours[0], tn.SyncBatchNorm) and type(ours[0]).__name__ == "SyncBatchNormAct"
+    x = _x(3, 6, 2, 2)
+    _close(ours(x), ref(x))
+
+
 def test_timm_left_alone_is_reported(timm):
     layers = timm.layers
     model = nn.Sequential(

@@ -105,7 +105,16 @@ class SyncBatchNorm(ActivationMixin, nn.SyncBatchNorm):
         :class:`tritonnorm.SyncBatchNorm` sharing its parameters and buffers (same tensor
         objects), ``training`` flag and ``qconfig``. Hooks of replaced modules are not carried
         over (as in torch). Returns ``module``, or the new module when ``module`` itself is a
-        BatchNorm layer. Lazy BatchNorm layers must have run a forward first."""
+        BatchNorm layer. Lazy BatchNorm layers must have run a forward first. timm's
+        BatchNormAct2d keeps its ``act`` and ``drop`` (torch's method would silently drop them:
+        the result is a SyncBatchNormAct, as timm's own conversion makes)."""
+        from .zoo import convert_sync  # zoo imports this module
+
+        return convert_sync(module, lambda m: cls._convert_sync(m, process_group), None)
+
+    @classmethod
+    def _convert_sync(cls, module: nn.Module, process_group=None) -> nn.Module:
+        """torch's conversion, recursively (convert_sync_batchnorm)."""
         module_output = module
         if isinstance(module, _BatchNorm):
             if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
@@ -134,7 +143,7 @@ class SyncBatchNorm(ActivationMixin, nn.SyncBatchNorm):
                 module_output.qconfig = module.qconfig
             module_output.activation = getattr(module, "activation", None)
         for name, child in module.named_children():
-            module_output.add_module(name, cls.convert_sync_batchnorm(child, process_group))
+            module_output.add_module(name, cls._convert_sync(child, process_group))
         del module
         return module_output
 
