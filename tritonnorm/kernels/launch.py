@@ -273,18 +273,12 @@ def _nan_stats(x: torch.Tensor, norm: Norm) -> torch.Tensor:
     return torch.full(shape, float("nan"), dtype=acc_dtype(x.dtype), device=x.device)
 
 
-_NO_EPILOGUE = dict(
-    scale_ptr=None, shift_ptr=None, res_ptr=None, res_stride_n=0, res_stride_c=0, res_stride_s=0,
-    slope=0.0, EPILOGUE=False, ACTIVATION=0,
-)  # fmt: skip
-
-
 def _epilogue_constants(ep: Epilogue | None, res_view: View | None, force: bool = False) -> dict:
     """The kernels' epilogue arguments but the tensors (scale_ptr, shift_ptr, res_ptr).
     ``force``: EPILOGUE even when nothing of it is left to read (a residual without activation
     in the backward: g = dy)."""
     if ep is None or not (ep.present or force):
-        return {k: v for k, v in _NO_EPILOGUE.items() if not k.endswith("_ptr")}
+        return dict(NO_EPILOGUE)
     strides = res_view.strides if res_view is not None else (0, 0, 0)
     return dict(
         res_stride_n=strides[0], res_stride_c=strides[1], res_stride_s=strides[2],
@@ -817,31 +811,12 @@ def grad_partials(
     red: Reduction,
     mean: torch.Tensor,
     rstd: torch.Tensor,
-    *,
-    fused_dx: torch.Tensor | None = None,
-    weight: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None,
-    epilogue: Epilogue | None = None,
-    res_view: View | None = None,
-    d_residual: torch.Tensor | None = None,
-    z_from_output: bool = False,
 ) -> tuple[torch.Tensor, int]:
-    """Per-channel partials (2, P, rows, C) of sum(dy) and sum(dy * x_hat), and P. With
-    ``fused_dx`` the reduction must fit one tile and dx is written there too. With an
-    epilogue (batch axis kept) the sums are of g = dy * act'(z); fused, dx is that of
-    du = g * scale and g goes to ``d_residual``."""
-    fused = fused_dx is not None
-    extras = _epilogue_constants(epilogue, res_view, force=epilogue is not None)
-    max_split = config.max_split(red, fused, backward=True, epilogue=extras["EPILOGUE"])
+    """Per-channel partials (2, P, rows, C) of sum(dy) and sum(dy * x_hat), and P."""
+    max_split = config.max_split(red, False, backward=True)
     partials = _partials_buffer(red, 2, max_split, red.view.C, x.device)
-    ep = epilogue or Epilogue()
-    tensors = dict(
-        x_ptr=x, dy_ptr=dy, dx_ptr=fused_dx, mean_ptr=mean, rstd_ptr=rstd, weight_ptr=weight,
-        bias_ptr=bias, partial_ptr=partials, scale_ptr=ep.scale, shift_ptr=ep.shift,
-        res_ptr=ep.residual, dres_ptr=d_residual,
-    )  # fmt: skip
-    launch = grad.bind_gradient_sums(red, tensors, dy_view=dy_view, fused=fused, extras=extras,
-                        z_from_output=z_from_output)  # fmt: skip
+    tensors = dict(x_ptr=x, dy_ptr=dy, mean_ptr=mean, rstd_ptr=rstd, partial_ptr=partials)
+    launch = grad.bind_gradient_sums(red, tensors, dy_view=dy_view, fused=False)
     launch(*tensors.values())
     return partials, launch.cfg.kwargs["SPLIT"]
 

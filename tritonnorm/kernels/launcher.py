@@ -18,14 +18,13 @@ The fast path is taken only while it launches exactly what the JIT path would:
 - the Triton release's launcher signature is one this code was written against (3.6 - 3.9).
 
 Perf harnesses (interpreter byte counts, meta-tensor recordings, stubbed launches) hook
-:func:`Kernel.run_jit` or :data:`observers`: every launch passes through here.
+:func:`Kernel.run_jit` (every first launch) or Triton's launcher (every later one).
 """
 
 from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -47,9 +46,6 @@ DIRECT = (
     and _VERSION in _DIRECT_VERSIONS
     and os.environ.get("TRITONNORM_DIRECT_LAUNCH", "1") != "0"
 )
-
-# Called as observer(kernel_name, grid, config) on every launch (tests count launches with it).
-observers: list[Callable] = []
 
 
 def _hooks_set() -> bool:
@@ -124,9 +120,6 @@ class Launch:
 
     def __call__(self, *tensors) -> None:
         """Launch with the tensors named at binding, in that order."""
-        if observers:
-            for observe in observers:
-                observe(self.kernel.name, self.grid, self.cfg)
         if self.cfg is not None:
             config._chosen[self.kernel.name] = self.cfg
         direct = self._direct
@@ -170,11 +163,6 @@ class Launch:
             compiled.run, compiled.function, compiled.packed_metadata, args, slots,
             active.get_current_stream, active.get_current_device,
         )  # fmt: skip
-
-    @property
-    def direct(self) -> bool:
-        """Whether later calls launch the compiled kernel directly."""
-        return self._direct is not None
 
 
 # --- binding a launch ---------------------------------------------------------------------------
