@@ -1,4 +1,5 @@
-"""tritonnorm: BatchNorm, InstanceNorm and GroupNorm as Triton kernels, drop-in for torch.
+"""tritonnorm: BatchNorm, InstanceNorm, GroupNorm and LayerNorm2d / RMSNorm2d as Triton kernels,
+drop-in for torch.
 
 Layers: ``tritonnorm.kernels`` (Triton kernels and launchers) -> ``tritonnorm.ops`` (custom ops,
 autograd) and ``tritonnorm.functional`` (torch.nn.functional signatures) -> ``tritonnorm.modules``
@@ -8,7 +9,7 @@ autograd) and ``tritonnorm.functional`` (torch.nn.functional signatures) -> ``tr
 
 from . import modules
 from .conversion import convert
-from .functional import batch_norm, group_norm, instance_norm
+from .functional import batch_norm, group_norm, instance_norm, layer_norm_2d, rms_norm_2d
 from .kernels.tuning import autotune
 from .modules import *  # noqa: F403 (the module classes, listed in modules.__all__)
 from .sync import SyncBatchNorm
@@ -23,4 +24,6 @@ __all__ = [
     "convert",
     "group_norm",
     "instance_norm",
+    "layer_norm_2d",
+    "rms_norm_2d",
 ]

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import activations, ops, validation
+from .kernels import config
 from .kernels.config import INTERPRET
 
 
@@ -52,10 +53,11 @@ def _torch_epilogue(y, *, scale, shift, residual, activation, slope) -> Tensor:
     return apply_activation(y, activation, slope)
 
 
-def _normalize(input, torch_op, weight, bias, running_mean, running_var, extras, **settings):
-    """torch's own op (then the epilogue, unfused) where the kernels do not run; else the custom
-    op, with the epilogue fused when there are extras."""
-    if not runs_triton(input):
+def _normalize(input, torch_op, weight, bias, running_mean, running_var, extras, *,
+               unfused: bool = False, **settings):  # fmt: skip
+    """torch's own op (then the epilogue, unfused) where the kernels do not run (or ``unfused``);
+    else the custom op, with the epilogue fused when there are extras."""
+    if unfused or not runs_triton(input):
         y = torch_op()
         return y if extras is None else _torch_epilogue(y, **extras)
     if extras is None:
@@ -154,4 +156,61 @@ def group_norm(
     return _normalize(
         input, torch_op, weight, bias, None, None, extras, use_input_stats=True,
         reduce_batch=False, num_groups=num_groups, eps=eps,
+    )  # fmt: skip
+
+
+def _channels_beyond_chip(input: Tensor, extras: dict | None) -> bool:
+    """More channels than one program of the kernels across channels holds (positions.py):
+    torch's composition then (config.position_max_channels: 8192 in fp32, 4096 with extras)."""
+    acc_bytes = 8 if input.dtype == torch.float64 else 4
+    return input.shape[1] > config.position_max_channels(acc_bytes, extras is not None)
+
+
+def layer_norm_2d(
+    input: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-6,
+    *,
+    scale: Tensor | None = None,
+    shift: Tensor | None = None,
+    residual: Tensor | None = None,
+    activation: str | tuple | None = None,
+) -> Tensor:
+    """LayerNorm over the channels at every position of (N, C, *spatial) input, as timm's
+    ``LayerNorm2d`` computes it (``F.layer_norm`` over C after moving C last, then back) without
+    the two copies: statistics per (sample, position), weight and bias per channel, output in
+    the input's memory format. Epilogue extras: see the module docstring."""
+    validation.check_channel_norm("layer_norm_2d", input, weight, bias)
+    extras = _extras("layer_norm_2d", input, scale, shift, residual, activation)
+    C = input.shape[1]
+    torch_op = lambda: F.layer_norm(input.movedim(1, -1), (C,), weight, bias, eps).movedim(-1, 1)
+    return _normalize(
+        input, torch_op, weight, bias, None, None, extras,
+        unfused=_channels_beyond_chip(input, extras), use_input_stats=True, reduce_batch=False,
+        eps=eps, per_position=True,
+    )  # fmt: skip
+
+
+def rms_norm_2d(
+    input: Tensor,
+    weight: Tensor | None = None,
+    eps: float = 1e-6,
+    *,
+    scale: Tensor | None = None,
+    shift: Tensor | None = None,
+    residual: Tensor | None = None,
+    activation: str | tuple | None = None,
+) -> Tensor:
+    """RMSNorm over the channels at every position of (N, C, *spatial) input, as timm's
+    ``RmsNorm2d``: x / sqrt(mean over C of x^2 + eps) * weight, statistics in fp32 (float64 for
+    float64 input). Epilogue extras: see the module docstring."""
+    validation.check_channel_norm("rms_norm_2d", input, weight)
+    extras = _extras("rms_norm_2d", input, scale, shift, residual, activation)
+    C = input.shape[1]
+    torch_op = lambda: F.rms_norm(input.movedim(1, -1), (C,), weight, eps).movedim(-1, 1)
+    return _normalize(
+        input, torch_op, weight, None, None, None, extras,
+        unfused=_channels_beyond_chip(input, extras), use_input_stats=True, reduce_batch=False,
+        eps=eps, per_position=True, centred=False,
     )  # fmt: skip

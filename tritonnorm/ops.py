@@ -25,8 +25,9 @@ from .kernels import launch
 
 
 @functools.cache
-def _norm(use_input_stats: bool, reduce_batch: bool, num_groups: int) -> launch.Norm:
-    return launch.Norm(reduce_batch, num_groups, use_input_stats)
+def _norm(use_input_stats: bool, reduce_batch: bool, num_groups: int, per_position: bool = False,
+          centred: bool = True) -> launch.Norm:  # fmt: skip
+    return launch.Norm(reduce_batch, num_groups, use_input_stats, per_position, centred)
 
 
 def _epilogue(scale, shift, residual, activation, slope) -> launch.Epilogue | None:
@@ -55,11 +56,15 @@ def _forward_impl(
     residual: Tensor | None = None,
     activation: int = 0,
     slope: float = 0.01,
+    per_position: bool = False,
+    centred: bool = True,
     *,
     in_place: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Normalise (N, C, *spatial) input (see :class:`launch.Norm` for the settings), then
-    y = act(y * scale + shift + residual) in the same pass when an epilogue is given. Returns
+    y = act(y * scale + shift + residual) in the same pass when an epilogue is given
+    (``per_position``: statistics across the channels at each position, LayerNorm2d, or with
+    ``centred=False`` RMSNorm2d). Returns
     y; the (rows, groups) mean and 1/sqrt(var + eps) used; and the updated running statistics
     (empty when there is nothing to update; an empty batch leaves them unchanged). ``in_place``
     (eager): the kernels update the given running statistics themselves, and they are what is
@@ -75,8 +80,9 @@ def _forward_impl(
             out[0].copy_(rm), out[1].copy_(rv)
     y, mean, rstd = launch.forward(
         input, _contiguous(weight), _contiguous(bias), _contiguous(rm), _contiguous(rv),
-        norm=_norm(use_input_stats, reduce_batch, num_groups), momentum=momentum, eps=eps,
-        epilogue=_epilogue(scale, shift, residual, activation, slope), running_out=out,
+        norm=_norm(use_input_stats, reduce_batch, num_groups, per_position, centred),
+        momentum=momentum, eps=eps, epilogue=_epilogue(scale, shift, residual, activation, slope),
+        running_out=out,
     )  # fmt: skip
     if not update:
         return y, mean, rstd, _NOTHING, _NOTHING
@@ -107,11 +113,14 @@ def _functional_forward(
     residual: Tensor | None = None,
     activation: int = 0,
     slope: float = 0.01,
+    per_position: bool = False,
+    centred: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """:func:`_forward_impl` with the running statistics returned as new tensors."""
     y, mean, rstd, new_mean, new_var = _forward_impl(
         input, weight, bias, running_mean, running_var, use_input_stats, reduce_batch,
-        num_groups, momentum, eps, scale, shift, residual, activation, slope, in_place=False,
+        num_groups, momentum, eps, scale, shift, residual, activation, slope, per_position,
+        centred, in_place=False,
     )  # fmt: skip
     if not new_mean.numel():
         new_mean, new_var = input.new_empty(0), input.new_empty(0)
@@ -140,8 +149,10 @@ def _output_like(input: Tensor) -> Tensor:
 def _norm_forward_fake(
     input, weight, bias, running_mean, running_var, use_input_stats, reduce_batch, num_groups,
     momentum, eps, scale=None, shift=None, residual=None, activation=0, slope=0.01,
+    per_position=False, centred=True,
 ):  # fmt: skip
-    shape = _norm(use_input_stats, reduce_batch, num_groups).stats_shape(input.shape)
+    norm = _norm(use_input_stats, reduce_batch, num_groups, per_position, centred)
+    shape = norm.stats_shape(input.shape)
     mean = input.new_empty(shape, dtype=launch.acc_dtype(input.dtype))
     new_running = _new_running(input, running_mean, running_var, use_input_stats)
     return _output_like(input), mean, torch.empty_like(mean), *new_running
@@ -164,6 +175,8 @@ def _backward_impl(
     activation: int = 0,
     slope: float = 0.01,
     z_from_output: bool = False,
+    per_position: bool = False,
+    centred: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """grad_input, grad_weight, grad_bias, grad_scale, grad_shift, grad_residual, each empty
     unless ``output_mask`` (six booleans, that order) asks for it. shift and residual are
@@ -172,7 +185,7 @@ def _backward_impl(
     (launch.derivative_from_output)."""
     grads = launch.backward(
         grad_output, input, _contiguous(weight), _contiguous(bias), mean, rstd,
-        norm=_norm(use_input_stats, reduce_batch, num_groups),
+        norm=_norm(use_input_stats, reduce_batch, num_groups, per_position, centred),
         epilogue=_epilogue(scale, shift, residual, activation, slope),
         output_mask=tuple(output_mask), z_from_output=z_from_output,
     )  # fmt: skip
@@ -188,7 +201,7 @@ norm_backward = torch.library.custom_op(
 def _norm_backward_fake(
     grad_output, input, weight, bias, mean, rstd, use_input_stats, reduce_batch, num_groups,
     output_mask, scale=None, shift=None, residual=None, activation=0, slope=0.01,
-    z_from_output=False,
+    z_from_output=False, per_position=False, centred=True,
 ):  # fmt: skip
     param_dtype = weight.dtype if weight is not None else mean.dtype
     empty = lambda: mean.new_empty(0)
@@ -209,8 +222,9 @@ def _norm_backward_fake(
 _GRAD_INPUTS = (0, 1, 2, 10, 11, 12)  # input, weight, bias, scale, shift, residual
 
 
-# norm_forward's trailing arguments with their defaults (a call may leave them out).
-_EPILOGUE_DEFAULTS = (None, None, None, 0, 0.01)
+# norm_forward's trailing arguments with their defaults (a call may leave them out): the
+# epilogue's, then the statistics across channels.
+_TRAILING_DEFAULTS = (None, None, None, 0, 0.01, False, True)
 
 
 def _save(ctx, inputs, y) -> tuple:
@@ -218,13 +232,14 @@ def _save(ctx, inputs, y) -> tuple:
     activation's derivative needs z. Where the output's sign is enough (ReLU, leaky ReLU of
     slope >= 0) with a residual, the output instead: a consumer of y keeps it anyway (as torch's
     relu saves its result), while the residual would be kept for this op alone."""
-    inputs = (*inputs, *_EPILOGUE_DEFAULTS[len(inputs) - 10 :])
+    inputs = (*inputs, *_TRAILING_DEFAULTS[len(inputs) - 10 :])
     input, weight, bias = inputs[:3]
     use_input_stats, reduce_batch, num_groups = inputs[5:8]
     scale, shift, residual, activation, slope = inputs[10:15]
     from_output = residual is not None and launch.derivative_from_output(activation, slope)
     keep = activation != 0 and not from_output
     ctx.settings = (use_input_stats, reduce_batch, num_groups)
+    ctx.position = inputs[15:17]  # per_position, centred
     ctx.epilogue = (activation, slope, from_output)
     ctx.dtypes = tuple(t.dtype if t is not None else None for t in (bias, shift))
     ctx.set_materialize_grads(False)
@@ -248,7 +263,7 @@ def _backward_by(backward_fn):
             residual_grad, mask[5] = grad_y, False
         grads = backward_fn(
             grad_y, input, weight, bias, mean, rstd, *ctx.settings, mask, scale, shift,
-            residual, activation, slope, from_output,
+            residual, activation, slope, from_output, *ctx.position,
         )  # fmt: skip
         out = [None] * max(len(needs), _GRAD_INPUTS[-1] + 1)
         out[_GRAD_INPUTS[5]] = residual_grad
@@ -309,13 +324,15 @@ def normalize(
     residual: Tensor | None = None,
     activation: int = 0,
     slope: float = 0.01,
+    per_position: bool = False,
+    centred: bool = True,
 ) -> Tensor:
     """The normalisation (running statistics updated in place), through the custom op while
     torch.compile traces and through :class:`_NormFunction` in eager mode."""
     args = (
         input, weight, bias, running_mean, running_var, use_input_stats, reduce_batch,
         num_groups, float(momentum), float(eps), scale, shift, residual, int(activation),
-        float(slope),
+        float(slope), per_position, centred,
     )  # fmt: skip
     if torch.compiler.is_compiling():
         y, _, _, new_mean, new_var = norm_forward(*args)

@@ -255,3 +255,10 @@ def check_epilogue(
             )
         if residual.device != input.device:
             raise RuntimeError(f"{op}: expected residual on {input.device}, got {residual.device}")
+
+
+def check_channel_norm(op: str, input: Tensor, weight: Tensor | None,
+                       bias: Tensor | None = None) -> None:  # fmt: skip
+    """LayerNorm2d / RMSNorm2d: (N, C, *spatial) floating input, weight and bias of C values."""
+    check_input(op, input)
+    check_per_channel(op, input, weight=weight, bias=bias)

@@ -336,6 +336,69 @@ def max_split(shape_of, fused: bool, backward: bool = False, epilogue: bool = Fa
     return max(c.kwargs["SPLIT"] for c in candidates.configs)
 
 
+# Statistics across the channels at each position (positions.py): a program holds whole channel
+# vectors for BLOCK_S positions, at most this many values of the statistics' dtype's words (the
+# on-chip limits of the other norms: forward, backward, backward with an epilogue).
+POSITION_TILE_WORDS = {"forward": 16384, "backward": 8192, "backward_epilogue": 4096}
+# Partial sums of the backward (dweight, dbias) may cost at most this fraction of one pass over
+# the input (read and written once each); the split is capped accordingly.
+POSITION_PARTIAL_PASSES = 0.05
+
+
+def _position_words(backward: bool, epilogue: bool) -> int:
+    kind = "forward" if not backward else "backward_epilogue" if epilogue else "backward"
+    return POSITION_TILE_WORDS[kind]
+
+
+def position_max_channels(acc_bytes: int, epilogue: bool) -> int:
+    """The most channels the kernels across channels hold in one program, forward and backward
+    (more than these go to torch's composition: functional.layer_norm_2d)."""
+    return _position_words(True, epilogue) * 4 // acc_bytes
+
+
+@functools.lru_cache(maxsize=4096)
+def position_configs(
+    shape: Shape, backward: bool, epilogue: bool = False, sums: bool = False,
+    per_sample: bool = False,
+) -> Candidates:  # fmt: skip
+    """Candidates for the kernels across channels (positions.py), heuristic choice first:
+    BLOCK_S positions of whole channel vectors (BLOCK_S halved as an alternative), and for a
+    backward with partial sums the programs per row of partials (``SPLIT``; 0: one program per
+    tile, no sums), capped so the partials stay within POSITION_PARTIAL_PASSES of a pass."""
+    return _position_configs(shape, backward, epilogue, sums, per_sample, target_programs())
+
+
+def _position_split(shape: Shape, block_s: int, per_sample: bool, programs: int) -> list:
+    tiles = cdiv(shape.S, block_s) * (1 if per_sample else shape.N)
+    rows = shape.N if per_sample else 1
+    # a pass over the smallest input these statistics serve (half types for fp32 ones)
+    pass_bytes = shape.N * shape.C * shape.S * shape.acc_bytes // 2
+    partial_bytes = 4 * rows * shape.C * shape.acc_bytes  # two sums, written and read
+    cap = max(1, int(POSITION_PARTIAL_PASSES * pass_bytes) // partial_bytes)
+    base = max(1, min(tiles, cdiv(programs, rows), cap))
+    return [("base", base), ("high", min(tiles, MAX_SPLIT, 4 * base))]
+
+
+@functools.lru_cache(maxsize=4096)
+def _position_configs(
+    shape: Shape, backward: bool, epilogue: bool, sums: bool, per_sample: bool, programs: int
+) -> Candidates:
+    words = _position_words(backward, epilogue) * 4 // shape.acc_bytes
+    block_c = _pow2(shape.C)
+    block_s = max(1, min(_pow2(shape.S), words // block_c))
+    pairs = []
+    for nominal, bs in ((words, block_s), (words // 2, max(1, block_s // 2))):
+        tile = block_c * bs * shape.acc_bytes // 4
+        warps = _warps(tile)
+        splits = _position_split(shape, bs, per_sample, programs) if sums else [("base", 0)]
+        for rank, split in splits:
+            kw = {"BLOCK_C": block_c, "BLOCK_S": bs, "SPLIT": split}
+            for w_rank, w in (("low", warps), ("high", min(2 * warps, MAX_WARPS))):
+                pairs.append((Features(nominal, split=rank, warps=w_rank),
+                              triton.Config(kw, num_warps=w)))  # fmt: skip
+    return _candidates(pairs)
+
+
 # The finalize kernels: one small tile of (rows, groups, channels of a group) per program.
 FINALIZE_TILE = 1024
 FINALIZE_CHANNELS = 128

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -32,7 +33,7 @@ import torch
 
 from .. import activations
 from . import apply as apply_
-from . import config, grad, stats, tuning
+from . import config, grad, positions, stats, tuning
 from .launcher import NO_EPILOGUE, Launch, index_64
 
 ACTIVATIONS = activations.CODES  # name -> the kernels' code
@@ -94,6 +95,10 @@ class Norm:
     reduce_batch: bool
     num_groups: int = 0
     use_input_stats: bool = True
+    # One statistic per (sample, position) over all C channels (LayerNorm2d; positions.py),
+    # centred, or with ``centred=False`` the root mean square (RMSNorm2d).
+    per_position: bool = False
+    centred: bool = True
 
     @property
     def batch_reduced(self) -> bool:
@@ -101,7 +106,10 @@ class Norm:
         return self.reduce_batch or not self.use_input_stats
 
     def stats_shape(self, input_shape: Sequence[int]) -> tuple[int, int]:
-        """(rows, groups) of the saved mean and rstd for an input of ``input_shape``."""
+        """(rows, groups) of the saved mean and rstd for an input of ``input_shape``: (N,
+        positions) across channels."""
+        if self.per_position:
+            return (input_shape[0], math.prod(input_shape[2:]))
         groups = self.num_groups if self.num_groups and self.use_input_stats else input_shape[1]
         return (1 if self.batch_reduced else input_shape[0], groups)
 
@@ -222,6 +230,8 @@ def _reduction(
     if fold and view.N > 1 and (view.S == 1 or view.stride_n == view.S * view.stride_s):
         stride_s = view.stride_n if view.S == 1 else view.stride_s
         view = View(1, view.C, view.N * view.S, view.N * view.S * stride_s, view.stride_c, stride_s)
+    if norm.per_position:  # one group of every channel, statistics per position
+        return Reduction(view, view.C, False, dtype)
     groups = norm.stats_shape(sizes)[1]
     return Reduction(view, view.C // max(groups, 1), norm.batch_reduced, dtype)
 
@@ -248,6 +258,14 @@ def _other_view(t: torch.Tensor, x_view: View) -> View | None:
         stride_s = view.stride_n if view.S == 1 else view.stride_s
         return View(1, view.C, view.N * view.S, 0, view.stride_c, stride_s)
     return None
+
+
+def _residual_view(ep: Epilogue | None, x_view: View) -> tuple[View | None, bool]:
+    """The residual's view (None without one), and whether it must be copied into x's layout."""
+    if ep is None or ep.residual is None:
+        return None, False
+    view = _other_view(ep.residual, x_view)
+    return (x_view, True) if view is None else (view, False)
 
 
 def grad_view(dy: torch.Tensor, x: torch.Tensor, x_view: View) -> tuple[torch.Tensor, View]:
@@ -340,12 +358,7 @@ class ForwardPlan(_Plan):
         self.red = red = _reduction(tuple(x.shape), x.stride(), x.dtype, norm, fold)
         self.stats_shape = norm.stats_shape(tuple(x.shape))
         self.acc = red.acc_dtype
-        self.res_view = None
-        self.res_copy = False
-        if ep is not None and ep.residual is not None:
-            self.res_view = _other_view(ep.residual, red.view)
-            if self.res_view is None:
-                self.res_copy, self.res_view = True, red.view
+        self.res_view, self.res_copy = _residual_view(ep, red.view)
         self.extras = _epilogue_constants(ep, self.res_view)
         self.fused = norm.use_input_stats and _fused(red, epilogue=self.extras["EPILOGUE"])
         # The running statistics of InstanceNorm average the samples': a finalize launch.
@@ -488,12 +501,26 @@ def forward(
                 x.contiguous(), weight, bias, running_mean, running_var, norm=norm,
                 momentum=momentum, eps=eps, epilogue=epilogue, want_stats=want_stats,
             )  # fmt: skip
-        plan_ = _forward_plans[key] = ForwardPlan(x, norm, epilogue, eps, momentum, running)
+        kind = PositionForwardPlan if norm.per_position else ForwardPlan
+        plan_ = _forward_plans[key] = kind(x, norm, epilogue, eps, momentum, running)
     if plan_.epilogue is None:
         return plan_.run(x, weight, bias, running_mean, running_var, want_stats=want_stats)
     ep = epilogue
     return plan_.run(x, weight, bias, running_mean, running_var, ep.scale, ep.shift, ep.residual,
                      want_stats)  # fmt: skip
+
+
+def _empty_grads(x, scale, mask, param_dtype) -> tuple:
+    """The gradients of an empty input: zero parameter gradients, empty dx."""
+    C = x.shape[1]
+    zeros = lambda: torch.zeros(C, dtype=param_dtype, device=x.device)
+    dx = torch.empty_like(x)
+    dw = zeros() if mask[1] else None
+    db = zeros() if mask[2] else None
+    dsc = torch.zeros_like(scale) if mask[3] and scale is not None else None
+    dsh = torch.zeros_like(scale) if mask[4] and scale is not None else None
+    dres = torch.empty_like(x) if mask[5] else None
+    return dx, dw, db, dsc, dsh, dres
 
 
 class BackwardPlan(_Plan):
@@ -527,11 +554,7 @@ class BackwardPlan(_Plan):
         self.dy_copy = self.dy_view is None
         if self.dy_copy:
             self.dy_view = red.view
-        self.res_view, self.res_copy = None, False
-        if ep is not None and ep.residual is not None:
-            self.res_view = _other_view(ep.residual, red.view)
-            if self.res_view is None:
-                self.res_copy, self.res_view = True, red.view
+        self.res_view, self.res_copy = _residual_view(ep, red.view)
         self.fused = norm.use_input_stats and _fused(red, backward=True)
         self.max_split = config.max_split(red, self.fused, backward=True)
         if ep is not None:
@@ -548,7 +571,7 @@ class BackwardPlan(_Plan):
 
     def run(self, dy, x, weight, bias, mean, rstd, scale=None, shift=None, residual=None):
         if self.empty:
-            return self._empty(x, scale)
+            return _empty_grads(x, scale, self.mask, self.param_dtype)
         if self.dy_copy:
             dy = torch.empty_like(x).copy_(dy)
         if self.res_copy:
@@ -614,17 +637,6 @@ class BackwardPlan(_Plan):
             coef_red, tensors, source=apply_.COEFFICIENTS, dy_view=self.dy_view, extras=self.extras,
             z_from_output=self.z_from_output))  # fmt: skip
         return dx, dweight, dbias, dscale, dshift, dres
-
-    def _empty(self, x, scale):
-        C = x.shape[1]
-        zeros = lambda: torch.zeros(C, dtype=self.param_dtype, device=x.device)
-        dx = torch.empty_like(x)
-        dw = zeros() if self.mask[1] else None
-        db = zeros() if self.mask[2] else None
-        dsc = torch.zeros_like(scale) if self.mask[3] and scale is not None else None
-        dsh = torch.zeros_like(scale) if self.mask[4] and scale is not None else None
-        dres = torch.empty_like(x) if self.mask[5] else None
-        return dx, dw, db, dsc, dsh, dres
 
     def _run_plain(self, dy, x, weight, mean, rstd):
         red, norm, device = self.red, self.norm, x.device
@@ -694,6 +706,118 @@ class BackwardPlan(_Plan):
             param_grads=self.param_grads))  # fmt: skip
 
 
+class PositionForwardPlan(_Plan):
+    """The forward across the channels at each position (LayerNorm2d, RMSNorm2d): one launch
+    writes y, mean and rstd (positions.py); a program holds whole channel vectors."""
+
+    def __init__(self, x: torch.Tensor, norm: Norm, epilogue: Epilogue | None, eps: float,
+                 momentum: float = 0.0, running: bool = False):  # fmt: skip
+        super().__init__()
+        ep = epilogue if epilogue is not None and epilogue.present else None
+        self.norm, self.eps, self.epilogue = norm, eps, ep
+        self.empty = x.numel() == 0
+        self.red = red = _reduction(tuple(x.shape), x.stride(), x.dtype, norm, False)
+        self.stats_shape = norm.stats_shape(tuple(x.shape))
+        self.res_view, self.res_copy = _residual_view(ep, red.view)
+        self.extras = _epilogue_constants(ep, self.res_view)
+
+    def run(self, x, weight, bias, running_mean=None, running_var=None, scale=None, shift=None,
+            residual=None, want_stats=True):  # fmt: skip
+        y = torch.empty_like(x)
+        if self.empty:
+            return y, _nan_stats(x, self.norm), _nan_stats(x, self.norm)
+        if self.res_copy:
+            residual = torch.empty_like(x).copy_(residual)
+        mean = torch.empty(self.stats_shape, dtype=self.red.acc_dtype, device=x.device)
+        rstd = torch.empty_like(mean)
+        ep = dict(scale_ptr=scale, shift_ptr=shift, res_ptr=residual) if self.epilogue else {}
+        tensors = dict(x_ptr=x, y_ptr=y, weight_ptr=weight, bias_ptr=bias, mean_ptr=mean,
+                       rstd_ptr=rstd, **ep)  # fmt: skip
+        self._step("forward", tensors, lambda: positions.bind_forward(
+            self.red, tensors, centred=self.norm.centred, eps=self.eps, extras=self.extras))  # fmt: skip
+        return y, mean, rstd
+
+
+class PositionBackwardPlan(_Plan):
+    """The backward across the channels at each position: one launch writes dx (and
+    dresidual), with per-channel partial sums when dweight, dbias, dscale or dshift are asked
+    for; then grad.py's finalize adds them in a fixed order - 1 or 2 launches, 3 passes."""
+
+    def __init__(self, x, dy, norm: Norm, epilogue: Epilogue | None, output_mask: tuple,
+                 z_from_output: bool, weight_dtype, has_bias: bool = True):  # fmt: skip
+        super().__init__()
+        ep = epilogue if epilogue is not None and epilogue.present else None
+        self.norm, self.epilogue, self.z_from_output, self.mask = norm, ep, z_from_output, output_mask
+        self.empty = x.numel() == 0
+        self.red = red = _reduction(tuple(x.shape), x.stride(), x.dtype, norm, False)
+        self.param_dtype = weight_dtype or red.acc_dtype
+        self.param_grads = output_mask[1] or output_mask[2]
+        # dscale and dshift are sums per sample: partials per sample
+        self.per_sample = ep is not None and ep.scale is not None and (output_mask[3] or output_mask[4])
+        self.sums = self.param_grads or self.per_sample
+        if self.empty:
+            return
+        self.dy_view = _other_view(dy, red.view)
+        self.dy_copy = self.dy_view is None
+        if self.dy_copy:
+            self.dy_view = red.view
+        self.res_view, self.res_copy = _residual_view(ep, red.view)
+        self.extras = _epilogue_constants(ep, self.res_view, force=True) if ep else NO_EPILOGUE
+        v = red.view
+        candidates = config.position_configs(
+            red.shape, True, self.extras["EPILOGUE"], sums=True, per_sample=self.per_sample
+        )
+        self.max_split = max(c.kwargs["SPLIT"] for c in candidates.configs)
+        # the partials as grad.py's finalize sees them: (rows, C), one channel per statistic
+        rows = v.N if self.per_sample else 1
+        self.sums_red = Reduction(View(rows, v.C, 1, v.C, 1, 1), 1, not self.per_sample, red.dtype)
+
+    def run(self, dy, x, weight, bias, mean, rstd, scale=None, shift=None, residual=None):
+        if self.empty:
+            return _empty_grads(x, scale, self.mask, self.param_dtype)
+        if self.dy_copy:
+            dy = torch.empty_like(x).copy_(dy)
+        if self.res_copy:
+            residual = torch.empty_like(x).copy_(residual)
+        ep, device, C = self.epilogue, x.device, x.shape[1]
+        dx = torch.empty_like(x)
+        dres = torch.empty_like(x) if ep is not None and self.mask[5] else None
+        sums = None
+        if self.sums:
+            rows = self.sums_red.rows
+            sums = torch.empty((2, self.max_split, rows, C), dtype=self.red.acc_dtype,
+                               device=device)  # fmt: skip
+        tensors = dict(x_ptr=x, dy_ptr=dy, dx_ptr=dx, mean_ptr=mean, rstd_ptr=rstd,
+                       weight_ptr=weight, partial_ptr=sums)  # fmt: skip
+        if ep is not None:
+            tensors.update(bias_ptr=bias, scale_ptr=scale, shift_ptr=shift, dres_ptr=dres,
+                           res_ptr=residual if ep.activation else None)  # fmt: skip
+        launched = self._step("backward", tensors, lambda: positions.bind_backward(
+            self.red, tensors, centred=self.norm.centred, dy_view=self.dy_view,
+            per_sample=self.per_sample, partial_strides=_strides(sums), extras=self.extras,
+            z_from_output=self.z_from_output))  # fmt: skip
+        if sums is None:
+            return dx, None, None, None, None, dres
+        dweight = dbias = dscale = dshift = None
+        if self.param_grads:
+            dweight = torch.empty(C, dtype=self.param_dtype, device=device)
+            dbias = torch.empty_like(dweight)
+        if self.per_sample:
+            dscale, dshift = torch.empty_like(scale), torch.empty_like(scale)
+        tensors = dict(partial_ptr=sums, rstd_ptr=rstd, weight_ptr=weight, bias_ptr=bias,
+                       dweight_ptr=dweight, dbias_ptr=dbias, scale_ptr=scale, dscale_ptr=dscale,
+                       dshift_ptr=dshift)  # fmt: skip
+        num_partials = launched.cfg.kwargs["SPLIT"]
+        self._step("finalize", tensors, lambda: grad.bind_finalize(
+            self.sums_red, tensors, num_partials, partial_strides=_strides(sums), count=1,
+            use_input_stats=True, param_grads=self.param_grads, epilogue=ep is not None))  # fmt: skip
+        return dx, dweight, dbias, dscale, dshift, dres
+
+
+def _strides(partials: torch.Tensor | None) -> tuple[int, int]:
+    return (partials.stride(0), partials.stride(1)) if partials is not None else (0, 0)
+
+
 def backward(
     dy: torch.Tensor,
     x: torch.Tensor,
@@ -726,7 +850,8 @@ def backward(
                 dy, x.contiguous(), weight, bias, mean, rstd, norm=norm, epilogue=epilogue,
                 output_mask=output_mask, z_from_output=z_from_output,
             )  # fmt: skip
-        plan_ = _backward_plans[key] = BackwardPlan(
+        kind = PositionBackwardPlan if norm.per_position else BackwardPlan
+        plan_ = _backward_plans[key] = kind(
             x, dy, norm, ep, output_mask, z_from_output, _meta(weight), bias is not None
         )
     if ep is None:
