@@ -747,13 +747,14 @@ class PositionBackwardPlan(_Plan):
                  z_from_output: bool, weight_dtype, has_bias: bool = True):  # fmt: skip
         super().__init__()
         ep = epilogue if epilogue is not None and epilogue.present else None
-        self.norm, self.epilogue, self.z_from_output, self.mask = norm, ep, z_from_output, output_mask
+        self.norm, self.epilogue, self.mask = norm, ep, output_mask
+        self.z_from_output = z_from_output
         self.empty = x.numel() == 0
         self.red = red = _reduction(tuple(x.shape), x.stride(), x.dtype, norm, False)
         self.param_dtype = weight_dtype or red.acc_dtype
         self.param_grads = output_mask[1] or output_mask[2]
         # dscale and dshift are sums per sample: partials per sample
-        self.per_sample = ep is not None and ep.scale is not None and (output_mask[3] or output_mask[4])
+        self.per_sample = ep is not None and ep.scale is not None and any(output_mask[3:5])
         self.sums = self.param_grads or self.per_sample
         if self.empty:
             return
