@@ -365,10 +365,15 @@ def position_configs(
     BLOCK_S positions of whole channel vectors (BLOCK_S halved as an alternative), and for a
     backward with partial sums the programs per row of partials (``SPLIT``; 0: one program per
     tile, no sums), capped so the partials stay within POSITION_PARTIAL_PASSES of a pass."""
-    return _position_configs(shape, backward, epilogue, sums, per_sample, target_programs())
+    return _position_configs(
+        shape, backward, epilogue, sums, per_sample, _overrides, target_programs()
+    )
 
 
-def _position_split(shape: Shape, block_s: int, per_sample: bool, programs: int) -> list:
+def _position_split(shape: Shape, block_s: int, per_sample: bool, programs: int,
+                    forced_split: int | None) -> list:  # fmt: skip
+    if forced_split is not None:
+        return [("base", max(1, forced_split))]
     tiles = cdiv(shape.S, block_s) * (1 if per_sample else shape.N)
     rows = shape.N if per_sample else 1
     # a pass over the smallest input these statistics serve (half types for fp32 ones)
@@ -381,8 +386,9 @@ def _position_split(shape: Shape, block_s: int, per_sample: bool, programs: int)
 
 @functools.lru_cache(maxsize=4096)
 def _position_configs(
-    shape: Shape, backward: bool, epilogue: bool, sums: bool, per_sample: bool, programs: int
-) -> Candidates:
+    shape: Shape, backward: bool, epilogue: bool, sums: bool, per_sample: bool,
+    overrides: _Overrides, programs: int,
+) -> Candidates:  # fmt: skip
     words = _position_words(backward, epilogue) * 4 // shape.acc_bytes
     block_c = _pow2(shape.C)
     block_s = max(1, min(_pow2(shape.S), words // block_c))
@@ -390,7 +396,9 @@ def _position_configs(
     for nominal, bs in ((words, block_s), (words // 2, max(1, block_s // 2))):
         tile = block_c * bs * shape.acc_bytes // 4
         warps = _warps(tile)
-        splits = _position_split(shape, bs, per_sample, programs) if sums else [("base", 0)]
+        splits = [("base", 0)]  # no sums: one program per tile
+        if sums:
+            splits = _position_split(shape, bs, per_sample, programs, overrides.split)
         for rank, split in splits:
             kw = {"BLOCK_C": block_c, "BLOCK_S": bs, "SPLIT": split}
             for w_rank, w in (("low", warps), ("high", min(2 * warps, MAX_WARPS))):
