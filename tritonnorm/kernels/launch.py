@@ -855,10 +855,16 @@ def backward(
         plan_ = _backward_plans[key] = kind(
             x, dy, norm, ep, output_mask, z_from_output, _meta(weight), bias is not None
         )
+    # The kernels write dweight and dbias (dscale and dshift) together: return what was asked.
     if ep is None:
         dx, dw, db, *_ = plan_.run(dy, x, weight, bias, mean, rstd)
-        return dx, dw, db, None, None, None
-    return plan_.run(dy, x, weight, bias, mean, rstd, ep.scale, ep.shift, ep.residual)
+        return dx, dw if output_mask[1] else None, db if output_mask[2] else None, None, None, None
+    dx, dw, db, dsc, dsh, dres = plan_.run(
+        dy, x, weight, bias, mean, rstd, ep.scale, ep.shift, ep.residual
+    )
+    mask = output_mask
+    return (dx, dw if mask[1] else None, db if mask[2] else None, dsc if mask[3] else None,
+            dsh if mask[4] else None, dres)  # fmt: skip
 
 
 # --- the steps one by one (SyncBatchNorm, the epilogue backward) ------------------------------
