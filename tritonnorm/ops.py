@@ -247,13 +247,14 @@ def _save(ctx, inputs, y) -> tuple:
     return (input, weight, bias), extras
 
 
-def _backward_by(backward_fn):
+def _backward_by(backward_fn, grad_inputs: tuple[int, ...] = _GRAD_INPUTS):
     """The backward of norm_forward, computing with ``backward_fn`` (the custom op, or in eager
-    its implementation)."""
+    its implementation); ``grad_inputs``: the positions of input, weight, bias, scale, shift
+    and residual among the forward's arguments."""
 
     def backward(ctx, grad_y, *_grad_statistics):
         needs = ctx.needs_input_grad  # as many as the call passed (the op's may be fewer)
-        mask = [i < len(needs) and needs[i] for i in _GRAD_INPUTS]
+        mask = [i < len(needs) and needs[i] for i in grad_inputs]
         if grad_y is None or not any(mask):
             return (None,) * len(needs)
         input, weight, bias, mean, rstd, scale, shift, residual = ctx.saved_tensors
@@ -265,14 +266,14 @@ def _backward_by(backward_fn):
             grad_y, input, weight, bias, mean, rstd, *ctx.settings, mask, scale, shift,
             residual, activation, slope, from_output, *ctx.position,
         )  # fmt: skip
-        out = [None] * max(len(needs), _GRAD_INPUTS[-1] + 1)
-        out[_GRAD_INPUTS[5]] = residual_grad
+        out = [None] * max(len(needs), grad_inputs[-1] + 1)
+        out[grad_inputs[5]] = residual_grad
         bias_dtype, shift_dtype = ctx.dtypes
-        for slot, i, grad in zip(range(6), _GRAD_INPUTS, grads, strict=True):
+        for slot, i, grad in zip(range(6), grad_inputs, grads, strict=True):
             if mask[slot]:
-                if slot == 2:
+                if slot == 2 and grad.dtype != bias_dtype:
                     grad = grad.to(bias_dtype)
-                elif slot == 4:
+                elif slot == 4 and grad.dtype != shift_dtype:
                     grad = grad.to(shift_dtype)
                 out[i] = grad
         return tuple(out[: len(needs)])
@@ -298,13 +299,17 @@ class _NormFunction(torch.autograd.Function):
     statistics' gradients to materialise."""
 
     @staticmethod
-    def forward(ctx, *inputs):
+    def forward(ctx, settings, input, weight, bias, running_mean, running_var, scale, shift,
+                residual):  # fmt: skip
+        inputs = (input, weight, bias, running_mean, running_var, *settings[:5], scale, shift,
+                  residual, *settings[5:])  # fmt: skip
         y, mean, rstd, _, _ = _forward_impl(*inputs)
         params, extras = _save(ctx, inputs, y)
         ctx.save_for_backward(*params, mean, rstd, *extras)
         return y
 
-    backward = staticmethod(_backward_by(_backward_impl))
+    # The tensors follow one tuple of settings: autograd's apply costs per argument.
+    backward = staticmethod(_backward_by(_backward_impl, grad_inputs=(1, 2, 3, 6, 7, 8)))
 
 
 def normalize(
@@ -329,10 +334,20 @@ def normalize(
 ) -> Tensor:
     """The normalisation (running statistics updated in place), through the custom op while
     torch.compile traces and through :class:`_NormFunction` in eager mode."""
+    momentum, eps, activation, slope = float(momentum), float(eps), int(activation), float(slope)
+    if torch.is_grad_enabled() and (
+        input.requires_grad
+        or any(t is not None and t.requires_grad for t in (weight, bias, scale, shift, residual))
+    ) and not torch.compiler.is_compiling():  # fmt: skip
+        settings = (use_input_stats, reduce_batch, num_groups, momentum, eps, activation, slope,
+                    per_position, centred)  # fmt: skip
+        return _NormFunction.apply(
+            settings, input, weight, bias, running_mean, running_var, scale, shift, residual
+        )
     args = (
         input, weight, bias, running_mean, running_var, use_input_stats, reduce_batch,
-        num_groups, float(momentum), float(eps), scale, shift, residual, int(activation),
-        float(slope), per_position, centred,
+        num_groups, momentum, eps, scale, shift, residual, activation, slope, per_position,
+        centred,
     )  # fmt: skip
     if torch.compiler.is_compiling():
         y, _, _, new_mean, new_var = norm_forward(*args)
@@ -340,9 +355,4 @@ def normalize(
             with torch.no_grad():
                 running_mean.copy_(new_mean), running_var.copy_(new_var)
         return y
-    if torch.is_grad_enabled() and (
-        input.requires_grad
-        or any(t is not None and t.requires_grad for t in (weight, bias, scale, shift, residual))
-    ):
-        return _NormFunction.apply(*args)
     return _forward_impl(*args)[0]

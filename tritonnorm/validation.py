@@ -198,7 +198,6 @@ LEAKY_RELU_SLOPE = activations.LEAKY_RELU_SLOPE
 def parse_activation(activation) -> tuple[str | None, float]:
     """(name, leaky_relu slope) of an epilogue activation: None, one of ACTIVATION_NAMES, or
     ("leaky_relu", negative_slope)."""
-    valid = ", ".join(repr(n) for n in ACTIVATION_NAMES)
     if activation is None:
         return None, LEAKY_RELU_SLOPE
     if isinstance(activation, tuple) and len(activation) == 2 and activation[0] == "leaky_relu":
@@ -208,6 +207,7 @@ def parse_activation(activation) -> tuple[str | None, float]:
         return "leaky_relu", float(slope)
     if isinstance(activation, str) and activation in ACTIVATION_NAMES:
         return activation, LEAKY_RELU_SLOPE
+    valid = ", ".join(repr(n) for n in ACTIVATION_NAMES)
     raise ValueError(
         f"unknown activation {activation!r}: expected None, one of {valid}, or "
         "('leaky_relu', negative_slope)"

@@ -326,6 +326,17 @@ class _Plan:
 
     def __init__(self):
         self.steps: dict[str, Launch] = {}
+        self.templates: dict[str, torch.Tensor] = {}
+
+    def _buffer(self, name: str, shape, dtype: torch.dtype, device) -> torch.Tensor:
+        """A new tensor of a shape this plan always allocates under ``name``: ``empty_like`` of
+        a kept template (one element, expanded: no memory) costs half of ``torch.empty`` with
+        its keyword arguments."""
+        template = self.templates.get(name)
+        if template is None:
+            template = torch.empty((), dtype=dtype, device=device).expand(shape)
+            self.templates[name] = template
+        return torch.empty_like(template)
 
     def _step(self, name: str, tensors: dict, bind) -> Launch:
         """Run step ``name`` with ``tensors``; ``bind()`` makes its launch the first time."""
@@ -380,7 +391,7 @@ class ForwardPlan(_Plan):
         red, device = self.red, x.device
         mean = rstd = None
         if want_stats or self.norm.use_input_stats:
-            mean = torch.empty(self.stats_shape, dtype=self.acc, device=device)
+            mean = self._buffer("mean", self.stats_shape, self.acc, device)
             rstd = torch.empty_like(mean)
         ep = dict(scale_ptr=scale, shift_ptr=shift, res_ptr=residual) if self.epilogue else {}
         direct = {}
@@ -396,8 +407,8 @@ class ForwardPlan(_Plan):
         partials = None
         if not self.fused or self.sample_running:
             splits = self.max_split if not self.fused else 1
-            partials = torch.empty((3, splits, red.rows, red.groups), dtype=self.acc,
-                                   device=device)  # fmt: skip
+            partials = self._buffer("partials", (3, splits, red.rows, red.groups), self.acc,
+                                    device)  # fmt: skip
         if self.fused:
             tensors = dict(x_ptr=x, y_ptr=y, weight_ptr=weight, bias_ptr=bias, mean_ptr=mean,
                            rstd_ptr=rstd, partial_ptr=partials, **direct, **ep)  # fmt: skip
@@ -422,7 +433,7 @@ class ForwardPlan(_Plan):
                 num_partials=num_partials, partial_strides=strides, eps=self.eps,
                 momentum=self.momentum))  # fmt: skip
             return y, mean, rstd
-        coef = torch.empty((4, red.rows, red.view.C), dtype=self.acc, device=device)
+        coef = self._buffer("coef", (4, red.rows, red.view.C), self.acc, device)
         self._finalize(partials, num_partials, mean, rstd, coef, weight, bias, running_mean,
                        running_var)  # fmt: skip
         tensors = dict(x_ptr=x, out_ptr=y, coef_ptr=coef, **ep)
@@ -595,12 +606,12 @@ class BackwardPlan(_Plan):
         dres = torch.empty_like(x) if self.mask[5] else None
         dweight = dbias = dscale = dshift = None
         if self.param_grads:
-            dweight = torch.empty(view.C, dtype=self.param_dtype, device=device)
+            dweight = self._buffer("dweight", view.C, self.param_dtype, device)
             dbias = torch.empty_like(dweight)
         if (self.mask[3] or self.mask[4]) and scale is not None:
             dscale, dshift = torch.empty_like(scale), torch.empty_like(scale)
         fused = self.epi_fused
-        sums = torch.empty((2, self.epi_max_split, view.N, view.C), dtype=self.acc, device=device)
+        sums = self._buffer("sums", (2, self.epi_max_split, view.N, view.C), self.acc, device)
         residual_arg = residual if ep.activation else None  # only z needs it
         tensors = dict(x_ptr=x, dy_ptr=dy, mean_ptr=mean, rstd_ptr=rstd, weight_ptr=weight,
                        bias_ptr=bias, partial_ptr=sums, scale_ptr=scale, shift_ptr=shift,
@@ -615,7 +626,7 @@ class BackwardPlan(_Plan):
         num_partials = launched.cfg.kwargs["SPLIT"]
         coef = None
         if not fused:
-            coef = torch.empty((4, self.red.rows, view.C), dtype=self.acc, device=device)
+            coef = self._buffer("coef", (4, self.red.rows, view.C), self.acc, device)
         tensors = dict(partial_ptr=sums, mean_ptr=mean, rstd_ptr=rstd, weight_ptr=weight,
                        bias_ptr=bias, dweight_ptr=dweight, dbias_ptr=dbias, coef_ptr=coef,
                        scale_ptr=scale, dscale_ptr=dscale, dshift_ptr=dshift)  # fmt: skip
@@ -643,7 +654,7 @@ class BackwardPlan(_Plan):
         dx = torch.empty_like(x)
         dweight = dbias = None
         if self.param_grads:
-            dweight = torch.empty(red.view.C, dtype=self.param_dtype, device=device)
+            dweight = self._buffer("dweight", red.view.C, self.param_dtype, device)
             dbias = torch.empty_like(dweight)
         dy_view = self.dy_view
         if not norm.use_input_stats and not self.param_grads:  # dx = w rstd dy
@@ -653,8 +664,8 @@ class BackwardPlan(_Plan):
                 use_input_stats=False))  # fmt: skip
             return dx, None, None, None, None, None
         if not norm.use_input_stats:  # eval with dweight/dbias: dx written by the sums' pass
-            sums = torch.empty((2, self.max_split, red.rows, red.view.C), dtype=self.acc,
-                               device=device)  # fmt: skip
+            sums = self._buffer("sums", (2, self.max_split, red.rows, red.view.C), self.acc,
+                                device)  # fmt: skip
             tensors = dict(x_ptr=x, dy_ptr=dy, dx_ptr=dx, mean_ptr=mean, rstd_ptr=rstd,
                            weight_ptr=weight, partial_ptr=sums)  # fmt: skip
             launched = self._step("grad", tensors, lambda: grad.bind_gradient_sums(
@@ -666,7 +677,7 @@ class BackwardPlan(_Plan):
         sums = None
         if not (self.fused and (direct or not self.param_grads)):
             splits = self.max_split
-            sums = torch.empty((2, splits, red.rows, red.view.C), dtype=self.acc, device=device)
+            sums = self._buffer("sums", (2, splits, red.rows, red.view.C), self.acc, device)
         tensors = dict(x_ptr=x, dy_ptr=dy, mean_ptr=mean, rstd_ptr=rstd, weight_ptr=weight,
                        partial_ptr=sums)  # fmt: skip
         if self.fused:
@@ -689,7 +700,7 @@ class BackwardPlan(_Plan):
                 red, tensors, source=apply_.GRAD_PARTIALS, dy_view=dy_view, num_partials=num_partials,
                 partial_strides=strides, use_input_stats=norm.use_input_stats))  # fmt: skip
             return dx, dweight, dbias, None, None, None
-        coef = torch.empty((4, red.rows, red.view.C), dtype=self.acc, device=device)
+        coef = self._buffer("coef", (4, red.rows, red.view.C), self.acc, device)
         self._finalize(sums, num_partials, mean, rstd, weight, dweight, dbias, coef)
         tensors = dict(x_ptr=x_in, dy_ptr=dy, out_ptr=dx, coef_ptr=coef)
         self._step("apply", tensors, lambda: apply_.bind_apply(
@@ -728,7 +739,7 @@ class PositionForwardPlan(_Plan):
             return y, _nan_stats(x, self.norm), _nan_stats(x, self.norm)
         if self.res_copy:
             residual = torch.empty_like(x).copy_(residual)
-        mean = torch.empty(self.stats_shape, dtype=self.red.acc_dtype, device=x.device)
+        mean = self._buffer("mean", self.stats_shape, self.red.acc_dtype, x.device)
         rstd = torch.empty_like(mean)
         ep = dict(scale_ptr=scale, shift_ptr=shift, res_ptr=residual) if self.epilogue else {}
         tensors = dict(x_ptr=x, y_ptr=y, weight_ptr=weight, bias_ptr=bias, mean_ptr=mean,
@@ -786,8 +797,8 @@ class PositionBackwardPlan(_Plan):
         sums = None
         if self.sums:
             rows = self.sums_red.rows
-            sums = torch.empty((2, self.max_split, rows, C), dtype=self.red.acc_dtype,
-                               device=device)  # fmt: skip
+            sums = self._buffer("sums", (2, self.max_split, rows, C), self.red.acc_dtype,
+                                device)  # fmt: skip
         tensors = dict(x_ptr=x, dy_ptr=dy, dx_ptr=dx, mean_ptr=mean, rstd_ptr=rstd,
                        weight_ptr=weight, partial_ptr=sums)  # fmt: skip
         if ep is not None:
@@ -801,7 +812,7 @@ class PositionBackwardPlan(_Plan):
             return dx, None, None, None, None, dres
         dweight = dbias = dscale = dshift = None
         if self.param_grads:
-            dweight = torch.empty(C, dtype=self.param_dtype, device=device)
+            dweight = self._buffer("dweight", C, self.param_dtype, device)
             dbias = torch.empty_like(dweight)
         if self.per_sample:
             dscale, dshift = torch.empty_like(scale), torch.empty_like(scale)

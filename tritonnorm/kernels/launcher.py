@@ -24,7 +24,9 @@ Perf harnesses (interpreter byte counts, meta-tensor recordings, stubbed launche
 from __future__ import annotations
 
 import inspect
+import math
 import os
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -116,27 +118,15 @@ class Launch:
         if cfg is not None:
             self.constants.update(cfg.all_kwargs())
         self.constants.update(config.LAUNCH_OPTIONS)
-        self._direct = None  # (run, function, packed metadata, arguments, slots, stream fns)
+        self._direct = None  # the generated direct launcher (_generate), after a first run
 
     def __call__(self, *tensors) -> None:
         """Launch with the tensors named at binding, in that order."""
         if self.cfg is not None:
             config._chosen[self.kernel.name] = self.cfg
         direct = self._direct
-        if direct is not None:
-            for i in self.external:
-                t = tensors[i]
-                if t is not None and t.data_ptr() & 15:
-                    break
-            else:
-                if not _hooks_set():
-                    run, function, packed, args, slots, current_stream, current_device = direct
-                    for i, t in zip(slots, tensors, strict=True):
-                        args[i] = t
-                    g0, g1, g2 = self.grid
-                    run(g0, g1, g2, current_stream(current_device()), function, packed, None,
-                        None, None, *args)  # fmt: skip
-                    return
+        if direct is not None and direct(*tensors):
+            return
         if self.empty_grid:
             return
         kwargs = dict(self.constants)
@@ -147,22 +137,56 @@ class Launch:
             and compiled is not None
             and all(t is None or not t.data_ptr() & 15 for t in tensors)
         ):
-            self._record(compiled, kwargs)
+            self._direct = self._generate(compiled, kwargs, tensors)
 
-    def _record(self, compiled, kwargs: dict) -> None:
+    def _generate(self, compiled, kwargs: dict, tensors: tuple) -> Callable[..., bool]:
+        """The direct launcher of this launch, generated as Python source once (as inductor's
+        launchers are): the compiled kernel's ``run`` with every constant written in as a
+        literal and the tensors in their slots; it returns False, launching nothing, when a
+        guard fails (a pointer not 16-byte aligned, a tensor where None was recorded or the
+        reverse, a launch hook set): the JIT path then decides."""
         if hasattr(compiled, "result"):  # an asynchronous compile's future
             compiled = compiled.result()
-        params = self.kernel.params
-        defaults = self.kernel.defaults
-        args = [kwargs[name] if name in kwargs else defaults[name] for name in params]
-        slots = tuple(params.index(name) for name in self.tensors)
-        for i in slots:
-            args[i] = None  # no tensor kept alive by the plan
-        active = triton.runtime.driver.active
-        self._direct = (
-            compiled.run, compiled.function, compiled.packed_metadata, args, slots,
-            active.get_current_stream, active.get_current_device,
+        params, defaults = self.kernel.params, self.kernel.defaults
+        slot_of = {params.index(name): i for i, name in enumerate(self.tensors)}
+        scope = dict(
+            run=compiled.run, function=compiled.function, packed=compiled.packed_metadata,
+            stream=triton.runtime.driver.active.get_current_stream,
+            device=triton.runtime.driver.active.get_current_device, hooks_set=_hooks_set,
         )  # fmt: skip
+        args = []
+        for j, name in enumerate(params):
+            if j in slot_of:
+                args.append(f"t{slot_of[j]}")
+                continue
+            value = kwargs[name] if name in kwargs else defaults[name]
+            if (
+                value is None
+                or type(value) in (bool, int, str)
+                or (type(value) is float and math.isfinite(value))
+            ):
+                args.append(repr(value))
+            else:  # anything else by name
+                scope[f"c{j}"] = value
+                args.append(f"c{j}")
+        names = [f"t{i}" for i in range(len(tensors))]
+        guards = [f"{n} is {'' if t is None else 'not '}None"
+                  for n, t in zip(names, tensors, strict=True)]  # fmt: skip
+        aligned = [f"{names[i]}.data_ptr()" for i in self.external if tensors[i] is not None]
+        if aligned:
+            guards.append(f"not ({' | '.join(aligned)}) & 15")
+        guards.append("not hooks_set()")
+        g0, g1, g2 = self.grid
+        source = (
+            f"def launch({', '.join(names)}):\n"
+            f"    if not ({' and '.join(guards)}):\n"
+            f"        return False\n"
+            f"    run({g0}, {g1}, {g2}, stream(device()), function, packed, None, None, None, "
+            f"{', '.join(args)})\n"
+            f"    return True\n"
+        )
+        exec(compile(source, f"<tritonnorm launcher {self.kernel.name}>", "exec"), scope)
+        return scope["launch"]
 
 
 # --- binding a launch ---------------------------------------------------------------------------
