@@ -183,13 +183,27 @@ def _backward_impl(
     needed only with an activation (to recompute z); with ``z_from_output`` the ``residual``
     argument is the forward's output y instead, whose sign gives the activation's derivative
     (launch.derivative_from_output)."""
-    grads = launch.backward(
+    grads = _gradients(
+        grad_output, input, weight, bias, mean, rstd, use_input_stats, reduce_batch, num_groups,
+        output_mask, scale, shift, residual, activation, slope, z_from_output, per_position,
+        centred,
+    )  # fmt: skip
+    return tuple(g if g is not None else mean.new_empty(0) for g in grads)
+
+
+def _gradients(
+    grad_output, input, weight, bias, mean, rstd, use_input_stats, reduce_batch, num_groups,
+    output_mask, scale=None, shift=None, residual=None, activation=0, slope=0.01,
+    z_from_output=False, per_position=False, centred=True,
+) -> tuple[Tensor | None, ...]:  # fmt: skip
+    """:func:`_backward_impl`'s gradients with None for those not asked for (the eager
+    backward's: a custom op must return tensors, autograd takes None)."""
+    return launch.backward(
         grad_output, input, _contiguous(weight), _contiguous(bias), mean, rstd,
         norm=_norm(use_input_stats, reduce_batch, num_groups, per_position, centred),
         epilogue=_epilogue(scale, shift, residual, activation, slope),
         output_mask=tuple(output_mask), z_from_output=z_from_output,
     )  # fmt: skip
-    return tuple(g if g is not None else mean.new_empty(0) for g in grads)
 
 
 norm_backward = torch.library.custom_op(
@@ -309,7 +323,7 @@ class _NormFunction(torch.autograd.Function):
         return y
 
     # The tensors follow one tuple of settings: autograd's apply costs per argument.
-    backward = staticmethod(_backward_by(_backward_impl, grad_inputs=(1, 2, 3, 6, 7, 8)))
+    backward = staticmethod(_backward_by(_gradients, grad_inputs=(1, 2, 3, 6, 7, 8)))
 
 
 def normalize(
