@@ -8,7 +8,8 @@ import os
 from collections.abc import Callable
 
 import torch
-from tolerances import assert_close_to_reference
+from norms import make_buffers
+from tolerances import assert_bitwise_equal, assert_close_to_reference
 
 # Under the interpreter the library decides fused-or-split by the same rule whether "fused" is
 # forced or not, and launches the first (heuristic) candidate either way: "auto" launches what
@@ -135,6 +136,59 @@ def rand_like_format(shape, dtype, device, memory_format=torch.contiguous_format
     same data up to rounding)."""
     t = torch.randn(shape, dtype=torch.float64, device=device) * 1.5 + offset
     return t.to(dtype).contiguous(memory_format=memory_format)
+
+
+def check_norm(
+    norm,
+    device,
+    shape,
+    *,
+    path="auto",
+    dtype=torch.float32,
+    param_dtype=None,
+    weight=True,
+    bias=True,
+    momentum=0.1,
+    eps=1e-5,
+    memory_format=torch.contiguous_format,
+    grad_format=None,
+    x=None,
+    view=None,
+    input_grad=True,
+):
+    """Run ours, torch's (same dtypes) and torch's (float64) for one row of tests/norms.py
+    (``norm``) on ``shape``: output, input / weight / bias gradients and running statistics.
+    Returns ours."""
+    if x is None:
+        x = rand_like_format(shape, dtype, device, memory_format, offset=0.5)
+    grad_out = rand_like_format(shape, dtype, device, grad_format or memory_format)
+    C = shape[1]
+    pdt = param_dtype or dtype
+    w = (torch.rand(C, device=device) * 1.5 + 0.25).to(pdt) if weight else None
+    b = torch.randn(C, device=device).to(pdt) if bias and norm.bias else None
+    rm, rv = make_buffers(C, device, pdt) if norm.buffers else (None, None)
+    common = dict(
+        grad_out=grad_out,
+        weight=w,
+        bias=b,
+        running_mean=rm,
+        running_var=rv,
+        view=view,
+        input_grad=input_grad,
+        momentum=momentum,
+        eps=eps,
+    )
+    with kernel_path(path):
+        ours = run_norm(norm.ours, x, **common)
+    same = run_norm(norm.torch, x, **common)
+    ref = run_norm(norm.torch, x, dtype=torch.float64, **common)
+    assert ours["out"].dtype == dtype, f"output dtype {ours['out'].dtype}, input {dtype}"
+    assert ours["out"].shape == torch.Size(shape)
+    compare_three(ours, same, ref)
+    if norm.buffers and not norm.updates_buffers:
+        assert_bitwise_equal(ours["running_mean"], rm, "running_mean changed in eval")
+        assert_bitwise_equal(ours["running_var"], rv, "running_var changed in eval")
+    return ours
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,8 +2,10 @@
 
 A row knows how to call tritonnorm's function and torch's with the same arguments, whether it takes
 running statistics and whether they must move (batch statistics with a momentum) or stay bitwise
-unchanged (eval), and which input shapes are legal for it. tests/test_norms.py runs every shared
-check (shapes, kernel paths, dtypes, layouts, strides, affine variants, ...) over these rows.
+unchanged (eval), which input shapes are legal for it, and what it takes (a bias or not) and which
+kernel paths mean something for it. tests/test_norms.py and tests/test_epilogues.py run every
+shared check (shapes, kernel paths, dtypes, layouts, strides, affine variants, epilogues, ...) over
+these rows.
 """
 
 from __future__ import annotations
@@ -45,8 +47,18 @@ class Norm:
     values_per_stat: Callable[[tuple[int, ...]], int]
     # Channels -> whether the row can run at all (GN: the group count must divide C).
     accepts_channels: Callable[[int], bool] = field(default=lambda c: True)
-    # Torch raises when a statistic is computed from a single value (BN, IN; not GN).
+    # Torch raises when a statistic is computed from a single value (BN, IN; not GN, LayerNorm2d,
+    # RMSNorm2d).
     needs_two_values: bool = True
+    # The row takes a bias (RMSNorm2d: a weight only). Checks that pass a bias pass None instead
+    # and expect no bias gradient.
+    bias: bool = True
+    # The kernel paths that differ for this row (tests/helpers.kernel_path). The reductions of
+    # BN / IN / GN stream tiles with per-tile summaries or per-element lanes, on chip (fused) or
+    # split over programs. LayerNorm2d / RMSNorm2d hold whole channel vectors in one program
+    # (positions.py): "fused" is their only forward, and "split" sets the backward's programs per
+    # row of dweight/dbias partials; "lanes" would be "split" again.
+    paths: tuple[str, ...] = ("auto", "fused", "split", "lanes")
 
     def legal(self, shape: tuple[int, ...]) -> bool:
         if not self.accepts_channels(shape[1]):
@@ -106,6 +118,40 @@ def _gn_row(id: str, groups: Callable[[int], int], accepts: Callable[[int], bool
     )
 
 
+def _channel_norm(centred: bool):
+    """LayerNorm2d (``centred``) or RMSNorm2d: tritonnorm's function, or timm's composition in
+    torch (normalise over C after moving it last, then move it back)."""
+
+    def call(lib, x, *, running_mean, running_var, weight, bias, momentum, eps, **extras):
+        assert running_mean is None and running_var is None, "no running statistics"
+        if lib is tn:
+            if centred:
+                return tn.layer_norm_2d(x, weight, bias, eps, **extras)
+            assert bias is None, "RMSNorm2d takes no bias"
+            return tn.rms_norm_2d(x, weight, eps, **extras)
+        assert lib is F and not extras, "torch's composition has no epilogue (compose it)"
+        C = x.shape[1]
+        if centred:
+            return F.layer_norm(x.movedim(1, -1), (C,), weight, bias, eps).movedim(-1, 1)
+        assert bias is None, "RMSNorm2d takes no bias"
+        return F.rms_norm(x.movedim(1, -1), (C,), weight, eps).movedim(-1, 1)
+
+    return call
+
+
+def _channel_norm_row(id: str, centred: bool) -> Norm:
+    return Norm(
+        id,
+        _channel_norm(centred),
+        buffers=False,
+        updates_buffers=False,
+        values_per_stat=lambda s: s[1],  # the C channels at one position
+        needs_two_values=False,  # torch normalises a single channel (to the bias)
+        bias=centred,
+        paths=("auto", "fused", "split"),
+    )
+
+
 def _bn_values(shape):
     return shape[0] * _prod(shape[2:])
 
@@ -155,10 +201,16 @@ NORMS: dict[str, Norm] = {
         _gn_row("gn-C", lambda c: c, lambda c: True),
         # GroupNorm, 3 channels per group: a non-power-of-two group width (C=6, 2 groups -> 3).
         _gn_row("gn-3per", lambda c: c // 3, lambda c: c % 3 == 0),
+        # LayerNorm2d (timm): statistics per (sample, position) over the C channels.
+        _channel_norm_row("ln2d", centred=True),
+        # RMSNorm2d (timm): x / sqrt(mean over C of x^2 + eps) * weight; no mean, no bias.
+        _channel_norm_row("rms2d", centred=False),
     ]
 }
 
 GN = ("gn-1", "gn-half", "gn-C", "gn-3per")
+# The norms across the channels at each position (tritonnorm/kernels/positions.py).
+CHANNEL_NORMS = ("ln2d", "rms2d")
 
 
 def norm_params(ids=None, *, shapes=None, extra=None):
@@ -178,6 +230,18 @@ def norm_params(ids=None, *, shapes=None, extra=None):
         for sid, shape in shapes:
             if norm.legal(shape):
                 out.append(pytest.param(norm, shape, id=f"{nid}-{sid}"))
+    return out
+
+
+def with_paths(params, paths):
+    """``params`` (from norm_params, the norm first) times the kernel ``paths``, each kept only
+    for the rows it means something for (Norm.paths); the path is the last value."""
+    out = []
+    for p in params:
+        norm = p.values[0]
+        for path in paths:
+            if path in norm.paths:
+                out.append(pytest.param(*p.values, path, id=f"{p.id}-{path}"))
     return out
 
 

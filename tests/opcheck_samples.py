@@ -1,8 +1,10 @@
 """The custom ops and their ``torch.library.opcheck`` samples (tests/test_modules.py).
 
 One op pair, ``norm_forward`` / ``norm_backward``, serves every norm, with the fused epilogue's
-arguments (scale, shift, residual, activation, slope) as trailing defaults: the samples cover BN
-train/eval, IN, GN, channels last, the epilogues, and the backward with several output masks."""
+arguments (scale, shift, residual, activation, slope) as trailing defaults, then the statistics
+across the channels at each position (per_position, centred: LayerNorm2d, RMSNorm2d): the samples
+cover BN train/eval, IN, GN, LayerNorm2d, RMSNorm2d, channels last, the epilogues, and the backward
+with several output masks."""
 
 from __future__ import annotations
 
@@ -13,6 +15,11 @@ import tritonnorm.ops  # noqa: F401 (registers the ops)
 OPS = [torch.ops.tritonnorm.norm_forward.default, torch.ops.tritonnorm.norm_backward.default]
 
 BN, IN, GN = (True, 0), (False, 0), (False, 2)  # (reduce_batch, num_groups)
+# (use_input_stats, reduce_batch, num_groups) of the norms across channels, and their
+# (per_position, centred)
+ACROSS = (True, False, 0)
+LN2D, RMS2D = (True, True), (True, False)
+NO_EPILOGUE = (None, None, None, 0, 0.01)
 SILU, RELU, GELU, LEAKY = 3, 1, 4, 2
 ALL = [True] * 6
 
@@ -44,6 +51,30 @@ def samples(device) -> list[tuple]:
         (fwd, (grad(x), None, None, None, None, True, *IN, 0.1, 1e-5, None, None, residual,
                LEAKY, 0.2), {}),
     ]  # fmt: skip
+    # LayerNorm2d / RMSNorm2d: (N, H*W) statistics; contiguous and channels last, with and
+    # without weight and bias, and with an epilogue
+    out += [
+        (fwd, (grad(x), w, b, None, None, *ACROSS, 0.0, 1e-6, *NO_EPILOGUE, *LN2D), {}),
+        (fwd, (grad(x_cl), w, None, None, None, *ACROSS, 0.0, 1e-6, *NO_EPILOGUE, *RMS2D), {}),
+        (fwd, (grad(x_cl), None, None, None, None, *ACROSS, 0.0, 1e-6, *NO_EPILOGUE, *LN2D), {}),
+        (fwd, (grad(x), w, b, None, None, *ACROSS, 0.0, 1e-6, scale, shift, residual, GELU, 0.01,
+               *LN2D), {}),
+        (fwd, (grad(x_cl), w, None, None, None, *ACROSS, 0.0, 1e-6, None, None, residual, LEAKY,
+               0.2, *RMS2D), {}),
+    ]  # fmt: skip
+    for settings, position, mask in ((LN2D, x, ALL[:3] + [False] * 3),
+                                     (RMS2D, x_cl, [True, True, False, False, False, False])):  # fmt: skip
+        bias = b if settings[1] else None
+        y, mean, rstd, _, _ = fwd(position, w, bias, None, None, *ACROSS, 0.0, 1e-6,
+                                  *NO_EPILOGUE, *settings)  # fmt: skip
+        out.append((bwd, (torch.randn_like(y), position, w.detach(),
+                          None if bias is None else bias.detach(), mean, rstd, *ACROSS, mask,
+                          *NO_EPILOGUE, False, *settings), {}))  # fmt: skip
+    y, mean, rstd, _, _ = fwd(x, w, b, None, None, *ACROSS, 0.0, 1e-6, scale, shift, residual,
+                              SILU, 0.01, *LN2D)  # fmt: skip
+    out.append((bwd, (torch.randn_like(y), x, w.detach(), b.detach(), mean, rstd, *ACROSS, ALL,
+                      scale.detach(), shift.detach(), residual.detach(), SILU, 0.01, False,
+                      *LN2D), {}))  # fmt: skip
     for settings in (BN, GN):
         y, mean, rstd, _, _ = fwd(x, w, b, None, None, True, *settings, 0.1, 1e-5)
         out.append((bwd, (torch.randn_like(y), x, w.detach(), b.detach(), mean, rstd, True,

@@ -1,7 +1,8 @@
 """Numerical quality beyond "matches torch on randn": a large common offset (cancellation), long
 reductions (~1e6 values; GN's long groups), NaN containment (in its channel / instance / (sample,
 group)), bitwise determinism, and gradcheck in float64 (channels_last), for BatchNorm,
-InstanceNorm and GroupNorm."""
+InstanceNorm and GroupNorm (LayerNorm2d's and RMSNorm2d's: tests/test_channel_norms.py; their
+determinism here)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import kernel_path, paths, run_norm
-from norms import NORMS, norm_params
+from norms import CHANNEL_NORMS, NORMS, norm_params
 from tolerances import assert_bitwise_equal, assert_close_to_reference
 
 import tritonnorm as tn
@@ -304,8 +305,10 @@ def test_nan_stays_in_its_group_group_norm(device, path):
 @pytest.mark.parametrize("path", ["auto", "split"])
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last],
                          ids=["contiguous", "channels_last"])  # fmt: skip
-@pytest.mark.parametrize("norm", norm_params(["bn-train", "in-running", "gn-half"]))
+@pytest.mark.parametrize("norm", norm_params(["bn-train", "in-running", "gn-half", *CHANNEL_NORMS]))
 def test_bitwise_deterministic(device, norm, fmt, path):
+    # LayerNorm2d / RMSNorm2d: dweight and dbias are the finalize's fixed-order sum of the
+    # backward programs' partials.
     C = 6 if norm.id == "gn-half" else 5  # GN: 3 groups of 2
     x = torch.randn(3, C, 23, 11, device=device).contiguous(memory_format=fmt)
     g = torch.randn_like(x)
@@ -317,8 +320,8 @@ def test_bitwise_deterministic(device, norm, fmt, path):
     for _ in range(2):
         with kernel_path(path):
             runs.append(
-                run_norm(norm.ours, x, grad_out=g, weight=w, bias=b, running_mean=rm,
-                         running_var=rv)
+                run_norm(norm.ours, x, grad_out=g, weight=w, bias=b if norm.bias else None,
+                         running_mean=rm, running_var=rv)
             )  # fmt: skip
     for k in runs[0]:
         assert_bitwise_equal(runs[0][k], runs[1][k], k)

@@ -1,5 +1,6 @@
 """Fused epilogues: y = act((x_hat * w + b) * scale + shift + residual) on batch_norm,
-instance_norm and group_norm, against the same composition in torch (float64 reference).
+instance_norm, group_norm, layer_norm_2d and rms_norm_2d (no b), against the same composition in
+torch (float64 reference).
 
 One table of norms x one table of extras; every gradient (input, weight, bias, scale, shift,
 residual); running statistics those of the plain op; gradcheck; both layouts; half precision by
@@ -14,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import kernel_path
-from norms import NORMS, Norm, norm_params
+from norms import CHANNEL_NORMS, NORMS, Norm, norm_params
 from tolerances import assert_bitwise_equal, assert_close_to_reference
 from torch import nn
 
@@ -23,8 +24,9 @@ from tritonnorm.functional import apply_activation
 
 # The rows of tests/norms.py the epilogue runs on (momentum 0.1, eps 1e-5): BN train and eval, IN
 # with running statistics (updated, or used in place of the instance statistics), GN with C/2
-# groups (2 groups of 2 on SHAPE's 4 channels).
-ROWS = ("bn-train", "bn-eval", "in-running", "in-running-eval", "gn-half")
+# groups (2 groups of 2 on SHAPE's 4 channels), LayerNorm2d and RMSNorm2d (statistics across the
+# 4 channels at each position; RMS without a bias).
+ROWS = ("bn-train", "bn-eval", "in-running", "in-running-eval", "gn-half", *CHANNEL_NORMS)
 
 
 def rows(*ids):
@@ -105,14 +107,15 @@ GRADS = ("x", "w", "b", "scale", "shift", "residual")
 
 def run(norm: Norm, activation, inputs, dtype, ours: bool):
     """Forward + backward of ours or of torch's composition, on copies cast to ``dtype``.
-    Returns the output, the gradients of every differentiable input, and the running stats."""
+    Returns the output, the gradients of every differentiable input (no bias for a row that
+    takes none), and the running stats."""
     t = {
         k: v.detach().clone().to(dtype).requires_grad_(k in GRADS)
         for k, v in inputs.items()
-        if k != "dy"
+        if k != "dy" and (k != "b" or norm.bias)
     }
     rm, rv = (t["rm"].detach(), t["rv"].detach()) if norm.buffers else (None, None)
-    common = dict(running_mean=rm, running_var=rv, weight=t["w"], bias=t["b"])
+    common = dict(running_mean=rm, running_var=rv, weight=t["w"], bias=t.get("b"))
     extras = {k: t[k] for k in ("scale", "shift", "residual") if k in t}
     if ours:
         y = norm.ours(t["x"], **common, **extras, activation=activation)
@@ -149,7 +152,9 @@ def test_matches_torch_composition(device, norm, extras):
 
 
 @pytest.mark.parametrize("extras", ["residual+relu", "all+gelu_tanh"])
-@pytest.mark.parametrize("norm", rows("bn-train", "bn-eval", "in-running", "gn-half"))
+@pytest.mark.parametrize(
+    "norm", rows("bn-train", "bn-eval", "in-running", "gn-half", *CHANNEL_NORMS)
+)
 def test_channels_last(device, norm, extras):
     # x channels last, the residual contiguous: read through its own strides
     check(
@@ -164,13 +169,17 @@ def test_channels_last(device, norm, extras):
         pytest.param(NORMS["bn-eval"], (5, 3), id="bn-eval-NC"),
         pytest.param(NORMS["in-running"], (2, 3, 7), id="in-running-NCL"),  # 1-D, prime length
         pytest.param(NORMS["gn-3per"], (1, 6, 5), id="gn-3per-N1"),  # N = 1, 3 channels a group
+        pytest.param(NORMS["ln2d"], (5, 3), id="ln2d-NC"),  # one position per sample
+        pytest.param(NORMS["ln2d"], (3, 7, 2, 1, 3), id="ln2d-NCDHW"),  # 3-D, 7 channels
+        pytest.param(NORMS["rms2d"], (1, 5, 1, 1), id="rms2d-1x1"),  # one sample, one position
+        pytest.param(NORMS["rms2d"], (2, 67, 3), id="rms2d-C67"),  # C beyond a power of two
     ],
 )
 def test_odd_shapes(device, norm, shape):
     check(norm, "all+leaky_relu", device, shape=shape)
 
 
-@pytest.mark.parametrize("norm", rows("bn-train", "in-running", "gn-half"))
+@pytest.mark.parametrize("norm", rows("bn-train", "in-running", "gn-half", *CHANNEL_NORMS))
 def test_empty_batch(device, norm):
     parts, activation = EXTRAS["all+gelu_tanh"]
     inputs = make_inputs((0, 4, 3, 2), device, parts)
@@ -192,15 +201,18 @@ def test_deterministic(device):
         assert_bitwise_equal(first[k], second[k], k)
 
 
-@pytest.mark.parametrize("norm", rows("bn-train", "in-running", "gn-half"))
+@pytest.mark.parametrize("norm", rows("bn-train", "in-running", "gn-half", *CHANNEL_NORMS))
 def test_split_path(device, norm):
     # statistics split over 3 programs: y written by the apply pass, not the fused statistics one
+    # (LayerNorm2d / RMSNorm2d: the backward's per-sample dscale / dshift partials over 3 programs)
     with kernel_path("split"):
         check(norm, "all+gelu_tanh", device)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
-@pytest.mark.parametrize("norm", rows("bn-train", "bn-eval", "in-running", "gn-half"))
+@pytest.mark.parametrize(
+    "norm", rows("bn-train", "bn-eval", "in-running", "gn-half", *CHANNEL_NORMS)
+)
 def test_half_precision(device, norm, dtype):
     check(norm, "all+leaky_relu", device, dtype=dtype)
 
@@ -216,19 +228,24 @@ def test_running_statistics_are_the_plain_ops(device, norm):
     assert_bitwise_equal(with_extras["running_var"], plain["running_var"], "running_var")
 
 
-@pytest.mark.parametrize("norm", rows("bn-train", "bn-eval", "in-running", "gn-half"))
+@pytest.mark.parametrize(
+    "norm", rows("bn-train", "bn-eval", "in-running", "gn-half", *CHANNEL_NORMS)
+)
 def test_gradcheck(device, norm):
     # The only float64 check of the epilogue's gradients (the comparisons above are in float32
     # and half precision): scale, shift and residual included.
     d = make_inputs((2, 4, 3), device, "scale shift residual")
-    leaves = [d[k].requires_grad_() for k in ("x", "w", "b", "scale", "shift", "residual")]
+    names = [k for k in GRADS if k != "b" or norm.bias]
+    leaves = {k: d[k].requires_grad_() for k in names}
 
-    def fn(x, w, b, scale, shift, residual):
+    def fn(*tensors):
+        t = dict(zip(names, tensors, strict=True))
         rm, rv = (d["rm"].clone(), d["rv"].clone()) if norm.buffers else (None, None)
-        return norm.ours(x, running_mean=rm, running_var=rv, weight=w, bias=b, scale=scale,
-                         shift=shift, residual=residual, activation="silu")  # fmt: skip
+        return norm.ours(t["x"], running_mean=rm, running_var=rv, weight=t["w"], bias=t.get("b"),
+                         scale=t["scale"], shift=t["shift"], residual=t["residual"],
+                         activation="silu")  # fmt: skip
 
-    assert torch.autograd.gradcheck(fn, leaves, fast_mode=True)
+    assert torch.autograd.gradcheck(fn, list(leaves.values()), fast_mode=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -426,7 +443,7 @@ BAD = {
 
 
 @pytest.mark.parametrize("bad", list(BAD))
-@pytest.mark.parametrize("norm", rows("bn-train", "in-running", "gn-half"))
+@pytest.mark.parametrize("norm", rows("bn-train", "in-running", "gn-half", *CHANNEL_NORMS))
 def test_bad_inputs_raise_before_running_statistics_change(device, norm, bad):
     kwargs, error, match = BAD[bad]
     kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}

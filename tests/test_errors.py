@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import compare_three, kernel_path
+from norms import NORMS
 from tolerances import assert_bitwise_equal
 from torch import nn
 
@@ -28,6 +29,11 @@ TORCH = SimpleNamespace(
     batch_norm=F.batch_norm,
     instance_norm=F.instance_norm,
     group_norm=F.group_norm,
+    # timm's compositions (tests/norms.py), with tritonnorm's signatures
+    layer_norm_2d=lambda x, w=None, b=None, eps=1e-6: NORMS["ln2d"].torch(
+        x, weight=w, bias=b, eps=eps
+    ),
+    rms_norm_2d=lambda x, w=None, eps=1e-6: NORMS["rms2d"].torch(x, weight=w, eps=eps),
     **{n: getattr(nn, n) for n in MODULE_NAMES},
 )
 C = 3
@@ -101,6 +107,23 @@ def gn_call(shape, num_groups, *, w_shape=None, b_shape=None, dtype=None, param_
     return build
 
 
+def channel_norm_call(op, shape, *, w_shape=None, b_shape=None, dtype=None, param_dtype=None):
+    """A functional layer_norm_2d (weight, bias) or rms_norm_2d (weight) call; no running
+    statistics, and the input must come back unchanged."""
+
+    def build(lib, device):
+        x = torch.randn(shape, device=device)
+        if dtype is not None:
+            x = torch.randint(0, 5, shape, device=device, dtype=dtype)
+        pdt = param_dtype or torch.float32
+        w = torch.rand(w_shape, device=device, dtype=pdt) if w_shape else None
+        b = torch.rand(b_shape, device=device, dtype=pdt) if b_shape else None
+        args = (x, w, b) if op == "layer_norm_2d" else (x, w)
+        return (lambda: getattr(lib, op)(*args)), [x]
+
+    return build
+
+
 def custom(fn):
     """fn(lib, device) -> (call, state), for the cases that do not fit bn_call/in_call."""
     return fn
@@ -137,6 +160,12 @@ def _gn_weight_device(lib, device):
     x = torch.randn(2, 6, 4, device=device)
     w = torch.ones(6, device=other_device(device))
     return (lambda: lib.group_norm(x, 2, w)), []
+
+
+def _ln2d_weight_device(lib, device):
+    x = torch.randn(2, C, 4, device=device)
+    w = torch.ones(C, device=other_device(device))
+    return (lambda: lib.layer_norm_2d(x, w)), [x]
 
 
 def _in_buffers_device(lib, device):
@@ -214,6 +243,38 @@ CASES = [
         r"(?i)dtype|type",
     ),
     Case("gn-weight-device", custom(_gn_weight_device), r"(?i)device"),
+    # -- layer_norm_2d / rms_norm_2d, functional (timm's LayerNorm2d / RmsNorm2d composition) --
+    Case(
+        "ln2d-weight-size", channel_norm_call("layer_norm_2d", (2, C, 4), w_shape=C + 1), "weight"
+    ),
+    Case("ln2d-bias-size", channel_norm_call("layer_norm_2d", (2, C, 4), b_shape=C - 1), "bias"),
+    Case("ln2d-2d-weight", channel_norm_call("layer_norm_2d", (2, C, 4), w_shape=(1, C)), "weight"),
+    Case("ln2d-2d-bias", channel_norm_call("layer_norm_2d", (2, C, 4), b_shape=(C, 1)), "bias"),
+    Case(
+        "ln2d-weight-dtype",
+        channel_norm_call("layer_norm_2d", (2, C, 4), w_shape=C, param_dtype=torch.float64),
+        r"(?i)dtype|type",
+    ),
+    Case(
+        "ln2d-int64-input",
+        channel_norm_call("layer_norm_2d", (2, C, 4), dtype=torch.int64),
+        DTYPE,
+        (TypeError,),
+    ),
+    Case("ln2d-1d-input", channel_norm_call("layer_norm_2d", (C,)), NDIM, (ValueError,)),
+    Case("ln2d-0d-input", channel_norm_call("layer_norm_2d", ()), NDIM, (ValueError,)),
+    Case("ln2d-weight-device", custom(_ln2d_weight_device), r"(?i)device"),
+    Case(
+        "rms2d-weight-size", channel_norm_call("rms_norm_2d", (2, C, 3, 3), w_shape=C - 1), "weight"
+    ),
+    Case("rms2d-2d-weight", channel_norm_call("rms_norm_2d", (2, C, 4), w_shape=(C, 1)), "weight"),
+    Case(
+        "rms2d-int32-input",
+        channel_norm_call("rms_norm_2d", (2, C, 4), dtype=torch.int32),
+        DTYPE,
+        (TypeError,),
+    ),
+    Case("rms2d-1d-input", channel_norm_call("rms_norm_2d", (C,)), NDIM, (ValueError,)),
     # -- modules --
     Case("BatchNorm1d-train-1xC", module_call("BatchNorm1d", (1, C)), ONE_VALUE),
     Case("BatchNorm1d-train-1xCx1", module_call("BatchNorm1d", (1, C, 1)), ONE_VALUE),

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import INTERPRET, kernel_path
-from norms import NORMS, Norm, norm_params
+from norms import CHANNEL_NORMS, NORMS, Norm, norm_params
 
 import tritonnorm as tn
 
@@ -120,7 +120,7 @@ def test_offsets_switch_to_int64_only_for_tensors_spanning_2_to_the_30_elements(
     assert _index_64(last)
 
 
-@pytest.mark.parametrize("norm", ROWS)
+@pytest.mark.parametrize("norm", [*ROWS, *norm_params(CHANNEL_NORMS)])
 @pytest.mark.parametrize("path", ["fused", "split"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_int64_offsets_address_the_same_elements(device, norm, path, layout):
@@ -189,6 +189,8 @@ def test_instance_fused_forward_with_split_backward(device):
         pytest.param(NORMS["bn-eval"], (4, 3), None, {}, id="bn-eval-NC"),
         pytest.param(NORMS["in-running"], (2, 5, 3, 4), torch.channels_last, {}, id="in-cl"),
         pytest.param(NORMS["gn-3per"], (2, 6, 3, 5), None, {"activation": "silu"}, id="gn-silu"),
+        pytest.param(NORMS["ln2d"], (2, 5, 3, 4), torch.channels_last, {}, id="ln2d-cl"),
+        pytest.param(NORMS["rms2d"], (2, 6, 3, 5), None, {"activation": "gelu"}, id="rms2d-gelu"),
     ],
 )
 def test_auto_launches_what_fused_launches_under_the_interpreter(norm, shape, fmt, extras):
@@ -198,20 +200,38 @@ def test_auto_launches_what_fused_launches_under_the_interpreter(norm, shape, fm
     x = torch.randn(shape)
     if fmt is not None:
         x = x.contiguous(memory_format=fmt)
-    w, b = torch.rand(shape[1]) + 0.5, torch.randn(shape[1])
+    w, b = torch.rand(shape[1]) + 0.5, torch.randn(shape[1]) if norm.bias else None
     dy = torch.randn(shape)
     runs = []
     for path in ("auto", "fused"):
         rm, rv = (torch.zeros(shape[1]), torch.ones(shape[1])) if norm.buffers else (None, None)
-        xi, wi, bi = (t.clone().requires_grad_() for t in (x, w, b))
+        xi, wi, bi = (t.clone().requires_grad_() if t is not None else None for t in (x, w, b))
         config.reset_chosen_configs()
         with kernel_path(path):
             y = norm.ours(xi, running_mean=rm, running_var=rv, weight=wi, bias=bi, **extras)
             forward = config.chosen_configs()
             y.backward(dy)
-        tensors = [t for t in (y, xi.grad, wi.grad, bi.grad, rm, rv) if t is not None]
+        grads = [t.grad for t in (xi, wi, bi) if t is not None]
+        tensors = [t for t in (y, *grads, rm, rv) if t is not None]
         runs.append((forward, config.chosen_configs(), tensors))
     (fwd_a, both_a, auto), (fwd_f, both_f, fused) = runs
     assert fwd_a == fwd_f and both_a == both_f, (both_a, both_f)
     for a, f in zip(auto, fused, strict=True):
         assert torch.equal(a, f)
+
+
+@pytest.mark.parametrize("norm", norm_params(CHANNEL_NORMS))
+def test_forced_split_reaches_the_kernels_across_channels(device, norm):
+    # LayerNorm2d / RMSNorm2d: forced(split=k) sets the backward's programs per row of dweight
+    # partials (the forward has none: SPLIT=0), also for a shape launched before without forcing
+    # (cached configs must not hide the override).
+    x = torch.randn(2, 4, 3, 5, device=device, requires_grad=True)
+    w = torch.rand(4, device=device, requires_grad=True)
+    for split in (None, 5, 2):
+        config.reset_chosen_configs()
+        with config.forced(split=split):
+            norm.ours(x, weight=w).sum().backward()
+        splits = _splits()
+        assert splits["_position_norm_forward_kernel"] == 0, splits
+        if split is not None:
+            assert splits["_position_norm_backward_kernel"] == split, (split, splits)

@@ -1,9 +1,10 @@
 """Every norm of tests/norms.py (BN train/eval, IN with and without running statistics, GN with
-1, C/2, C and C/3 groups) against torch, float64 as the reference: forward, input/weight/bias
-gradients and running statistics over odd shapes, both kernel paths (single tile and split
-reduction), affine variants, dtypes, layouts, strides and empty batches. Then the semantics that
-belong to one norm only: BN's momentum and unbiased running variance, IN's running statistics,
-GN's definition, and the modules over several steps."""
+1, C/2, C and C/3 groups, LayerNorm2d and RMSNorm2d) against torch, float64 as the reference:
+forward, input/weight/bias gradients and running statistics over odd shapes, the kernel paths
+that exist for the row (single tile and split reduction), affine variants, dtypes, layouts,
+strides and empty batches. Then the semantics that belong to one norm only: BN's momentum and
+unbiased running variance, IN's running statistics, GN's definition, and the modules over several
+steps (LayerNorm2d's and RMSNorm2d's own: tests/test_channel_norms.py)."""
 
 from __future__ import annotations
 
@@ -14,14 +15,11 @@ from helpers import (
     PATHS,
     assert_same_format,
     compare_modules,
-    compare_three,
-    kernel_path,
     module_triplet,
-    rand_like_format,
-    run_norm,
     step_modules,
 )
-from norms import GN, NORMS, Norm, make_buffers, norm_params
+from helpers import check_norm as check
+from norms import CHANNEL_NORMS, GN, NORMS, norm_params, with_paths
 from tolerances import assert_bitwise_equal
 from torch import nn
 
@@ -30,57 +28,6 @@ import tritonnorm as tn
 CL = torch.channels_last
 CL3 = torch.channels_last_3d
 FUSED_SPLIT = ["fused", "split"]
-
-
-def check(
-    norm: Norm,
-    device,
-    shape,
-    *,
-    path="auto",
-    dtype=torch.float32,
-    param_dtype=None,
-    weight=True,
-    bias=True,
-    momentum=0.1,
-    eps=1e-5,
-    memory_format=torch.contiguous_format,
-    grad_format=None,
-    x=None,
-    view=None,
-    input_grad=True,
-):
-    """Run ours, torch's (same dtypes) and torch's (float64) for one norm row; compare all."""
-    if x is None:
-        x = rand_like_format(shape, dtype, device, memory_format, offset=0.5)
-    grad_out = rand_like_format(shape, dtype, device, grad_format or memory_format)
-    C = shape[1]
-    pdt = param_dtype or dtype
-    w = (torch.rand(C, device=device) * 1.5 + 0.25).to(pdt) if weight else None
-    b = torch.randn(C, device=device).to(pdt) if bias else None
-    rm, rv = make_buffers(C, device, pdt) if norm.buffers else (None, None)
-    common = dict(
-        grad_out=grad_out,
-        weight=w,
-        bias=b,
-        running_mean=rm,
-        running_var=rv,
-        view=view,
-        input_grad=input_grad,
-        momentum=momentum,
-        eps=eps,
-    )
-    with kernel_path(path):
-        ours = run_norm(norm.ours, x, **common)
-    same = run_norm(norm.torch, x, **common)
-    ref = run_norm(norm.torch, x, dtype=torch.float64, **common)
-    assert ours["out"].dtype == dtype, f"output dtype {ours['out'].dtype}, input {dtype}"
-    assert ours["out"].shape == torch.Size(shape)
-    compare_three(ours, same, ref)
-    if norm.buffers and not norm.updates_buffers:
-        assert_bitwise_equal(ours["running_mean"], rm, "running_mean changed in eval")
-        assert_bitwise_equal(ours["running_var"], rv, "running_var changed in eval")
-    return ours
 
 
 # Shapes, each with the reason it is here. A row runs only on shapes legal for it (norms.py).
@@ -108,6 +55,9 @@ SHAPES = {
     "many-groups": (2, 66, 3),  # GN: 33 groups of 2 / 22 groups of 3 per sample
     "1xC": (1, 4),  # one value per channel: illegal in training, fine in eval
     "1xCx1": (1, 3, 1),  # same, with a spatial dim
+    # LayerNorm2d / RMSNorm2d: C values per statistic, BLOCK_C = 128 with 31 lanes masked off,
+    # and positions (S = 15) that are not a power of two.
+    "C97": (2, 97, 3, 5),
 }
 
 # Which shapes each row runs on: BN's and IN's are those their old test files used.
@@ -128,6 +78,12 @@ ROW_SHAPES = {
     "gn-half": ["NCL", "N1", "C6", "many-groups"],
     "gn-C": ["NCL-primes", "NCDHW", "many-instances"],
     "gn-3per": ["NCHW-primes", "C6", "many-groups"],
+    # (N, C): one position; one sample of one position; 3-D spatial; positions of 1; many
+    # channels, and a channel count between powers of two. LN over C = 1 channel (y = bias, dx
+    # = 0 from terms of size 1/sqrt(eps)) is ill-conditioned for this file's float32 rule:
+    # tests/test_channel_norms.py checks it. RMS over one channel is y = w x / sqrt(x^2 + eps).
+    "ln2d": ["NC", "NCL-primes", "NCHW-primes", "NCDHW", "L1", "1xC", "many-channels", "C97"],
+    "rms2d": ["NC", "NCL-primes", "NCHW-primes", "C1", "1xCx1", "many-channels", "C97"],
 }  # fmt: skip
 
 
@@ -137,22 +93,33 @@ def _forward_params():
         params = norm_params([nid], shapes=[(s, SHAPES[s]) for s in sids])
         assert len(params) == len(sids), f"{nid}: a listed shape is illegal for it"
         out += params
-    return out
+    assert set(ROW_SHAPES) == set(NORMS), "a row of tests/norms.py without shapes"
+    return with_paths(out, [*PATHS, "lanes"])
 
 
-@pytest.mark.parametrize("path", [*PATHS, "lanes"])
-@pytest.mark.parametrize("norm,shape", _forward_params())
+@pytest.mark.parametrize("norm,shape,path", _forward_params())
 def test_forward_backward_matches_torch(device, norm, shape, path):
     check(norm, device, shape, path=path)
 
 
+def _affine_params():
+    """(norm, weight, bias): without weight and bias, weight only, bias only (where the row
+    takes a bias: for RMSNorm2d that is no affine again)."""
+    variants = {
+        "no-affine": (False, False),
+        "weight-only": (True, False),
+        "bias-only": (False, True),
+    }
+    return [
+        pytest.param(p.values[0], weight, bias, id=f"{p.id}-{vid}")
+        for p in norm_params([n for n in NORMS if n not in GN or n == "gn-3per"])
+        for vid, (weight, bias) in variants.items()
+        if p.values[0].bias or not bias
+    ]
+
+
 @pytest.mark.parametrize("path", FUSED_SPLIT)
-@pytest.mark.parametrize(
-    "weight,bias",
-    [(False, False), (True, False), (False, True)],
-    ids=["no-affine", "weight-only", "bias-only"],
-)
-@pytest.mark.parametrize("norm", norm_params([n for n in NORMS if n not in GN or n == "gn-3per"]))
+@pytest.mark.parametrize("norm,weight,bias", _affine_params())
 def test_affine_variants(device, norm, weight, bias, path):
     # bn-train / bn-train-nobuf and in-running / in are the old "buffers" / "no-buffers" variants.
     shape = (4, 6, 5) if norm.id in GN else (4, 3, 5)  # GN: 2 groups of 3 channels
@@ -180,7 +147,10 @@ def test_momentum(device, norm, momentum):
     ids=["f32", "f64", "f16", "f16-f32params", "bf16", "bf16-f32params"],
 )
 @pytest.mark.parametrize(
-    "norm", norm_params(["bn-train", "bn-eval", "in-running", "in-running-eval", "gn-1", "gn-3per"])
+    "norm",
+    norm_params(
+        ["bn-train", "bn-eval", "in-running", "in-running-eval", "gn-1", "gn-3per", *CHANNEL_NORMS]
+    ),
 )
 def test_dtypes(device, norm, dtype, param_dtype, path):
     # BN's and IN's shapes are those of their old files; C=6: GN with 1 group and 2 of 3.
@@ -215,7 +185,9 @@ def _layout_params(ids):
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize(
     "norm,shape,fmt",
-    _layout_params(["bn-train", "bn-eval", "in-running", "in-running-eval", "gn-1", "gn-3per"]),
+    _layout_params(
+        ["bn-train", "bn-eval", "in-running", "in-running-eval", "gn-1", "gn-3per", *CHANNEL_NORMS]
+    ),
 )
 def test_channels_last(device, norm, shape, fmt, path):
     # Note torch itself returns a contiguous tensor for IN on channels_last_3d; we keep the format.
@@ -224,7 +196,7 @@ def test_channels_last(device, norm, shape, fmt, path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
-@pytest.mark.parametrize("norm", norm_params(["bn-train", "in", "gn-1", "gn-C"]))
+@pytest.mark.parametrize("norm", norm_params(["bn-train", "in", "gn-1", "gn-C", *CHANNEL_NORMS]))
 def test_channels_last_half(device, norm, dtype):
     ours = check(norm, device, (2, 5, 3, 4), memory_format=CL, dtype=dtype, path="split")
     assert_same_format(ours, CL)
@@ -236,7 +208,7 @@ def test_channels_last_half(device, norm, dtype):
     [(CL, torch.contiguous_format), (torch.contiguous_format, CL)],
     ids=["cl-input-contig-grad", "contig-input-cl-grad"],
 )
-@pytest.mark.parametrize("norm", norm_params(["bn-train", "in", "gn-half"]))
+@pytest.mark.parametrize("norm", norm_params(["bn-train", "in", "gn-half", *CHANNEL_NORMS]))
 def test_grad_output_in_another_format(device, norm, x_fmt, g_fmt, path):
     # autograd may hand the backward a grad_output whose layout differs from the input's.
     ours = check(norm, device, (2, 4, 3, 5), memory_format=x_fmt, grad_format=g_fmt, path=path)
@@ -266,7 +238,8 @@ def _view_params(ids):
 
 @pytest.mark.parametrize("path", FUSED_SPLIT)
 @pytest.mark.parametrize(
-    "norm,name", _view_params(["bn-train", "bn-eval", "in-running", "gn-1", "gn-half"])
+    "norm,name",
+    _view_params(["bn-train", "bn-eval", "in-running", "gn-1", "gn-half", *CHANNEL_NORMS]),
 )
 def test_other_strides(device, norm, name, path):
     base_shape, view = VIEWS[name]
@@ -277,7 +250,7 @@ def test_other_strides(device, norm, name, path):
 
 
 @pytest.mark.parametrize("path", FUSED_SPLIT)
-@pytest.mark.parametrize("norm", norm_params(["bn-train", "in", "gn-half"]))
+@pytest.mark.parametrize("norm", norm_params(["bn-train", "in", "gn-half", *CHANNEL_NORMS]))
 def test_weight_grad_without_input_grad(device, norm, path):
     # Only weight/bias require grad: the backward must still produce them (and no input grad).
     ours = check(
@@ -296,7 +269,8 @@ def test_input_and_params_not_modified(device, norm):
     rm = rv = None
     if norm.buffers:
         rm, rv = torch.zeros(C, device=device), torch.ones(C, device=device)
-    norm.ours(x, running_mean=rm, running_var=rv, weight=w, bias=b, momentum=0.1, eps=1e-5)
+    bias = b if norm.bias else None
+    norm.ours(x, running_mean=rm, running_var=rv, weight=w, bias=bias, momentum=0.1, eps=1e-5)
     assert_bitwise_equal(x, x0, "input")
     assert_bitwise_equal(w, w0, "weight")
     assert_bitwise_equal(b, b0, "bias")
@@ -308,7 +282,10 @@ EMPTY_SHAPES = [("NC", (0, 3)), ("NCL", (0, 3, 4)), ("NCHW", (0, 2, 3, 3)), ("C6
 
 @pytest.mark.parametrize(
     "norm,shape",
-    norm_params(["bn-train", "bn-eval", "in-running", "in-running-eval", *GN], shapes=EMPTY_SHAPES),
+    norm_params(
+        ["bn-train", "bn-eval", "in-running", "in-running-eval", *GN, *CHANNEL_NORMS],
+        shapes=EMPTY_SHAPES,
+    ),
 )
 def test_empty_batch(device, norm, shape):
     # N=0: empty output of the right shape/dtype, buffers untouched, zero weight/bias gradients.
@@ -318,7 +295,7 @@ def test_empty_batch(device, norm, shape):
     C = shape[1]
     x = torch.randn(shape, device=device, requires_grad=True)
     w = torch.rand(C, device=device, requires_grad=True)
-    b = torch.randn(C, device=device, requires_grad=True)
+    b = torch.randn(C, device=device, requires_grad=True) if norm.bias else None
     rm, rv = (torch.randn(C, device=device), torch.rand(C, device=device) + 0.5)
     rm0, rv0 = rm.clone(), rv.clone()
     if not norm.buffers:
@@ -331,7 +308,8 @@ def test_empty_batch(device, norm, shape):
     y.sum().backward()
     assert x.grad.shape == x.shape
     assert torch.equal(w.grad, torch.zeros_like(w)), w.grad
-    assert torch.equal(b.grad, torch.zeros_like(b)), b.grad
+    if b is not None:
+        assert torch.equal(b.grad, torch.zeros_like(b)), b.grad
 
 
 # --------------------------------------------------------------------------------------------

@@ -175,8 +175,14 @@ TIMM_COUNTS = {
         {"timm.Bottleneck: bn1 + ReLU, bn2 + ReLU, bn3 + residual + ReLU": 16},
         {},
     ),
-    # no LayerNorm2d in tritonnorm yet: reported
-    "convnext_atto": ({}, {}, {"timm.LayerNorm2d (no tritonnorm equivalent)": 17}),
+    # LayerNorm2d in the stem, downsampling layers, blocks (conv_mlp) and head
+    "convnext_atto": ({"timm.LayerNorm2d": 17}, {}, {}),
+    # conv_mlp=False: the blocks' norm is timm's last-dimension LayerNorm, not converted
+    "test_convnext": (
+        {"timm.LayerNorm2d": 5},
+        {},
+        {"timm.LayerNorm (no tritonnorm equivalent)": 9},
+    ),
 }
 
 
@@ -258,6 +264,12 @@ def _timm_layers(timm):
         "sync_bn_gelu": lambda: layers.norm_act.convert_sync_batchnorm(
             layers.BatchNormAct2d(6, act_layer="gelu")
         ),
+        "ln2d_plain": lambda: layers.LayerNorm2d(6),
+        "ln2d_act_gelu": lambda: layers.LayerNormAct2d(6, act_layer=nn.GELU),
+        "ln2d_act_hardswish": lambda: layers.LayerNormAct2d(6, act_layer=nn.Hardswish),
+        "ln2d_act_drop_relu": lambda: layers.LayerNormAct2d(6, drop_layer=drop),
+        "rms2d_plain": lambda: layers.RmsNorm2d(6),
+        "rms2d_act_silu": lambda: layers.RmsNormAct2d(6, act_layer=nn.SiLU),
     }  # fmt: skip
 
 
@@ -271,6 +283,12 @@ LAYERS = [
     "gn1_leaky",
     "gn_plain",  # timm's GroupNorm (not an Act layer)
     "sync_bn_gelu",  # SyncBatchNormAct, distributed not initialised: plain batch norm
+    "ln2d_plain",  # LayerNorm2d (ConvNeXt), RmsNorm2d: tritonnorm's LayerNorm2d / RMSNorm2d
+    "ln2d_act_gelu",
+    "ln2d_act_hardswish",
+    "ln2d_act_drop_relu",
+    "rms2d_plain",
+    "rms2d_act_silu",
 ]
 
 
@@ -282,14 +300,19 @@ def test_timm_layer(timm, name):
     assert repr(ours) == repr(ref) and type(ours).__name__ == type(ref).__name__
     assert isinstance(ours, type(ref))
     x = _x(3, 6, 4, 5)
+    if name.startswith(("ln2d", "rms2d")):
+        # timm's LayerNorm2d returns its permuted result, NHWC in memory, where tritonnorm's
+        # keeps the input's memory format; dropout draws its mask in memory order, so the same
+        # mask needs the same layout: channels_last input (both outputs are then channels_last)
+        x = x.to(memory_format=torch.channels_last)
     outs = []
     for model in (ref, ours):  # same dropout mask
         torch.manual_seed(1)
         outs.append(model(x).detach())
     _close(outs[1], outs[0])
     assert sum(report.converted.values()) == 1
-    folded = "hardswish" not in name and "drop" not in name and "identity" not in name
-    assert sum(report.fused.values()) == (folded and name != "gn_plain")
+    folded = not any(word in name for word in ("hardswish", "drop", "identity", "plain"))
+    assert sum(report.fused.values()) == folded
     # copies and pickles with its class; train/eval; one optimiser step beside the original
     for copied in (copy.deepcopy(ours), pickle.loads(pickle.dumps(ours))):
         assert type(copied) is type(ours)
@@ -297,6 +320,63 @@ def test_timm_layer(timm, name):
         _close(copied(x), outs[1])
     make64 = lambda: make().to(torch.float64)
     _train_beside(make64, ref, ours, (x,), steps=1 + (name == "bn_silu"))
+
+
+def _timm_channel_norms(timm):
+    """timm class, tritonnorm class, one constructor argument list for both."""
+    layers = timm.layers
+    return {
+        "layer_norm_2d": (layers.LayerNorm2d, tn.LayerNorm2d, dict(eps=1e-5)),
+        "layer_norm_2d_no_affine": (layers.LayerNorm2d, tn.LayerNorm2d, dict(affine=False)),
+        "rms_norm_2d": (layers.RmsNorm2d, tn.RMSNorm2d, dict(eps=1e-5)),
+    }
+
+
+CHANNEL_NORMS = ["layer_norm_2d", "layer_norm_2d_no_affine", "rms_norm_2d"]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("name", CHANNEL_NORMS)
+def test_timm_channel_norms_and_tritonnorm_modules(timm, name, layout):
+    """tn.LayerNorm2d / tn.RMSNorm2d against timm's LayerNorm2d / RmsNorm2d: checkpoints load
+    both ways (strict, same keys and shapes), forward and backward match (float64)."""
+    timm_cls, tn_cls, kwargs = _timm_channel_norms(timm)[name]
+    ref, ours = timm_cls(6, **kwargs).double(), tn_cls(6, **kwargs).double()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {
+        k: v.shape for k, v in ref.state_dict().items()
+    }
+    back = timm_cls(6, **kwargs).double()
+    back.load_state_dict(ours.state_dict(), strict=True)
+    _assert_same_state(ref, back)
+    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = _x(2, 6, 3, 4).to(memory_format=memory_format).requires_grad_()
+    y, y_ref = ours(x), ref(x)
+    assert y.is_contiguous(memory_format=memory_format)
+    _close(y, y_ref)
+    dy = torch.randn_like(y_ref)
+    got = torch.autograd.grad(y, [x, *ours.parameters()], dy)
+    want = torch.autograd.grad(y_ref, [x, *ref.parameters()], dy)
+    assert len(got) == len(want) == 1 + len(list(ref.parameters()))
+    for g, w in zip(got, want, strict=True):
+        _close(g, w)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_timm_convnext_trains_beside_original(timm, layout):
+    # timm's ConvNeXt (convnext_atto's conv_mlp blocks: 1x1 convs, LayerNorm2d everywhere), one
+    # narrow block per stage: stem, 4 blocks, 3 downsampling layers, head
+    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    make = lambda: timm.create_model(
+        "convnext_atto", pretrained=False, depths=(1, 1, 1, 1), dims=(8, 8, 16, 16),
+        num_classes=5, ls_init_value=0.5,
+    ).to(memory_format=memory_format)  # fmt: skip
+    report = _lockstep(make, (_x(2, 3, 32, 32).to(memory_format=memory_format),))
+    assert report.converted == {"timm.LayerNorm2d": 9}
+    assert not report.left
 
 
 def test_timm_frozen_norm_act(timm):
@@ -339,17 +419,28 @@ def test_timm_direct_sync_conversion_keeps_act(timm):
 
 
 def test_timm_left_alone_is_reported(timm):
+    # the Fp32 variants (float32 statistics and output cast back) and subclasses are left alone
     layers = timm.layers
+
+    class MyLayerNorm2d(layers.LayerNorm2d):
+        pass
+
     model = nn.Sequential(
-        layers.LayerNormAct2d(6), layers.RmsNormAct2d(6), layers.BatchNormAct2d(6)
-    )
-    with pytest.warns(UserWarning, match="LayerNormAct2d .no tritonnorm equivalent"):
-        tn.convert(model)
+        layers.LayerNorm2dFp32(6), layers.RmsNorm2dFp32(6), layers.LayerNormAct2dFp32(6),
+        MyLayerNorm2d(6), layers.LayerNormAct2d(6), layers.BatchNormAct2d(6),
+    )  # fmt: skip
+    with pytest.warns(UserWarning, match="LayerNorm2dFp32 .no tritonnorm equivalent"):
+        tn.convert(copy.deepcopy(model))
     report = tn.convert(model, report=True)[1]
     assert report.left == {
-        "timm.LayerNormAct2d (no tritonnorm equivalent)": 1,
-        "timm.RmsNormAct2d (no tritonnorm equivalent)": 1,
+        "timm.LayerNorm2dFp32 (no tritonnorm equivalent)": 1,
+        "timm.RmsNorm2dFp32 (no tritonnorm equivalent)": 1,
+        "timm.LayerNormAct2dFp32 (no tritonnorm equivalent)": 1,
+        "test_zoo.test_timm_left_alone_is_reported.<locals>.MyLayerNorm2d (no tritonnorm "
+        "equivalent)": 1,
     }
+    assert report.converted == {"timm.LayerNormAct2d": 1, "timm.BatchNormAct2d": 1}
+    assert type(model[3]) is MyLayerNorm2d
 
 
 def test_timm_layer_compiles_without_graph_break(timm, device):

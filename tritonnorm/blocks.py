@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from . import zoo
 from .functional import group_norm
-from .modules import TritonNormMixin
+from .modules import NORM_MIXINS
 from .zoo import Converted, activation_of, class_name
 
 
@@ -41,7 +41,7 @@ def takes_extras(norm) -> bool:
     """Whether a norm module's forward takes the epilogue extras: a tritonnorm norm (plain or
     frozen, not a timm norm-act layer) without an activation of its own."""
     return isinstance(norm, _GroupNorm) or (
-        isinstance(norm, (TritonNormMixin, zoo.FrozenNormMixin))
+        isinstance(norm, (*NORM_MIXINS, zoo.FrozenNormMixin))
         and not isinstance(norm, zoo.NormActMixin)
         and getattr(norm, "activation", None) is None
     )

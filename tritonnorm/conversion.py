@@ -1,10 +1,12 @@
 """``tritonnorm.convert``: swap a model's norm modules for tritonnorm's, in place, and say what was
 left alone.
 
-torch's BatchNorm*/InstanceNorm*/GroupNorm become their tritonnorm subclasses; third-party norm
-layers (timm's norm-act layers, torchvision's FrozenBatchNorm2d) are swapped by
-:mod:`tritonnorm.zoo`; with ``fuse_activations=True`` the activations next to a norm are folded
-into it, inside ``nn.Sequential`` (here) and inside known blocks (:mod:`tritonnorm.blocks`).
+torch's BatchNorm*/InstanceNorm*/GroupNorm become their tritonnorm subclasses (never
+nn.LayerNorm / nn.RMSNorm: those normalise the last dimension); third-party norm layers (timm's
+norm and norm-act layers, LayerNorm2d and RmsNorm2d included, torchvision's FrozenBatchNorm2d,
+ConvNeXt's channels_first LayerNorm) are swapped by :mod:`tritonnorm.zoo`; with
+``fuse_activations=True`` the activations next to a norm are folded into it, inside
+``nn.Sequential`` (here) and inside known blocks (:mod:`tritonnorm.blocks`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from . import blocks, zoo
-from .modules import REPLACEMENTS, TritonNormMixin
+from .modules import NORM_MIXINS, REPLACEMENTS
 from .sync import SyncBatchNorm
 from .zoo import activation_of, class_name
 
@@ -62,7 +64,7 @@ def takes_activation(module: nn.Module) -> bool:
     """Whether ``fold_activations`` may give this module an activation: a tritonnorm norm (plain,
     synchronised or frozen) without one, whose output is the module's output."""
     return (
-        isinstance(module, (TritonNormMixin, SyncBatchNorm, zoo.FrozenNormMixin))
+        isinstance(module, (*NORM_MIXINS, SyncBatchNorm, zoo.FrozenNormMixin))
         and not isinstance(module, zoo.NormActMixin)
         and getattr(module, "activation", None) is None
     )
@@ -96,7 +98,7 @@ def fold_activations(model: nn.Module, report: ConversionReport | None = None) -
 def _left_norms(model: nn.Module, report: ConversionReport) -> None:
     """Norm layers still running something other than tritonnorm, into ``report.left``."""
     for module in model.modules():
-        if isinstance(module, (TritonNormMixin, SyncBatchNorm, zoo.Converted)):
+        if isinstance(module, (*NORM_MIXINS, SyncBatchNorm, zoo.Converted)):
             continue
         name = class_name(module)
         if type(module) is nn.SyncBatchNorm:
@@ -105,6 +107,8 @@ def _left_norms(model: nn.Module, report: ConversionReport) -> None:
             report.left[f"{name} (a norm subclass tritonnorm does not know)"] += 1
         elif zoo.is_third_party_norm(module):
             report.left[f"{name} (no tritonnorm equivalent)"] += 1
+        elif isinstance(why := zoo.channels_first_layer_norm(module), str):
+            report.left[f"{name} ({why})"] += 1
 
 
 def convert(
@@ -120,8 +124,12 @@ def convert(
 
     Third-party norm layers are swapped the same way (:mod:`tritonnorm.zoo`): timm's
     BatchNormAct2d, SyncBatchNormAct, FrozenBatchNormAct2d, GroupNormAct, GroupNorm1Act,
-    GroupNorm and GroupNorm1, and torchvision's FrozenBatchNorm2d (eval-mode batch norm). A
-    timm layer's ``act`` runs fused into the norm when the epilogue has it (ReLU, LeakyReLU,
+    LayerNormAct2d, RmsNormAct2d, GroupNorm, GroupNorm1, LayerNorm2d and RmsNorm2d (the last
+    four with tritonnorm.LayerNorm2d / RMSNorm2d's forward), torchvision's FrozenBatchNorm2d
+    (eval-mode batch norm), and ConvNeXt's ``LayerNorm(C, data_format="channels_first")``
+    (recognised by its attributes and forward: :func:`tritonnorm.zoo.channels_first_layer_norm`).
+    torch's nn.LayerNorm and nn.RMSNorm (last dimension) are never swapped. A timm layer's
+    ``act`` runs fused into the norm when the epilogue has it (ReLU, LeakyReLU,
     SiLU/Swish, GELU, tanh GELU) and its ``drop`` is an Identity; otherwise ``drop`` and ``act``
     run after the norm as in timm. Their ``act`` and ``drop`` stay submodules, so state_dict
     keys, ``repr`` and checkpoints are timm's. Other subclasses of torch's norms are left alone.
@@ -158,7 +166,7 @@ def convert(
         if replacement is not None:
             module.__class__ = replacement
         if not zoo.convert_module(module, result) and isinstance(
-            module, (TritonNormMixin, SyncBatchNorm)
+            module, (*NORM_MIXINS, SyncBatchNorm)
         ):
             result.converted[class_name(module)] += 1
     if fuse_activations:

@@ -1,21 +1,27 @@
 """Drop-in modules: subclasses of torch's norm modules whose ``forward`` runs tritonnorm.
 
 Constructor arguments, parameters, buffers, ``state_dict`` keys, ``repr`` and
-``reset_parameters`` are torch's own; one mixin supplies the forward of all thirteen classes, and
-one extra keyword-only constructor argument, ``activation=None``: an activation ("relu",
-"leaky_relu" or ("leaky_relu", slope), "silu", "gelu", "gelu_tanh") fused into the
-normalisation's output pass. It is a plain attribute (no state_dict entry); ``repr`` shows it.
+``reset_parameters`` are torch's own; one mixin supplies the forward of the thirteen BatchNorm /
+InstanceNorm / GroupNorm classes (``MODULES``, each replacing its torch class in
+``tritonnorm.convert``), another the forward of ``LayerNorm2d`` and ``RMSNorm2d``
+(``CHANNEL_MODULES``: normalisation across the channels at every position, timm's layers of those
+names; subclasses of ``nn.LayerNorm`` / ``nn.RMSNorm`` that never replace them, as those
+normalise the last dimension). Every class takes one extra keyword-only constructor argument,
+``activation=None``: an activation ("relu", "leaky_relu" or ("leaky_relu", slope), "silu",
+"gelu", "gelu_tanh") fused into the normalisation's output pass. It is a plain attribute (no
+state_dict entry); ``repr`` shows it.
 """
 
 from __future__ import annotations
 
 import warnings
 
+import torch
 from torch import Tensor, nn
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from . import validation
-from .functional import batch_norm, group_norm, instance_norm
+from .functional import batch_norm, group_norm, instance_norm, layer_norm_2d, rms_norm_2d
 
 
 def count_batch(module: nn.Module) -> float:
@@ -183,6 +189,98 @@ class LazyInstanceNorm3d(TritonNormMixin, nn.LazyInstanceNorm3d):
     cls_to_become = InstanceNorm3d
 
 
+class ChannelNormMixin(ActivationMixin):
+    """The forward of a norm across the channels at every position of (N, C, *spatial) input:
+    ``normalized_shape == (C,)``, ``weight`` (and for LayerNorm ``bias``) of C values, ``eps``.
+    Also the forward of the third-party layers :mod:`tritonnorm.zoo` converts (timm's
+    LayerNorm2d / RmsNorm2d and their Act versions, ConvNeXt's channels_first LayerNorm)."""
+
+    def forward(
+        self,
+        input: Tensor,
+        *,
+        scale: Tensor | None = None,
+        shift: Tensor | None = None,
+        residual: Tensor | None = None,
+        activation: str | tuple | None = None,
+    ) -> Tensor:
+        """The norm of ``input`` (N, C, *spatial) across C, in its memory format; the keyword-only
+        extras are the functions' fused epilogue. ``activation`` is for a module without one of
+        its own."""
+        extras = epilogue_extras(self, scale, shift, residual, activation)
+        (channels,) = self.normalized_shape
+        if isinstance(input, Tensor) and input.dim() >= 2 and input.shape[1] != channels:
+            raise RuntimeError(
+                f"{type(self).__name__}: expected input of shape (N, {channels}, *spatial) "
+                f"(normalized_shape={tuple(self.normalized_shape)} across dim 1), got input of "
+                f"shape {tuple(input.shape)}"
+            )
+        return self._normalize(input, extras)
+
+
+class LayerNorm2dMixin(ChannelNormMixin):
+    """LayerNorm across the channels: :func:`tritonnorm.layer_norm_2d`."""
+
+    def _normalize(self, input: Tensor, extras: dict) -> Tensor:
+        return layer_norm_2d(input, self.weight, self.bias, self.eps, **extras)
+
+
+class RMSNorm2dMixin(ChannelNormMixin):
+    """RMSNorm across the channels: :func:`tritonnorm.rms_norm_2d` (``eps=None``: the input
+    dtype's machine epsilon, as torch's RMSNorm)."""
+
+    def _normalize(self, input: Tensor, extras: dict) -> Tensor:
+        eps = self.eps if self.eps is not None else torch.finfo(input.dtype).eps
+        return rms_norm_2d(input, self.weight, eps, **extras)
+
+
+class LayerNorm2d(LayerNorm2dMixin, nn.LayerNorm):
+    """LayerNorm across the C channels at every position of (N, C, *spatial) input (statistics
+    per sample and position), as timm's ``LayerNorm2d``: the same class layout (a
+    ``nn.LayerNorm`` with ``normalized_shape=(C,)``), so ``state_dict`` (``weight``, ``bias`` of
+    shape (C,)) and checkpoints load both ways. Contiguous and channels_last input are read in
+    place; the output has the input's memory format."""
+
+    def __init__(
+        self,
+        num_channels: int,
+        eps: float = 1e-6,
+        affine: bool = True,
+        *,
+        bias: bool = True,
+        activation: str | tuple | None = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(
+            num_channels, eps=eps, elementwise_affine=affine, bias=bias, activation=activation,
+            device=device, dtype=dtype,
+        )  # fmt: skip
+
+
+class RMSNorm2d(RMSNorm2dMixin, nn.RMSNorm):
+    """RMSNorm across the C channels at every position of (N, C, *spatial) input, as timm's
+    ``RmsNorm2d`` (x * rsqrt(mean over C of x^2 + eps) * weight): a ``nn.RMSNorm`` with
+    ``normalized_shape=(C,)``, ``weight`` of shape (C,) as timm's, so checkpoints load both
+    ways. Output in the input's memory format."""
+
+    def __init__(
+        self,
+        num_channels: int,
+        eps: float | None = 1e-6,
+        affine: bool = True,
+        *,
+        activation: str | tuple | None = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(
+            num_channels, eps=eps, elementwise_affine=affine, activation=activation,
+            device=device, dtype=dtype,
+        )  # fmt: skip
+
+
+# torch's norm classes' replacements (what `tritonnorm.convert` swaps in for them)
 MODULES = (
     BatchNorm1d,
     BatchNorm2d,
@@ -198,7 +296,12 @@ MODULES = (
     LazyInstanceNorm3d,
     GroupNorm,
 )
-__all__ = [cls.__name__ for cls in MODULES]
+# Norms across the channels: no torch class to replace (nn.LayerNorm / nn.RMSNorm normalise the
+# last dimension: convert never swaps them); convert swaps timm's and ConvNeXt's (tritonnorm.zoo).
+CHANNEL_MODULES = (LayerNorm2d, RMSNorm2d)
+# Every tritonnorm norm module runs one of these forwards.
+NORM_MIXINS = (TritonNormMixin, ChannelNormMixin)
+__all__ = [cls.__name__ for cls in (*MODULES, *CHANNEL_MODULES)]
 
 # torch class -> its tritonnorm subclass (what `tritonnorm.convert` swaps)
 REPLACEMENTS: dict[type, type] = {

@@ -261,4 +261,11 @@ def check_channel_norm(op: str, input: Tensor, weight: Tensor | None,
                        bias: Tensor | None = None) -> None:  # fmt: skip
     """LayerNorm2d / RMSNorm2d: (N, C, *spatial) floating input, weight and bias of C values."""
     check_input(op, input)
+    channels = input.shape[1]
+    for name, vector in (("weight", weight), ("bias", bias)):
+        if vector is not None and vector.dim() != 1:  # torch's type: RuntimeError
+            raise RuntimeError(
+                f"{op}: expected {name} of shape ({channels},) (one value per channel), got "
+                f"shape {tuple(vector.shape)}"
+            )
     check_per_channel(op, input, weight=weight, bias=bias)

@@ -1,11 +1,14 @@
 """Third-party norm layers as tritonnorm layers: timm's norm-act layers (BatchNormAct2d,
-SyncBatchNormAct, FrozenBatchNormAct2d, GroupNormAct, GroupNorm1Act) and plain norms (GroupNorm,
-GroupNorm1), and torchvision's FrozenBatchNorm2d.
+SyncBatchNormAct, FrozenBatchNormAct2d, GroupNormAct, GroupNorm1Act, LayerNormAct2d,
+RmsNormAct2d) and plain norms (GroupNorm, GroupNorm1, LayerNorm2d, RmsNorm2d), torchvision's
+FrozenBatchNorm2d, and ConvNeXt's ``LayerNorm(..., data_format="channels_first")``.
 
 Classes are matched by exact type, through their module path and name, so no package is imported
-here. Each known class gets a tritonnorm subclass, made on first use, with the original's name:
-``repr``, constructor, state_dict keys and ``_load_from_state_dict`` stay the original's, and only
-``forward`` runs tritonnorm. :func:`tritonnorm.convert` swaps a module's ``__class__`` to it (the
+here; ConvNeXt's LayerNorm, copied into every repository that uses it, is recognised by its
+attributes and the names its forward uses (:func:`channels_first_layer_norm`). Each known class
+gets a tritonnorm subclass, made on first use, with the original's name: ``repr``, constructor,
+state_dict keys and ``_load_from_state_dict`` stay the original's, and only ``forward`` runs
+tritonnorm. :func:`tritonnorm.convert` swaps a module's ``__class__`` to it (the
 same object: parameters, buffers, hooks and train/eval state are kept). The subclasses are
 attributes of this module (made again by name when looked up), so a converted model pickles as
 well as it ``copy.deepcopy``s.
@@ -21,7 +24,7 @@ from torch import Tensor, nn
 
 from . import activations
 from .functional import batch_norm
-from .modules import TritonNormMixin, epilogue_extras
+from .modules import LayerNorm2dMixin, RMSNorm2dMixin, TritonNormMixin, epilogue_extras
 from .sync import SyncBatchNorm
 
 PACKAGES = ("timm", "torchvision", "diffusers")
@@ -149,6 +152,10 @@ NORMS: dict[str, tuple[type, ...]] = {
     "timm.layers.norm_act.FrozenBatchNormAct2d": (NormActMixin, FrozenNormMixin),
     "timm.layers.norm.GroupNorm": (Converted, TritonNormMixin),
     "timm.layers.norm.GroupNorm1": (Converted, TritonNormMixin),
+    "timm.layers.norm.LayerNorm2d": (Converted, LayerNorm2dMixin),
+    "timm.layers.norm.RmsNorm2d": (Converted, RMSNorm2dMixin),
+    "timm.layers.norm_act.LayerNormAct2d": (NormActMixin, LayerNorm2dMixin),
+    "timm.layers.norm_act.RmsNormAct2d": (NormActMixin, RMSNorm2dMixin),
     "torchvision.ops.misc.FrozenBatchNorm2d": (FrozenNormMixin,),
 }
 _MIXINS: dict[str, tuple[type, ...]] = dict(NORMS)  # and the blocks (tritonnorm.blocks)
@@ -170,27 +177,121 @@ for _path, _mixins in NORMS.items():
     register(_path, *_mixins)
 
 
-def converted_class(cls: type) -> type:
-    """The tritonnorm subclass of a registered third-party class (made once)."""
+# The subclasses of classes recognised by their attributes (not registered by path) are named
+# this prefix + their class's module and qualified name, escaped ("_" -> "_u", "." -> "_d", and
+# "_m" between the two), so that pickle finds them in a new process.
+_RECOGNISED = "tn_channels_first_"
+_ESCAPES = {"_": "_u", ".": "_d", ":": "_m"}
+
+
+def _recognised_name(cls: type) -> str:
+    text = f"{cls.__module__}:{cls.__qualname__}"
+    return _RECOGNISED + "".join(_ESCAPES.get(c, c) for c in text)
+
+
+def _recognised_class(name: str) -> type:
+    """The class a :func:`_recognised_name` stands for (imported)."""
+    unescape = {v[1]: k for k, v in _ESCAPES.items()}
+    encoded, chars, i = name[len(_RECOGNISED) :], [], 0
+    while i < len(encoded):
+        if encoded[i] == "_":
+            chars.append(unescape[encoded[i + 1]])
+            i += 2
+        else:
+            chars.append(encoded[i])
+            i += 1
+    module_path, qualname = "".join(chars).split(":")
+    found = importlib.import_module(module_path)
+    for part in qualname.split("."):
+        found = getattr(found, part)
+    return found
+
+
+def converted_class(cls: type, mixins: tuple[type, ...] | None = None) -> type:
+    """The tritonnorm subclass of a registered third-party class, or with ``mixins`` of a class
+    recognised by its attributes (made once)."""
     made = _SUBCLASSES.get(cls)
     if made is None:
         path = class_path(cls)
+        if mixins is None:
+            mixins, name = _MIXINS[path], _attribute_name(path)
+        else:
+            name = _recognised_name(cls)
         made = type(
             cls.__name__,
-            (*_MIXINS[path], cls),
-            {"__module__": __name__, "__qualname__": _attribute_name(path), "_tn_original": cls},
+            (*mixins, cls),
+            {"__module__": __name__, "__qualname__": name, "_tn_original": cls},
         )
         _SUBCLASSES[cls] = made
     return made
 
 
 def __getattr__(name: str) -> type:
-    """The subclass of a registered class by attribute name (how pickle finds it)."""
+    """The subclass of a registered or recognised class by attribute name (how pickle finds
+    it)."""
+    if name.startswith(_RECOGNISED):
+        return converted_class(_recognised_class(name), CHANNELS_FIRST_MIXINS)
     path = _BY_ATTRIBUTE.get(name)
     if path is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     module_path, _, class_name_ = path.rpartition(".")
     return converted_class(getattr(importlib.import_module(module_path), class_name_))
+
+
+# ConvNeXt's LayerNorm (facebookresearch/ConvNeXt, ConvNeXt-V2 and their copies):
+#
+#     def forward(self, x):
+#         if self.data_format == "channels_last":
+#             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+#         elif self.data_format == "channels_first":
+#             u = x.mean(1, keepdim=True)
+#             s = (x - u).pow(2).mean(1, keepdim=True)
+#             x = (x - u) / torch.sqrt(s + self.eps)
+#             x = self.weight[:, None, None] * x + self.bias[:, None, None]
+#             return x
+#
+# with (C,) parameters weight and bias, eps, normalized_shape == (C,) and data_format. Its
+# forward must use these names (and may use the others: a cast to float32 and back, as in
+# transformers' ConvNextLayerNorm before 4.50) and take one input.
+CHANNELS_FIRST_MIXINS = (Converted, LayerNorm2dMixin)
+_CHANNELS_FIRST_NAMES = frozenset({"data_format", "mean", "pow", "sqrt", "eps", "weight", "bias"})
+_CHANNELS_FIRST_ALLOWED = _CHANNELS_FIRST_NAMES | {
+    "F", "layer_norm", "normalized_shape", "torch", "nn", "functional", "dtype", "float", "to",
+}  # fmt: skip
+
+
+def channels_first_layer_norm(module: nn.Module) -> bool | str:
+    """Whether ``module`` is ConvNeXt's LayerNorm with ``data_format="channels_first"``: True
+    (convert it), False (nothing like it), or for a look-alike (a norm class with a
+    ``data_format``) that is not one, why."""
+    cls = type(module)
+    data_format = getattr(module, "data_format", None)
+    if issubclass(cls, Converted) or "Norm" not in cls.__name__ or not isinstance(data_format, str):
+        return False
+    if data_format != "channels_first":
+        return f"data_format={data_format!r}: tritonnorm converts channels_first only"
+    weight, bias = module._parameters.get("weight"), module._parameters.get("bias")
+    shape = getattr(module, "normalized_shape", None)
+    if (
+        not isinstance(shape, tuple)
+        or len(shape) != 1
+        or any(p is None or tuple(p.shape) != shape for p in (weight, bias))
+        or not isinstance(getattr(module, "eps", None), (int, float))
+    ):
+        return "not a ConvNeXt LayerNorm: weight, bias of shape normalized_shape = (C,), eps"
+    code = getattr(cls.forward, "__code__", None)
+    names = frozenset(code.co_names) if code is not None else frozenset()
+    if (
+        code is None
+        or code.co_argcount != 2
+        or not _CHANNELS_FIRST_NAMES <= names <= _CHANNELS_FIRST_ALLOWED
+    ):
+        return "its forward is not ConvNeXt's LayerNorm's"
+    if "forward" in module.__dict__:
+        return "its forward is replaced on the instance"
+    if module._modules or module._buffers or len(module._parameters) != 2:
+        return "not a ConvNeXt LayerNorm: submodules, buffers or other parameters"
+    return True
 
 
 def _report_activation(module: nn.Module, report) -> None:
@@ -212,9 +313,12 @@ def convert_module(module: nn.Module, report) -> bool:
     its folded or kept activation) in ``report``. False for any other module."""
     cls = type(module)
     if not issubclass(cls, Converted):
-        if class_path(cls) not in NORMS:
+        if class_path(cls) in NORMS:
+            module.__class__ = converted_class(cls)
+        elif channels_first_layer_norm(module) is True:
+            module.__class__ = converted_class(cls, CHANNELS_FIRST_MIXINS)
+        else:
             return False
-        module.__class__ = converted_class(cls)
     report.converted[class_name(module)] += 1
     if isinstance(module, NormActMixin):
         _report_activation(module, report)
@@ -229,8 +333,8 @@ _NORM_MODULES = frozenset(
 
 
 def is_third_party_norm(module: nn.Module) -> bool:
-    """A norm layer of timm or torchvision that tritonnorm does not convert (LayerNorm2d,
-    RmsNormAct2d, EvoNorm..., subclasses of the known classes)."""
+    """A norm layer of timm or torchvision that tritonnorm does not convert (LayerNorm2dFp32,
+    RmsNorm2dFp32, EvoNorm..., subclasses of the known classes)."""
     cls = type(module)
     if any(class_path(base) in NORMS for base in cls.__mro__[1:]):
         return True

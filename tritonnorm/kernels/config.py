@@ -356,7 +356,6 @@ def position_max_channels(acc_bytes: int, epilogue: bool) -> int:
     return _position_words(True, epilogue) * 4 // acc_bytes
 
 
-@functools.lru_cache(maxsize=4096)
 def position_configs(
     shape: Shape, backward: bool, epilogue: bool = False, sums: bool = False,
     per_sample: bool = False,
