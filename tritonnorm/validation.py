@@ -220,25 +220,25 @@ def check_epilogue(
     """scale and shift (N, C); residual exactly input's shape, dtype and device."""
     if input.dim() < 2:
         raise ValueError(f"{op}: scale, shift and residual need input of shape (N, C, *spatial)")
-    expected = tuple(input.shape[:2])
+    expected = input.shape[:2]
+    dtype, device = input.dtype, input.device
     for name, t in (("scale", scale), ("shift", shift)):
         if t is None:
             continue
         if not isinstance(t, Tensor):
             raise TypeError(f"{op}: expected {name} to be a torch.Tensor, got {type(t).__name__}")
-        if tuple(t.shape) != expected:
+        if t.shape != expected:
             raise ValueError(
-                f"{op}: expected {name} of shape (N, C) = {expected} (per sample and channel), "
-                f"got {tuple(t.shape)}"
+                f"{op}: expected {name} of shape (N, C) = {tuple(expected)} (per sample and "
+                f"channel), got {tuple(t.shape)}"
             )
-        allowed = {input.dtype}
-        if input.dtype in (torch.float16, torch.bfloat16):
-            allowed.add(torch.float32)
-        if t.dtype not in allowed:
+        # the input's dtype, or float32 with half input
+        if t.dtype != dtype and not (t.dtype == torch.float32 and dtype in _HALF):
+            allowed = {dtype, torch.float32} if dtype in _HALF else {dtype}
             expected_dtype = " or ".join(sorted(str(d) for d in allowed))
             raise TypeError(f"{op}: expected {name} of dtype {expected_dtype}, got {t.dtype}")
-        if t.device != input.device:
-            raise RuntimeError(f"{op}: expected {name} on {input.device}, got {t.device}")
+        if t.device != device:
+            raise RuntimeError(f"{op}: expected {name} on {device}, got {t.device}")
     if residual is not None:
         if not isinstance(residual, Tensor):
             raise TypeError(
