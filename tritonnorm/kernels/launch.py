@@ -321,12 +321,95 @@ def _meta(t: torch.Tensor | None):
     return None if t is None else t.dtype
 
 
+class _Recorder:
+    """What one run of a plan did, as straight-line Python: each allocation and launch with its
+    tensors named by where they came from (the run's arguments ``a<i>``, earlier allocations
+    ``b<j>``). A plan whose runs always do the same (every branch is fixed by the plan's key and
+    its bound configs) replays the recording instead of running: allocations and launches, no
+    dictionaries, closures or branches. Anything it cannot name (a copy, a tensor from
+    elsewhere, two arguments that are one tensor) leaves the plan without a replay."""
+
+    def __init__(self, args: tuple):
+        self.names = {id(t): f"a{i}" for i, t in enumerate(args) if t is not None}
+        self.ok = len(self.names) == sum(t is not None for t in args)  # no aliased arguments
+        self.nargs = len(args)
+        self.lines: list[str] = []
+        self.scope: dict = {"empty_like": torch.empty_like}
+
+    def name(self, t) -> str:
+        if t is None:
+            return "None"
+        name = self.names.get(id(t))
+        if name is None:
+            self.ok = False
+            return "None"
+        return name
+
+    def allocation(self, out: torch.Tensor, like) -> None:
+        """``out = empty_like(like)``; ``like`` a tensor of the run, or a plan's template."""
+        name = f"b{len(self.lines)}"
+        source = like if isinstance(like, str) else self.name(like)  # a template: its name
+        self.lines.append(f"{name} = empty_like({source})")
+        self.names[id(out)] = name
+
+    def launch(self, step_name: str, step, tensors) -> None:
+        self.scope[f"S_{step_name}"] = step
+        self.lines.append(f"S_{step_name}({', '.join(self.name(t) for t in tensors)})")
+
+    def replay(self, outputs: tuple):
+        """The replay function, or None when the run was not fully named."""
+        result = ", ".join(self.name(t) for t in outputs)
+        if not self.ok:
+            return None
+        params = ", ".join(f"a{i}" for i in range(self.nargs))
+        body = "".join(f"    {line}\n" for line in self.lines)
+        source = f"def replay({params}):\n{body}    return ({result},)\n"
+        exec(compile(source, "<tritonnorm plan replay>", "exec"), self.scope)
+        return self.scope["replay"]
+
+
 class _Plan:
-    """Launches bound on a plan's first call (:meth:`_step`), then reused."""
+    """Launches bound on a plan's first call (:meth:`_step`), then reused; from its first
+    call on, a plan replays a recording of that call (:class:`_Recorder`) where it can."""
 
     def __init__(self):
         self.steps: dict[str, Launch] = {}
         self.templates: dict[str, torch.Tensor] = {}
+        self.replays: dict = {}  # variant -> the recorded replay, or None (cannot)
+        self._recording: _Recorder | None = None
+
+    def run(self, *args, variant=()):
+        """The plan's outputs for ``args`` (its ``_run``'s arguments; ``variant``: the keyword
+        arguments that change what a run does)."""
+        replay = self.replays.get(variant, False)
+        if replay:
+            return replay(*args)
+        if replay is None:
+            return self._run(*args, *variant)
+        if not self.recordable:
+            self.replays[variant] = None
+            return self._run(*args, *variant)
+        self._recording = recording = _Recorder(args)
+        try:
+            out = self._run(*args, *variant)
+        finally:
+            self._recording = None
+        self.replays[variant] = recording.replay(out)
+        return out
+
+    @property
+    def recordable(self) -> bool:
+        """Runs that copy (dy or a residual in another layout) or see an empty input are not
+        recorded."""
+        return not (
+            self.empty or getattr(self, "res_copy", False) or getattr(self, "dy_copy", False)
+        )
+
+    def _like(self, t: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(t)
+        if self._recording is not None:
+            self._recording.allocation(out, t)
+        return out
 
     def _buffer(self, name: str, shape, dtype: torch.dtype, device) -> torch.Tensor:
         """A new tensor of a shape this plan always allocates under ``name``: ``empty_like`` of
@@ -336,7 +419,11 @@ class _Plan:
         if template is None:
             template = torch.empty((), dtype=dtype, device=device).expand(shape)
             self.templates[name] = template
-        return torch.empty_like(template)
+        out = torch.empty_like(template)
+        if self._recording is not None:
+            self._recording.scope[f"T_{name}"] = template
+            self._recording.allocation(out, f"T_{name}")
+        return out
 
     def _step(self, name: str, tensors: dict, bind) -> Launch:
         """Run step ``name`` with ``tensors``; ``bind()`` makes its launch the first time."""
@@ -344,6 +431,8 @@ class _Plan:
         if step is None:
             step = self.steps[name] = bind()
         step(*tensors.values())
+        if self._recording is not None:
+            self._recording.launch(name, step, tensors.values())
         return step
 
 
@@ -379,11 +468,11 @@ class ForwardPlan(_Plan):
         self.max_split = config.max_split(red, self.fused, epilogue=self.fused and ep is not None)
         self.num_partials: int | None = None  # the statistics launch's split, once bound
 
-    def run(self, x, weight, bias, running_mean, running_var, scale=None, shift=None,
-            residual=None, want_stats=True):  # fmt: skip
+    def _run(self, x, weight, bias, running_mean, running_var, scale=None, shift=None,
+             residual=None, want_stats=True):  # fmt: skip
         """y, mean, rstd (None without ``want_stats`` in eval), updating the running statistics
         in place."""
-        y = torch.empty_like(x)
+        y = self._like(x)
         if self.empty:
             return y, _nan_stats(x, self.norm), _nan_stats(x, self.norm)
         if self.res_copy:
@@ -392,7 +481,7 @@ class ForwardPlan(_Plan):
         mean = rstd = None
         if want_stats or self.norm.use_input_stats:
             mean = self._buffer("mean", self.stats_shape, self.acc, device)
-            rstd = torch.empty_like(mean)
+            rstd = self._like(mean)
         ep = dict(scale_ptr=scale, shift_ptr=shift, res_ptr=residual) if self.epilogue else {}
         direct = {}
         if self.direct_running:
@@ -514,11 +603,13 @@ def forward(
             )  # fmt: skip
         kind = PositionForwardPlan if norm.per_position else ForwardPlan
         plan_ = _forward_plans[key] = kind(x, norm, epilogue, eps, momentum, running)
+    variant = () if want_stats else (False,)
     if plan_.epilogue is None:
-        return plan_.run(x, weight, bias, running_mean, running_var, want_stats=want_stats)
+        return plan_.run(x, weight, bias, running_mean, running_var, None, None, None,
+                         variant=variant)  # fmt: skip
     ep = epilogue
     return plan_.run(x, weight, bias, running_mean, running_var, ep.scale, ep.shift, ep.residual,
-                     want_stats)  # fmt: skip
+                     variant=variant)  # fmt: skip
 
 
 def _empty_grads(x, scale, mask, param_dtype) -> tuple:
@@ -580,7 +671,7 @@ class BackwardPlan(_Plan):
             )  # fmt: skip
             self.epi_max_split = config.max_split(self.epi_red, self.epi_fused, True, True)
 
-    def run(self, dy, x, weight, bias, mean, rstd, scale=None, shift=None, residual=None):
+    def _run(self, dy, x, weight, bias, mean, rstd, scale=None, shift=None, residual=None):
         if self.empty:
             return _empty_grads(x, scale, self.mask, self.param_dtype)
         if self.dy_copy:
@@ -602,14 +693,14 @@ class BackwardPlan(_Plan):
         instance or group that fits one program writes dx and dresidual in the first launch."""
         red, device, ep = self.epi_red, x.device, self.epilogue
         view = red.view
-        dx = torch.empty_like(x)
-        dres = torch.empty_like(x) if self.mask[5] else None
+        dx = self._like(x)
+        dres = self._like(x) if self.mask[5] else None
         dweight = dbias = dscale = dshift = None
         if self.param_grads:
             dweight = self._buffer("dweight", view.C, self.param_dtype, device)
-            dbias = torch.empty_like(dweight)
+            dbias = self._like(dweight)
         if (self.mask[3] or self.mask[4]) and scale is not None:
-            dscale, dshift = torch.empty_like(scale), torch.empty_like(scale)
+            dscale, dshift = self._like(scale), self._like(scale)
         fused = self.epi_fused
         sums = self._buffer("sums", (2, self.epi_max_split, view.N, view.C), self.acc, device)
         residual_arg = residual if ep.activation else None  # only z needs it
@@ -651,11 +742,11 @@ class BackwardPlan(_Plan):
 
     def _run_plain(self, dy, x, weight, mean, rstd):
         red, norm, device = self.red, self.norm, x.device
-        dx = torch.empty_like(x)
+        dx = self._like(x)
         dweight = dbias = None
         if self.param_grads:
             dweight = self._buffer("dweight", red.view.C, self.param_dtype, device)
-            dbias = torch.empty_like(dweight)
+            dbias = self._like(dweight)
         dy_view = self.dy_view
         if not norm.use_input_stats and not self.param_grads:  # dx = w rstd dy
             tensors = dict(dy_ptr=dy, out_ptr=dx, weight_ptr=weight, mean_ptr=mean, rstd_ptr=rstd)
@@ -732,15 +823,15 @@ class PositionForwardPlan(_Plan):
         self.res_view, self.res_copy = _residual_view(ep, red.view)
         self.extras = _epilogue_constants(ep, self.res_view)
 
-    def run(self, x, weight, bias, running_mean=None, running_var=None, scale=None, shift=None,
-            residual=None, want_stats=True):  # fmt: skip
-        y = torch.empty_like(x)
+    def _run(self, x, weight, bias, running_mean=None, running_var=None, scale=None, shift=None,
+             residual=None, want_stats=True):  # fmt: skip
+        y = self._like(x)
         if self.empty:
             return y, _nan_stats(x, self.norm), _nan_stats(x, self.norm)
         if self.res_copy:
             residual = torch.empty_like(x).copy_(residual)
         mean = self._buffer("mean", self.stats_shape, self.red.acc_dtype, x.device)
-        rstd = torch.empty_like(mean)
+        rstd = self._like(mean)
         ep = dict(scale_ptr=scale, shift_ptr=shift, res_ptr=residual) if self.epilogue else {}
         tensors = dict(x_ptr=x, y_ptr=y, weight_ptr=weight, bias_ptr=bias, mean_ptr=mean,
                        rstd_ptr=rstd, **ep)  # fmt: skip
@@ -784,7 +875,7 @@ class PositionBackwardPlan(_Plan):
         rows = v.N if self.per_sample else 1
         self.sums_red = Reduction(View(rows, v.C, 1, v.C, 1, 1), 1, not self.per_sample, red.dtype)
 
-    def run(self, dy, x, weight, bias, mean, rstd, scale=None, shift=None, residual=None):
+    def _run(self, dy, x, weight, bias, mean, rstd, scale=None, shift=None, residual=None):
         if self.empty:
             return _empty_grads(x, scale, self.mask, self.param_dtype)
         if self.dy_copy:
@@ -792,8 +883,8 @@ class PositionBackwardPlan(_Plan):
         if self.res_copy:
             residual = torch.empty_like(x).copy_(residual)
         ep, device, C = self.epilogue, x.device, x.shape[1]
-        dx = torch.empty_like(x)
-        dres = torch.empty_like(x) if ep is not None and self.mask[5] else None
+        dx = self._like(x)
+        dres = self._like(x) if ep is not None and self.mask[5] else None
         sums = None
         if self.sums:
             rows = self.sums_red.rows
@@ -813,9 +904,9 @@ class PositionBackwardPlan(_Plan):
         dweight = dbias = dscale = dshift = None
         if self.param_grads:
             dweight = self._buffer("dweight", C, self.param_dtype, device)
-            dbias = torch.empty_like(dweight)
+            dbias = self._like(dweight)
         if self.per_sample:
-            dscale, dshift = torch.empty_like(scale), torch.empty_like(scale)
+            dscale, dshift = self._like(scale), self._like(scale)
         tensors = dict(partial_ptr=sums, rstd_ptr=rstd, weight_ptr=weight, bias_ptr=bias,
                        dweight_ptr=dweight, dbias_ptr=dbias, scale_ptr=scale, dscale_ptr=dscale,
                        dshift_ptr=dshift)  # fmt: skip
