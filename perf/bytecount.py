@@ -119,6 +119,30 @@ class Traffic:
                 small += ld + st
         return big, small
 
+    def tiers(self, min_numel: int, stats_numel: int = -1, resident_bytes: int = 0) -> dict:
+        """Bytes by tier: ``input`` (tensors of at least ``min_numel`` elements, and unattributed
+        traffic), ``stats`` (tensors of exactly ``stats_numel`` elements: the per-position
+        statistics of LayerNorm2d / RMSNorm2d, 1 / C of the input), ``small`` (the rest:
+        per-channel vectors, partial sums) and ``small_raw`` (the same with every load counted).
+        In ``small``, a kernel's loads of a tensor of at most ``resident_bytes`` bytes count at
+        most its size per launch of that kernel (a DRAM model: re-read by every program, it stays
+        in L2 after the first read; floors.L2_RESIDENT_BYTES)."""
+        launches: dict[str, int] = defaultdict(int)
+        for k in self.launches:
+            launches[k] += 1
+        out = dict.fromkeys(("input", "stats", "small", "small_raw"), 0)
+        for (kernel, name, numel, dtype), (ld, st) in self.bytes.items():
+            if numel >= min_numel or name == UNKNOWN_TENSOR:
+                out["input"] += ld + st
+            elif numel == stats_numel:
+                out["stats"] += ld + st
+            else:
+                size = numel * getattr(torch, dtype).itemsize
+                cached = min(ld, size * launches[kernel]) if size <= resident_bytes else ld
+                out["small"] += cached + st
+                out["small_raw"] += ld + st
+        return out
+
     def passes(self, pass_bytes: int) -> float:
         """All counted traffic in passes of ``pass_bytes`` (numel x element size of the input)."""
         return self.total / pass_bytes

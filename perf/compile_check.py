@@ -157,27 +157,29 @@ def _meta(shape: Shape, dtype: torch.dtype, layout: str = "contiguous") -> torch
     )
 
 
-def _run_norm(x, norm, affine=True, running=True, param_dtype=None):
+def _run_norm(x, norm, affine=True, running=True, param_dtype=None, bias=True):
     """The launcher entry points' forward and backward (custom ops dispatch to their fake
-    implementations on meta tensors: the public functions would not reach the kernels)."""
+    implementations on meta tensors: the public functions would not reach the kernels).
+    ``bias=False``: weight alone (RMSNorm2d)."""
     from tritonnorm.kernels import launch
 
     c, dt = x.shape[1], param_dtype or x.dtype
-    w, b = (_meta((c,), dt), _meta((c,), dt)) if affine else (None, None)
+    w, b = (_meta((c,), dt), _meta((c,), dt) if bias else None) if affine else (None, None)
     rm, rv = (_meta((c,), dt), _meta((c,), dt)) if running else (None, None)
     _, mean, rstd = launch.forward(x, w, b, rm, rv, norm=norm, momentum=0.1, eps=1e-5)
-    mask = (True, affine, affine, False, False, False)
+    mask = (True, affine, affine and b is not None, False, False, False)
     launch.backward(torch.empty_like(x), x, w, b, mean, rstd, norm=norm, output_mask=mask)
 
 
-def _run_epilogue(x, norm, epilogue, running: bool):
+def _run_epilogue(x, norm, epilogue, running: bool, bias: bool = True, affine_grads: bool = True):
     """An op with a fused epilogue (``perf.ops.Epilogue``) as tritonnorm's custom ops launch it:
     the forward (running statistics updated into new buffers), then the backward with every
-    gradient (weight, bias, and scale and shift or the residual)."""
+    gradient (weight, bias, and scale and shift or the residual; ``affine_grads=False``: frozen
+    weight and bias). ``bias=False``: weight alone (RMSNorm2d)."""
     from tritonnorm.kernels import launch
 
     (n, c), dt = x.shape[:2], x.dtype
-    w, b = _meta((c,), dt), _meta((c,), dt)
+    w, b = _meta((c,), dt), _meta((c,), dt) if bias else None
     rm, rv = (_meta((c,), dt), _meta((c,), dt)) if running else (None, None)
     scale = shift = None
     if epilogue.scale_shift:
@@ -195,8 +197,8 @@ def _run_epilogue(x, norm, epilogue, running: bool):
         ep = launch.Epilogue(scale, shift, y, code)
     elif not code:
         ep = launch.Epilogue(scale, shift, None, code)
-    mask = (True, True, True, epilogue.scale_shift, epilogue.scale_shift,
-            epilogue.residual and bool(code))  # fmt: skip
+    mask = (True, affine_grads, affine_grads and bias, epilogue.scale_shift,
+            epilogue.scale_shift, epilogue.residual and bool(code))  # fmt: skip
     launch.backward(torch.empty_like(x), x, w, b, mean, rstd, norm=norm, epilogue=ep,
                     output_mask=mask, z_from_output=from_output)  # fmt: skip
 
@@ -272,6 +274,91 @@ def scenarios(shape_set: str) -> Iterator[tuple[str, Callable[[], None]]]:
             f"{kind} float64 {shape_str(shape)}",
             functools.partial(_run_norm, _meta(shape, torch.float64), norm),
         )
+    yield from position_scenarios(shape_set)
+
+
+# LayerNorm2d / RMSNorm2d beyond the report's ConvNeXt shapes: 96 channels (BLOCK_C 128, many
+# positions a program), 4096, and the kernels' widest rows, config.position_max_channels (4096
+# channels with float32 statistics, half types too, with or without an epilogue; 2048 in
+# float64, 1024 with an epilogue): read from config, so that the check follows the limits.
+def position_shapes() -> dict[str, list[Shape]]:
+    """{"plain", "epilogue", "float64", "float64_epilogue"}: the rows of each kind of launch."""
+    from tritonnorm.kernels.config import position_max_channels as widest
+
+    shapes = {
+        "plain": [(8, 96, 16, 16), (2, 4096, 8, 8), (2, widest(4, False), 4, 4)],
+        "epilogue": [(8, 96, 16, 16), (2, widest(4, True), 8, 8)],
+        "float64": [(8, 96, 16, 16), (2, widest(8, False), 4, 4)],
+        "float64_epilogue": [(2, widest(8, True), 4, 4)],
+    }
+    return {k: list(dict.fromkeys(v)) for k, v in shapes.items()}
+
+
+def _position_epilogues():
+    """(norm, Epilogue, weight and bias trained): the epilogue variants of the kernels across
+    channels. Scale and shift make the gradient partials per sample; a residual with ReLU (or a
+    leaky ReLU) reads act' off the output, with GELU it recomputes the pre-activation."""
+    from perf.ops import Epilogue
+
+    return [
+        ("ln2d", Epilogue(scale_shift=True, activation="gelu"), True),
+        ("ln2d", Epilogue(residual=True, activation="relu"), True),
+        ("ln2d", Epilogue(scale_shift=True, residual=True, activation="gelu_tanh"), True),
+        ("ln2d", Epilogue(scale_shift=True, activation="silu"), False),  # dscale, dshift alone
+        ("rms2d", Epilogue(scale_shift=True, activation="silu"), True),
+        ("rms2d", Epilogue(residual=True, activation="leaky_relu"), True),
+        ("rms2d", Epilogue(residual=True), True),  # no activation: dresidual is dy
+    ]
+
+
+def position_scenarios(shape_set: str) -> Iterator[tuple[str, Callable[[], None]]]:
+    """The kernels across the channels at each position (positions.py): LayerNorm2d and
+    RMSNorm2d forward and backward (dx with the partial sums of dweight / dbias, and dx alone)
+    on the report's ConvNeXt shapes and ``position_shapes()`` in every dtype and layout, the
+    epilogue variants (``_position_epilogues``) at 96 channels and the epilogue limit, and
+    float64 up to its limits; labels as ``scenarios``'. The ``dry-run`` set (the test suite's)
+    leaves float16 out and takes each case but the widest rows in one layout, alternating."""
+    from perf.ops import has_bias, launch_norm
+
+    dry = shape_set == "dry-run"
+    rows = position_shapes()
+    dtypes = [(n, d) for n, d in DTYPES.items() if not (dry and n == "float16")]
+    cases = []  # (label, shape, dtype name, dtype, thunk of x)
+    for (dname, dtype), norm in itertools.product(dtypes, ("ln2d", "rms2d")):
+        run = functools.partial(_run_norm, norm=launch_norm(norm, 1), running=False,
+                                bias=has_bias(norm))  # fmt: skip
+        for shape in SETS[shape_set].get("convnext_ln", []) + rows["plain"]:
+            cases.append((norm, shape, dname, dtype, run))
+        for shape in (rows["plain"][0], rows["plain"][-1]):  # dx alone: no partial sums
+            run = functools.partial(_run_norm, norm=launch_norm(norm, 1), affine=False,
+                                    running=False)  # fmt: skip
+            cases.append((f"{norm} no-affine", shape, dname, dtype, run))
+    for (dname, dtype), (norm, ep, trained), shape in itertools.product(
+        dtypes, _position_epilogues(), rows["epilogue"]
+    ):
+        run = functools.partial(_run_epilogue, norm=launch_norm(norm, 1), epilogue=ep,
+                                running=False, bias=has_bias(norm),
+                                affine_grads=trained)  # fmt: skip
+        cases.append((f"{norm}+{ep.tag}{'' if trained else ' frozen-affine'}", shape, dname,
+                      dtype, run))  # fmt: skip
+    f64 = torch.float64
+    for norm in ("ln2d", "rms2d"):
+        run = functools.partial(_run_norm, norm=launch_norm(norm, 1), running=False,
+                                bias=has_bias(norm))  # fmt: skip
+        cases += [(norm, shape, "float64", f64, run) for shape in rows["float64"]]
+    for norm, ep, _ in [_position_epilogues()[i] for i in (0, 1, 4)]:
+        run = functools.partial(_run_epilogue, norm=launch_norm(norm, 1), epilogue=ep,
+                                running=False, bias=has_bias(norm))  # fmt: skip
+        for shape in rows["float64_epilogue"]:
+            cases.append((f"{norm}+{ep.tag}", shape, "float64", f64, run))
+    for i, (label, shape, dname, dtype, run) in enumerate(cases):
+        # the widest rows in both layouts: contiguous ones hold a scalar address per element
+        both = not dry or (shape in rows["plain"][1:] and label in ("ln2d", "rms2d"))
+        for layout in LAYOUTS if both else LAYOUTS[i % 2 :][:1]:
+            yield (
+                f"{label} {shape_str(shape)} {layout} {dname}",
+                functools.partial(run, _meta(shape, dtype, layout)),
+            )
 
 
 def epilogue_scenarios(shape_set: str) -> Iterator[tuple[str, Callable[[], None]]]:

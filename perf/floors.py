@@ -58,7 +58,30 @@ def floor_passes(stage: str, group_numel: int | None) -> int:
     return on_chip if fits_on_chip(group_numel) else streamed
 
 
-def within_floor(big_bytes: int, small_bytes: int, pass_bytes: int, floor: int) -> bool:
+def within_floor(big_bytes: int, small_bytes: int, pass_bytes: int, floor: int,
+                 small_passes: float = NEGLIGIBLE_PASSES) -> bool:  # fmt: skip
     """Whether counted traffic meets a floor: input-sized traffic at most ``floor`` passes, the
-    rest at most NEGLIGIBLE_PASSES."""
-    return big_bytes <= floor * pass_bytes and small_bytes <= NEGLIGIBLE_PASSES * pass_bytes
+    rest at most ``small_passes`` (NEGLIGIBLE_PASSES, plus what a per-position norm's statistics
+    need: ``position_stats_passes``)."""
+    return big_bytes <= floor * pass_bytes and small_bytes <= small_passes * pass_bytes
+
+
+# LayerNorm2d / RMSNorm2d: statistics across the C channels at each (sample, position). A row of
+# the floor table is a position's C channels (on chip: C <= ON_CHIP_MAX_ELEMENTS), so the floors
+# are "fwd" 2 (read x, write y) and "bwd" 3 (read x, dy, write dx). Unlike per-channel vectors the
+# statistics grow with the input: one value per position, 1 / C of the elements, in the
+# statistics' dtype (float32; float64 for float64 input). The forward writes them for the
+# backward, which reads them: LayerNorm's mean and rstd (2), RMSNorm's rstd (1). With bf16 and
+# C = 96 two statistics are 4.2% of a pass each way: part of the floor, not of the allowance.
+POSITION_STATS = {"layer_norm_2d": 2, "rms_norm_2d": 1}
+# Weight and bias (and a sample's scale and shift) are re-read by every program of the per-
+# position kernels, which hold whole channel vectors for a few positions: 2 / BLOCK_S passes of
+# loads (0.5 at C = 4096, 4 positions per program), L1/L2 hits on a GPU. For the DRAM floor a
+# tensor of at most this many bytes is read at most once per launch (``Traffic.tiers``).
+L2_RESIDENT_BYTES = 1 << 20
+
+
+def position_stats_passes(stats: int, channels: int, elem_size: int, acc_bytes: int = 4) -> float:
+    """Passes over the input of ``stats`` per-position statistics of ``acc_bytes`` each, written
+    once (forward) or read once (backward), for ``channels`` channels of ``elem_size`` bytes."""
+    return stats * acc_bytes / (channels * elem_size)

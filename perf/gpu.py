@@ -15,15 +15,17 @@ soon as it ends (a later crash loses nothing). Every case's exception is recorde
    specialisations one after another).
 2b. host: where a call's host time goes (host time to issue a call against the time per call,
    tritonnorm and eager, on three cases; cProfile of tritonnorm's calls into summary.md).
-3. correctness: every kernel path (BN train / eval, IN with and without running statistics, GN;
-   fused and split forced both ways; forward + backward) x contiguous / channels_last / strided x
-   float32 / bfloat16 / float16 / float64 x odd shapes, the large-offset and long-reduction
-   numerics, and (GPU only) one bf16 tensor of more than 2**31 elements; against torch in float64
-   by the suite's tolerances, outputs poisoned with NaN first, a second call bitwise equal.
+3. correctness: every kernel path (BN train / eval, IN with and without running statistics, GN,
+   LayerNorm2d / RMSNorm2d; fused and split forced both ways; forward + backward) x contiguous /
+   channels_last / strided x float32 / bfloat16 / float16 / float64 x odd shapes, the
+   large-offset and long-reduction numerics, the widest rows across channels, and (GPU only) one
+   bf16 tensor of more than 2**31 elements; against torch in float64 by the suite's tolerances,
+   outputs poisoned with NaN first, a second call bitwise equal.
 4. timing: the report's quick set (perf/report.py): tritonnorm vs eager vs torch.compile, the
    fused epilogues (GroupNorm + scale/shift + SiLU, BatchNorm + residual + ReLU) against the same
-   composition in torch. Per case and provider: the time per call (do_bench, host overhead
-   included), the time under CUDA-graph replay (the GPU's alone) and the peak memory of a call.
+   composition in torch, LayerNorm2d / RMSNorm2d against timm's composition (perf.ops.Timm). Per
+   case and provider: the time per call (do_bench, host overhead included), the time under
+   CUDA-graph replay (the GPU's alone) and the peak memory of a call.
 5. pytest: the suite natively with what is left (SyncBatchNorm's multi-process tests and the
    CPU-side tools excluded), in a subprocess with a wall-clock limit.
 
@@ -115,7 +117,7 @@ class Run:
         if self.dry:
             return "skipped: dry run (the interpreter compiles nothing)"
         from perf import compile_check as cc
-        from perf.ops import DTYPES, NORMS, launch_norm
+        from perf.ops import DTYPES, NORMS, has_bias, launch_norm
         from perf.shapes import SETS, shape_str
         from tritonnorm.kernels import config
 
@@ -124,7 +126,8 @@ class Run:
         def sweep(norm, path, layout, dt, shape, _offset):
             x = cc._meta(shape, dtypes[dt], "contiguous" if layout == "strided" else layout)
             with config.forced(**FORCED[path]):
-                cc._run_norm(x, launch_norm(norm, shape[1]), running=NORMS[norm][2])
+                cc._run_norm(x, launch_norm(norm, shape[1]), running=NORMS[norm][2],
+                             bias=has_bias(norm))  # fmt: skip
 
         def safe(fn, *a):
             with contextlib.suppress(Exception):  # a launch not recorded is compiled lazily
@@ -212,13 +215,15 @@ class Run:
     # --- stage 2 ----------------------------------------------------------------------------
     def cases(self):
         """(case, path, layout, dtype, shape, offset), most important first."""
-        from perf.ops import NORMS
+        from perf.ops import NORMS, PER_POSITION
 
         dtypes = ("float32", "bfloat16", "float16", "float64")
         layouts = ("contiguous", "channels_last", "strided")
         main = (2, 3, 5, 7) if self.dry else (8, 64, 32, 32)
         for dt in dtypes[:1] if self.dry else dtypes:
             for i, (norm, path) in enumerate(itertools.product(NORMS, FORCED)):
+                if norm in PER_POSITION and path in ("fused", "lanes"):
+                    continue  # no such paths across channels: "auto" again
                 for layout in layouts[i % 3 :][:1] if self.dry else layouts:  # dry: one each
                     yield norm, path, layout, dt, main, 0.5
         if not self.dry:
@@ -237,15 +242,22 @@ class Run:
                 yield norm, path, "contiguous", "float32", (4, 3, 16, 32), 1e4
             yield norm, "auto", "contiguous", "float32", (2, 2, 64, 64) if self.dry else (
                 4, 2, 512, 512), 0.5  # fmt: skip
+        # across channels: a large offset (the mean over C subtracted in registers), and the
+        # kernels' widest rows (8192 channels in float32, 4096 with an epilogue)
+        for path in ("auto",) if self.dry else ("auto", "split"):
+            yield "ln2d", path, "contiguous", "float32", (4, 96, 8, 8), 1e4
+        if not self.dry:
+            yield "ln2d", "auto", "channels_last", "float32", (2, 8192, 4, 4), 0.5
+            yield "rms2d", "auto", "contiguous", "bfloat16", (2, 8192, 4, 4), 0.5
 
     def check_one(self, norm, path, layout, dtype_name, shape, offset) -> str | None:
         from perf import report
-        from perf.ops import DTYPES, NORMS, make_inputs, norm_fn
+        from perf.ops import DTYPES, NORMS, has_bias, make_inputs, norm_fn
         from tritonnorm.kernels import config
 
         dtype = {**DTYPES, "float64": self.torch.float64}[dtype_name]
         inp = make_inputs(shape, layout, dtype, self.device, running_stats=NORMS[norm][2],
-                          backward=True, offset=offset)  # fmt: skip
+                          backward=True, offset=offset, bias=has_bias(norm))  # fmt: skip
         try:
             ref = inp.copy(self.torch.float64, contiguous=True).step(norm_fn(norm, False), True)()
             same = inp.copy(contiguous=True).step(norm_fn(norm, False), True)()

@@ -356,14 +356,14 @@ class Case:
 
     def build(self) -> tuple[Callable[[], None], tuple, tuple, torch.Tensor | None]:
         """The call (returns nothing), the op's tensor inputs, those differentiated, and dy."""
-        from perf.ops import NORMS, norm_fn
+        from perf.ops import NORMS, has_bias, norm_fn
 
         shape, grad = self.shape, self.backward
         c = shape[1]
         empty = lambda *s, g=grad: torch.empty(s, dtype=DTYPE, requires_grad=g)
         running = NORMS[self.norm][2]
         rm, rv = (empty(c, g=False), empty(c, g=False)) if running else (None, None)
-        args = [empty(*shape), rm, rv, empty(c), empty(c)]
+        args = [empty(*shape), rm, rv, empty(c), empty(c) if has_bias(self.norm) else None]
         ep = self.epilogue
         if ep is not None:
             args += [empty(*shape[:2]) for _ in ("scale", "shift")[: 2 * ep.scale_shift]]
@@ -406,6 +406,13 @@ CASES: dict[str, Case] = {
     ),
     "gn forward+backward, on chip": Case(
         "gn", "diffusion_gn", backward=True, shape_override=(8, 256, 16, 16)
+    ),
+    # across the channels at each position (ConvNeXt's LayerNorm2d, timm's RmsNorm2d)
+    "ln2d forward": Case("ln2d", "convnext_ln"),
+    "ln2d forward+backward": Case("ln2d", "convnext_ln", backward=True),
+    "rms2d forward+backward": Case("rms2d", "convnext_ln", backward=True),
+    "ln2d+scale/shift+gelu forward+backward": Case(
+        "ln2d", "convnext_ln", backward=True, scale_shift=True, activation="gelu"
     ),
 }
 

@@ -1,10 +1,12 @@
 """One declarative description per benchmarked op, and the inputs every runner builds from it.
 
 A norm joins the report and the GPU sweep by adding one row to ``NORMS`` (which torch.nn.functional
-/ tritonnorm function, with which keywords) and one ``OpSpec`` per stage set to ``OPS``; a fused
-epilogue (per-sample scale and shift, residual, activation) is an ``Epilogue`` of the ``OpSpec``
-on one of those norms. Every op function takes ``(x, running_mean, running_var, weight, bias,
-*extras)``: ``None`` where unused, then the epilogue's extra tensors (``Epilogue.extras``).
+/ tritonnorm function, with which keywords; the norms across channels, LayerNorm2d and RMSNorm2d,
+have timm's composition on torch's side: ``Timm``) and one ``OpSpec`` per stage set to ``OPS``; a
+fused epilogue (per-sample scale and shift, residual, activation) is an ``Epilogue`` of the
+``OpSpec`` on one of those norms. Every op function takes ``(x, running_mean, running_var, weight,
+bias, *extras)``: ``None`` where unused (RMSNorm2d's bias), then the epilogue's extra tensors
+(``Epilogue.extras``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from perf.floors import floor_passes
+from perf.floors import NEGLIGIBLE_PASSES, POSITION_STATS, floor_passes, position_stats_passes
 from perf.shapes import Shape
 
 LAYOUTS = ("contiguous", "channels_last")
@@ -31,7 +33,38 @@ NORMS: dict[str, tuple[str, dict, bool]] = {
     "in_running": ("instance_norm", {"use_input_stats": True}, True),  # track_running_stats
     "in_eval_running": ("instance_norm", {"use_input_stats": False}, True),
     "gn": ("group_norm", {}, False),  # num_groups = gcd(C, 32): 32 groups where C allows
+    # across the channels at each position (timm's LayerNorm2d / RmsNorm2d), eps 1e-6 as timm's
+    "ln2d": ("layer_norm_2d", {}, False),
+    "rms2d": ("rms_norm_2d", {}, False),  # weight only: no bias
 }
+# The rows normalised across the channels at each position (statistics per (sample, position)).
+PER_POSITION = ("ln2d", "rms2d")
+POSITION_EPS = 1e-6
+
+
+def has_bias(norm: str) -> bool:
+    """Whether the op takes a bias (RMSNorm2d does not)."""
+    return norm != "rms2d"
+
+
+class Timm:
+    """What timm's LayerNorm2d and RmsNorm2d compute (timm/layers/norm.py, fast_norm.py; timm is
+    not imported): LayerNorm2d permutes to channels-last, ``F.layer_norm`` over C, permutes back
+    (contiguous NCHW input: layer_norm copies the permuted view first, and the output keeps
+    channels_last strides; channels_last input: no copy); RmsNorm2d (timm's default, not the
+    apex "fast norm") reduces over dim 1 with eager ops in the input dtype (``rms_norm2d``).
+    Written for any (N, C, *spatial) input (``movedim`` is timm's ``permute`` for 4-D)."""
+
+    @staticmethod
+    def layer_norm_2d(x, weight=None, bias=None, eps=POSITION_EPS):
+        return F.layer_norm(x.movedim(1, -1), (x.shape[1],), weight, bias, eps).movedim(-1, 1)
+
+    @staticmethod
+    def rms_norm_2d(x, weight=None, eps=POSITION_EPS):
+        y = x * torch.rsqrt(x.pow(2).mean(dim=1, keepdim=True) + eps)
+        if weight is not None:
+            y = y * weight.reshape(1, -1, *[1] * (x.dim() - 2))
+        return y
 
 
 def launch_norm(norm: str, channels: int):
@@ -42,6 +75,8 @@ def launch_norm(norm: str, channels: int):
     name, kw, _ = NORMS[norm]
     if name == "group_norm":
         return Norm(False, num_groups=math.gcd(channels, 32))
+    if norm in PER_POSITION:
+        return Norm(False, per_position=True, centred=norm == "ln2d")
     return Norm(name == "batch_norm", use_input_stats=kw.get("training", kw.get("use_input_stats")))
 
 
@@ -112,6 +147,13 @@ def norm_fn(norm: str, tritonnorm: bool, epilogue: Epilogue | None = None) -> Ca
 
         def call(lib, x, rm, rv, w, b, **extra):
             return lib.group_norm(x, math.gcd(x.shape[1], 32), w, b, eps=1e-5, **extra)
+
+    elif norm in PER_POSITION:  # torch's side: timm's composition (Timm)
+
+        def call(lib, x, rm, rv, w, b, **extra):
+            lib = Timm if lib is F else lib
+            wb = (w, b) if has_bias(norm) else (w,)
+            return getattr(lib, name)(x, *wb, eps=POSITION_EPS, **extra)
 
     else:
 
@@ -193,13 +235,15 @@ def make_inputs(
     seed: int = 0,
     offset: float = 0.5,
     epilogue: Epilogue | None = None,
+    bias: bool = True,
 ) -> Inputs:
     """Random (never zero) inputs; parameters and running stats in the input dtype, as a module
     converted with ``.to(dtype)`` has them. ``layout`` "strided": every other element of the last
     axis (a view no kernel reads natively). The ``epilogue``'s extras come after the rest (the
     other tensors are the same with or without them): scale 1 + 0.1 * randn and shift
     0.5 * randn of shape (N, C), a residual of unit variance in the input's layout; with
-    ``backward`` the gradient is taken with respect to them too."""
+    ``backward`` the gradient is taken with respect to them too. ``bias=False``: None for the
+    bias (an op without one, ``has_bias``), the random draws otherwise the same."""
     g = torch.Generator(device=device).manual_seed(seed)  # generated where it is used: fast
     c = shape[1]
 
@@ -214,7 +258,8 @@ def make_inputs(
         )
 
     x = big()
-    weight, bias = rand(c, scale=0.1, shift=1.0), rand(c, scale=0.1)
+    weight, bias_ = rand(c, scale=0.1, shift=1.0), rand(c, scale=0.1)
+    bias_ = bias_ if bias else None
     rm = rv = None
     if running_stats:
         rm = rand(c, scale=0.1)
@@ -228,11 +273,11 @@ def make_inputs(
         extras += [rand(shape[0], c, scale=0.1, shift=1.0), rand(shape[0], c, scale=0.5)]
     if epilogue and epilogue.residual:
         extras.append(big(scale=1.0))
-    grad_inputs = (x, weight, bias, *extras) if backward else ()
+    grad_inputs = tuple(t for t in (x, weight, bias_, *extras) if t is not None) if backward else ()
     for t in grad_inputs:
         t.requires_grad_(True)
     state = tuple(t for t in (rm, rv) if t is not None)
-    return Inputs((x, rm, rv, weight, bias, *extras), grad_inputs, dy, state)
+    return Inputs((x, rm, rv, weight, bias_, *extras), grad_inputs, dy, state)
 
 
 @dataclass(frozen=True)
@@ -248,6 +293,21 @@ class OpSpec:
         return "bwd" in self.stages
 
     @property
+    def per_position(self) -> bool:
+        """Statistics across the channels at each position (LayerNorm2d, RMSNorm2d)."""
+        return self.norm in PER_POSITION
+
+    def small_passes(self, shape: Shape, dtype: torch.dtype) -> float:
+        """What the byte count allows besides the input-sized passes: NEGLIGIBLE_PASSES, and for
+        a per-position norm its statistics (floors.position_stats_passes: they grow with the
+        input)."""
+        if not self.per_position:
+            return NEGLIGIBLE_PASSES
+        stats = POSITION_STATS[NORMS[self.norm][0]]
+        acc = 8 if dtype == torch.float64 else 4
+        return NEGLIGIBLE_PASSES + position_stats_passes(stats, shape[1], dtype.itemsize, acc)
+
+    @property
     def torch_fn(self) -> Callable:
         return norm_fn(self.norm, tritonnorm=False, epilogue=self.epilogue)
 
@@ -256,10 +316,13 @@ class OpSpec:
         return norm_fn(self.norm, tritonnorm=True, epilogue=self.epilogue)
 
     def group_numel(self, shape: Shape) -> int | None:
-        """Elements of one reduction group (an instance, a group), which may stay on chip; None
-        for batch_norm, whose channel spans N*HW elements over many programs: streamed."""
+        """Elements of one reduction group (an instance, a group, a position's channels), which
+        may stay on chip; None for batch_norm, whose channel spans N*HW elements over many
+        programs: streamed."""
         if self.norm.startswith("bn"):
             return None
+        if self.per_position:
+            return shape[1]
         per_group = shape[1] // math.gcd(shape[1], 32) if self.norm == "gn" else 1
         return per_group * math.prod(shape[2:])
 
@@ -277,7 +340,8 @@ class OpSpec:
     def inputs(self, shape: Shape, layout: str, dtype: torch.dtype, device: str, seed=0) -> Inputs:
         running = NORMS[self.norm][2]
         inp = make_inputs(shape, layout, dtype, device, running_stats=running,
-                          backward=self.backward, seed=seed, epilogue=self.epilogue)  # fmt: skip
+                          backward=self.backward, seed=seed, epilogue=self.epilogue,
+                          bias=has_bias(self.norm))  # fmt: skip
         if self.epilogue and self.epilogue.residual and self.epilogue.activation in KINKED:
             self._clear_of_kink(inp)
         return inp
@@ -316,6 +380,11 @@ OPS: dict[str, OpSpec] = {
         OpSpec("gn_silu_fwd_bwd", "gn", ("fwd", "bwd"), ("diffusion_gn",), GN_SILU),
         OpSpec("bn_res_relu_fwd", "bn_train", ("fwd",), ("resnet50_bn",), BN_RES_RELU),
         OpSpec("bn_res_relu_fwd_bwd", "bn_train", ("fwd", "bwd"), ("resnet50_bn",), BN_RES_RELU),
+        # ConvNeXt's LayerNorm2d (and timm's RmsNorm2d), against timm's composition
+        OpSpec("ln2d_fwd", "ln2d", ("fwd",), ("convnext_ln",)),
+        OpSpec("ln2d_fwd_bwd", "ln2d", ("fwd", "bwd"), ("convnext_ln",)),
+        OpSpec("rms2d_fwd", "rms2d", ("fwd",), ("convnext_ln",)),
+        OpSpec("rms2d_fwd_bwd", "rms2d", ("fwd", "bwd"), ("convnext_ln",)),
     )
 }
 

@@ -268,10 +268,15 @@ def gpu_extras(row: Row, step: Callable, floor_bytes: float, copy: float,
 def _counted(op: OpSpec, shape, inp) -> tuple[tuple, str, bool]:
     """The tritonnorm run of the CPU mode, with each stage's bytes counted (the backward alone)."""
     from perf.bytecount import count_bytes
-    from perf.floors import within_floor
+    from perf.floors import L2_RESIDENT_BYTES, within_floor
 
     numel = math.prod(shape)
-    pass_bytes = numel * inp.args[0].element_size()
+    x = inp.args[0]
+    pass_bytes = numel * x.element_size()
+    # per-position norms: their statistics (numel / C values) have a floor of their own, and the
+    # per-channel vectors every program re-reads are counted once per launch (floors.py)
+    stats_numel = numel // shape[1] if op.per_position else -1
+    resident = L2_RESIDENT_BYTES if op.per_position else 0
     found, over, grads = [], False, ()
     with torch.set_grad_enabled(op.backward), count_bytes(audit_min_numel=numel) as fwd:
         y = op.tn_fn(*inp.args)
@@ -282,8 +287,10 @@ def _counted(op: OpSpec, shape, inp) -> tuple[tuple, str, bool]:
         counted.append(("bwd", bwd))
     for stage, t in counted:
         floor = op.stage_floor(stage, shape)
-        big, small = t.split(numel)
-        bad = not within_floor(big, small, pass_bytes, floor) or bool(t.torch_ops)
+        tiers = t.tiers(numel, stats_numel, resident)
+        big, small = tiers["input"], tiers["stats"] + tiers["small"]
+        allowed = op.small_passes(shape, x.dtype)
+        bad = not within_floor(big, small, pass_bytes, floor, allowed) or bool(t.torch_ops)
         over |= bad
         found.append(f"{op.floor_stage(stage)} {t.passes(pass_bytes):.3f}/{floor}"
                      f"{' OVER' if bad else ''}")  # fmt: skip

@@ -46,6 +46,17 @@ FULL: dict[str, list[Shape]] = {
         (1, 128, 512, 512),
         (1, 512, 512, 512),
     ],
+    # ConvNeXt's LayerNorm2d (statistics across the channels at each position): ConvNeXt-T's
+    # four stages at batch 32 (the downsampling layers' norms; the blocks' run channels-last),
+    # ConvNeXt-L's last stage, and stage 1 at batch 128 (77 MB in bf16: bandwidth, not launches)
+    "convnext_ln": [
+        (32, 96, 56, 56),
+        (32, 192, 28, 28),
+        (32, 384, 14, 14),
+        (32, 768, 7, 7),
+        (32, 1536, 7, 7),
+        (128, 96, 56, 56),
+    ],
 }
 
 QUICK: dict[str, list[Shape]] = {
@@ -54,6 +65,7 @@ QUICK: dict[str, list[Shape]] = {
     "style_in": [(4, 64, 512, 512)],
     "medical3d_in": [(2, 32, 128, 128, 128)],
     "diffusion_gn": [(16, 320, 64, 64), (1, 128, 512, 512)],
+    "convnext_ln": [(32, 96, 56, 56), (32, 768, 7, 7)],
 }
 
 # BN: channels of 16384 elements (can be normalised on chip), then 40960 (above the on-chip
@@ -63,6 +75,8 @@ CPU: dict[str, list[Shape]] = {
     "resnet50_bn": [(2, 3, 64, 128), (5, 3, 64, 128)],
     "style_in": [(2, 3, 64, 64), (2, 3, 160, 256)],
     "diffusion_gn": [(2, 64, 32, 32), (2, 8, 160, 256)],  # groups of 2 x 1024, 1 x 40960
+    # 96 channels over 2048 positions; 1536 channels (BLOCK_C 2048, 8 positions a program)
+    "convnext_ln": [(2, 96, 32, 32), (1, 1536, 16, 16)],
 }
 
 # Tiny stand-ins: they exercise the plumbing on a CPU, they measure nothing.
@@ -70,6 +84,7 @@ DRY_RUN: dict[str, list[Shape]] = {
     "resnet50_bn": [(2, 16, 8, 8)],
     "style_in": [(1, 4, 16, 16)],
     "diffusion_gn": [(2, 64, 4, 4)],
+    "convnext_ln": [(2, 64, 16, 16)],  # enough positions and channels for the byte count
 }
 
 SETS = {"full": FULL, "quick": QUICK, "cpu": CPU, "dry-run": DRY_RUN}

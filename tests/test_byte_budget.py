@@ -58,6 +58,9 @@ def test_budgets_match_the_floor_table():
     assert floors.floor_passes("bwd", None) == BN_BWD
     assert floors.floor_passes("fwd", 4096) == IN_FWD
     assert floors.floor_passes("bwd", 4096) == IN_BWD
+    # LayerNorm2d / RMSNorm2d: a row is one position's channels, on chip up to the kernels' limit
+    assert floors.floor_passes("fwd", 8192) == IN_FWD and floors.floor_passes("bwd", 8192) == IN_BWD
+    assert floors.POSITION_STATS == {"layer_norm_2d": 2, "rms_norm_2d": 1}
 
 
 # --- the counter itself ------------------------------------------------------------------------
@@ -225,3 +228,89 @@ def test_group_norm_budget(case, layout, dtype):
         y.backward(dy)
     _assert_within(bwd, x, bwd_budget, f"group_norm backward ({case})")
     assert x.grad is not None and w.grad is not None and b.grad is not None
+
+
+# LayerNorm2d / RMSNorm2d: statistics across the C channels at each position. A program holds
+# whole channel vectors, so each position's row is read once: forward 2 passes (read x, write y),
+# backward 3 (read x, dy, write dx), whatever C up to the kernels' limit. Besides the input-sized
+# tensors: the per-position statistics (written once forward, read once backward; 1 / C of the
+# elements, floors.POSITION_STATS), and within NEGLIGIBLE_PASSES the per-channel rest (weight,
+# bias, the partial sums of dweight / dbias and their finalize), its re-reads by every program
+# counted once per launch (floors.L2_RESIDENT_BYTES). Shapes: enough positions that the partial
+# sums stay small (2 x C sums per program of the backward, written and read: 8 / positions of a
+# bf16 pass per program; the interpreter aims at 4 programs, a GPU at 4 per SM, capped by
+# config.POSITION_PARTIAL_PASSES).
+POSITION_FWD, POSITION_BWD = IN_FWD, IN_BWD
+POSITION_SHAPES = {96: (2, 96, 32, 32), 4096: (1, 4096, 16, 16)}  # 2048 and 256 positions
+# C = 4096 interprets in ~6 s a case: LayerNorm in every layout and dtype, RMSNorm (the same
+# kernels, CENTRED=False) in one layout per dtype.
+POSITION_CASES = [
+    (norm, c, layout, dtype)
+    for norm in ("layer_norm_2d", "rms_norm_2d")
+    for c in POSITION_SHAPES
+    for layout in LAYOUTS
+    for dtype in DTYPES
+    if norm == "layer_norm_2d" or c < 4096 or (layout == "contiguous") == (dtype == torch.float32)
+]
+POSITION_NORMS = {
+    "layer_norm_2d": lambda x, w, b: tn.layer_norm_2d(x, w, b),
+    "rms_norm_2d": lambda x, w, b: tn.rms_norm_2d(x, w),
+}
+
+
+def _assert_position_budget(traffic, x, norm, budget, what):
+    """Input-sized traffic within ``budget`` passes; statistics and the per-channel rest within
+    the statistics' floor plus NEGLIGIBLE_PASSES (the per-channel loads counted once per
+    launch)."""
+    c = x.shape[1]
+    numel, pass_bytes = x.numel(), x.numel() * x.element_size()
+    acc_bytes = 8 if x.dtype == torch.float64 else 4
+    stats_floor = floors.position_stats_passes(floors.POSITION_STATS[norm], c, x.element_size(),
+                                               acc_bytes)  # fmt: skip
+    t = traffic.tiers(numel, stats_numel=numel // c, resident_bytes=floors.L2_RESIDENT_BYTES)
+    rest = t["stats"] + t["small"]
+    detail = (
+        f"{what}: {t['input'] / pass_bytes:.4f} passes on input-sized tensors (budget {budget}), "
+        f"statistics {t['stats'] / pass_bytes:.4f} (floor {stats_floor:.4f}), per-channel "
+        f"{t['small'] / pass_bytes:.4f} ({t['small_raw'] / pass_bytes:.4f} with every re-read; "
+        f"allowed {floors.NEGLIGIBLE_PASSES})\n" + traffic.describe(numel)
+    )
+    assert traffic.launches, f"{what}: no Triton kernel was counted"
+    assert all(k.startswith(("_position_norm", "_norm_grad_finalize")) for k in traffic.launches)
+    small_passes = floors.NEGLIGIBLE_PASSES + stats_floor
+    assert floors.within_floor(t["input"], rest, pass_bytes, budget, small_passes), detail
+    assert not traffic.torch_ops, f"{what}: torch-side full-size work: {traffic.torch_ops}"
+
+
+@counting
+@pytest.mark.parametrize("norm, channels, layout, dtype", POSITION_CASES, ids=str)
+def test_position_norm_budget(norm, channels, layout, dtype):
+    shape = POSITION_SHAPES[channels]
+    assert floors.floor_passes("fwd", channels) == POSITION_FWD
+    assert floors.floor_passes("bwd", channels) == POSITION_BWD
+    x, w, b, _, _, dy = _inputs(shape, layout, dtype, grad=True)
+    with count_bytes(audit_min_numel=x.numel()) as fwd:
+        y = POSITION_NORMS[norm](x, w, b)
+    _assert_position_budget(fwd, x, norm, POSITION_FWD, f"{norm} forward")
+    with count_bytes(audit_min_numel=x.numel()) as bwd:
+        y.backward(dy)
+    _assert_position_budget(bwd, x, norm, POSITION_BWD, f"{norm} backward")
+    assert x.grad is not None and w.grad is not None
+    assert fwd.launches == ["_position_norm_forward_kernel"]
+    # dx and the partial sums of dweight (and dbias) in one pass, then their finalize
+    assert bwd.launches == ["_position_norm_backward_kernel", "_norm_grad_finalize_kernel"]
+
+
+@counting
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("norm", list(POSITION_NORMS))
+def test_position_norm_budget_without_affine_parameters(norm, layout):
+    # dx alone: one launch, one program per tile, no partial sums
+    x, _, _, _, _, dy = _inputs(POSITION_SHAPES[96], layout, torch.bfloat16, grad=True)
+    with count_bytes(audit_min_numel=x.numel()) as fwd:
+        y = POSITION_NORMS[norm](x, None, None)
+    _assert_position_budget(fwd, x, norm, POSITION_FWD, f"{norm} forward")
+    with count_bytes(audit_min_numel=x.numel()) as bwd:
+        y.backward(dy)
+    _assert_position_budget(bwd, x, norm, POSITION_BWD, f"{norm} backward, dx only")
+    assert bwd.launches == ["_position_norm_backward_kernel"]

@@ -93,3 +93,88 @@ def test_epilogue_byte_budget(case, split):
         with count_bytes(audit_min_numel=torch.Size(SHAPE).numel()) as traffic:
             y.backward(dy)
         _check(traffic, bwd_passes[split], "backward")
+
+
+# LayerNorm2d / RMSNorm2d with an epilogue: the per-position kernels hold whole channel vectors,
+# so every stage is on chip. Scale, shift and the activation add nothing; a residual adds its
+# read (forward) and, where the activation's derivative needs the pre-activation, its read and
+# its gradient's write (backward; without an activation dresidual is dy itself: no kernel
+# output). Besides: the per-position statistics (floors.POSITION_STATS, 1 / C of the elements)
+# and, within NEGLIGIBLE_PASSES, the per-channel and per-sample rest (scale and shift re-read by
+# every program counted once per launch; dscale / dshift partials one row per sample).
+POSITION_SHAPE = (2, 128, 32, 16)
+POSITION_CASES = {
+    # name -> (call, norm, forward passes, backward passes)
+    "ln2d_scale_shift_gelu": (
+        lambda x, w, b, sc, sh, r: tn.layer_norm_2d(x, w, b, scale=sc, shift=sh, activation="gelu"),
+        "layer_norm_2d", 2, 3,
+    ),
+    "rms2d_scale_shift_silu": (
+        lambda x, w, b, sc, sh, r: tn.rms_norm_2d(x, w, scale=sc, shift=sh, activation="silu"),
+        "rms_norm_2d", 2, 3,
+    ),
+    # ReLU's derivative read off the output y (written anyway): reads x, dy, y; writes dx, dr
+    "ln2d_residual_relu": (
+        lambda x, w, b, sc, sh, r: tn.layer_norm_2d(x, w, b, residual=r, activation="relu"),
+        "layer_norm_2d", 3, 5,
+    ),
+    "ln2d_scale_shift_residual_gelu": (
+        lambda x, w, b, sc, sh, r: tn.layer_norm_2d(
+            x, w, b, scale=sc, shift=sh, residual=r, activation="gelu"
+        ),
+        "layer_norm_2d", 3, 5,
+    ),
+    "rms2d_residual": (  # no activation: dresidual = dy
+        lambda x, w, b, sc, sh, r: tn.rms_norm_2d(x, w, residual=r),
+        "rms_norm_2d", 3, 3,
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(POSITION_CASES))
+def test_position_norm_epilogue_byte_budget(case):
+    from perf import floors
+
+    call, norm, fwd_passes, bwd_passes = POSITION_CASES[case]
+    n, c = POSITION_SHAPE[:2]
+    numel = torch.Size(POSITION_SHAPE).numel()
+    x = torch.randn(POSITION_SHAPE, requires_grad=True)
+    w, b = torch.randn(c, requires_grad=True), torch.randn(c, requires_grad=True)
+    sc, sh = torch.randn(n, c, requires_grad=True), torch.randn(n, c, requires_grad=True)
+    r = torch.randn(POSITION_SHAPE, requires_grad=True)
+    stats = floors.position_stats_passes(floors.POSITION_STATS[norm], c, 4)
+    pass_bytes = numel * 4
+
+    def check(traffic, budget, what):
+        t = traffic.tiers(numel, stats_numel=numel // c, resident_bytes=floors.L2_RESIDENT_BYTES)
+        detail = f"{case} {what}: {t}\n{traffic.describe(numel)}"
+        assert not traffic.torch_ops, f"torch-side full-size ops\n{detail}"
+        assert t["input"] / pass_bytes <= budget, detail
+        assert (t["stats"] + t["small"]) / pass_bytes <= stats + NEGLIGIBLE_PASSES, detail
+
+    with count_bytes(audit_min_numel=numel) as traffic:
+        y = call(x, w, b, sc, sh, r)
+    check(traffic, fwd_passes, "forward")
+    assert traffic.launches == ["_position_norm_forward_kernel"]
+    dy = torch.randn_like(y)
+    used = [t for t in (x, w, b, sc, sh, r) if t is not None and _reaches(y, t)]
+    # autograd.grad: no accumulation into .grad (which copies dy where dresidual is dy itself)
+    with count_bytes(audit_min_numel=numel) as traffic:
+        grads = torch.autograd.grad(y, used, dy)
+    check(traffic, bwd_passes, "backward")
+    assert traffic.launches == ["_position_norm_backward_kernel", "_norm_grad_finalize_kernel"]
+    assert len(grads) == len(used) and all(g is not None for g in grads)
+
+
+def _reaches(y, t) -> bool:
+    """Whether ``t`` is among the leaves ``y`` was computed from."""
+    seen, todo = set(), [y.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if getattr(fn, "variable", None) is t:
+            return True
+        todo += [f for f, _ in fn.next_functions]
+    return False

@@ -5,7 +5,8 @@ the interpreter accepts can fail in the compiler, and tiles that fit in NumPy ca
 thread's registers. ``perf.compile_check`` drives the launcher entry points (and SyncBatchNorm's
 own function, its collectives replaced) on meta tensors with a stand-in driver that reports an
 sm_90 GPU, and compiles each specialisation with Triton's bundled ptxas. Here: every launch path
-(BN/IN/GN, train/eval, fused/split, affine or not, half, float32, float64, SyncBatchNorm) with
+(BN/IN/GN, train/eval, fused/split, affine or not, half, float32, float64, SyncBatchNorm;
+LayerNorm2d / RMSNorm2d up to their widest rows, with and without partial sums, epilogues) with
 its first (heuristic) candidate, over the tool's small shape set (about 600 specialisations:
 minutes on two cores); ``python -m perf.compile_check`` compiles every autotune candidate
 of the report's shapes (committed: perf/results/sm90-static/).
@@ -14,6 +15,7 @@ of the report's shapes (committed: perf/results/sm90-static/).
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 import subprocess
@@ -29,6 +31,8 @@ KERNELS = {
     "_norm_apply_kernel",
     "_norm_grad_partial_kernel",
     "_norm_grad_finalize_kernel",
+    "_position_norm_forward_kernel",
+    "_position_norm_backward_kernel",
 }
 
 
@@ -113,6 +117,23 @@ def test_every_launch_path_was_compiled(compiled):
     assert seen("_norm_apply_kernel", "HAS_X=1", "HAS_DY=0")  # y
     assert any(r["scenario"].startswith("sync-bn") for r in rows)
     assert any(r["scenario"].startswith("gn") for r in rows)
+    # Across the channels at each position (LayerNorm2d: CENTRED=1, RMSNorm2d: 0): forward;
+    # backward with the partial sums of dweight / dbias, per sample for dscale / dshift, and dx
+    # alone (no partials); epilogues (GELU, act' read off the output); float64; the widest rows.
+    fwd, bwd = "_position_norm_forward_kernel", "_position_norm_backward_kernel"
+    for centred in ("CENTRED=0", "CENTRED=1"):
+        assert seen(fwd, centred, "EPILOGUE=0") and seen(fwd, centred, "EPILOGUE=1"), centred
+        assert seen(bwd, centred, "PER_SAMPLE=0", "EPILOGUE=0"), centred
+        assert seen(bwd, centred, "partial_ptr=None"), centred  # dx alone
+        assert seen(bwd, centred, "PER_SAMPLE=1"), centred
+        assert seen(fwd, centred, "FP64=1") and seen(bwd, centred, "FP64=1"), centred
+    assert seen(fwd, "ACTIVATION=4") and seen(bwd, "ACTIVATION=4")  # GELU
+    assert seen(bwd, "Z_FROM_OUTPUT=1")
+    from tritonnorm.kernels.config import position_max_channels
+
+    blocks = {r["config"].split()[0] for r in rows if r["kernel"] in (fwd, bwd)}
+    for acc_bytes, epilogue in itertools.product((4, 8), (False, True)):  # the widest rows
+        assert f"BLOCK_C={position_max_channels(acc_bytes, epilogue)}" in blocks, blocks
     dtypes = {r["dtypes"] for r in rows}
     for dtype in ("bf16", "fp16", "fp64"):
         assert any(dtype in d for d in dtypes), dtypes

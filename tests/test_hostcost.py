@@ -60,7 +60,9 @@ def test_torch_ops_are_classified(report):
 # way; an instance or group on chip 1 forward, 1 backward + 1 to sum dweight/dbias over the
 # samples (no float atomics); GroupNorm's streamed backward keeps a finalize (its dx
 # coefficients sum over a group's channels); an epilogue's backward 3 (sums, finalize of dscale/
-# dshift and the coefficients, apply).
+# dshift and the coefficients, apply). Across the channels at each position (LayerNorm2d,
+# RMSNorm2d): forward 1; backward 2, dx with the partial sums of dweight / dbias (and of dscale /
+# dshift), then their finalize.
 LAUNCH_TARGETS = {
     "bn eval forward": 1,
     "bn train forward": 2,
@@ -74,6 +76,10 @@ LAUNCH_TARGETS = {
     "bn+residual+relu forward+backward": 5,
     "in forward+backward, on chip": 3,
     "gn forward+backward, on chip": 3,
+    "ln2d forward": 1,
+    "ln2d forward+backward": 3,
+    "rms2d forward+backward": 3,
+    "ln2d+scale/shift+gelu forward+backward": 3,
 }
 
 

@@ -363,3 +363,75 @@ def test_summary_and_headline_show_graph_time_host_overhead_and_peak(tmp_path):
         "fraction_of_copy.png",
         "speedup.png",
     ]
+
+
+# --- LayerNorm2d / RMSNorm2d rows --------------------------------------------------------------
+
+POSITION_OPS = ("ln2d_fwd", "ln2d_fwd_bwd", "rms2d_fwd", "rms2d_fwd_bwd")
+
+
+def test_dry_run_times_and_checks_the_position_norms_against_timm_s_composition(dry):
+    proc, out = dry
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    rows = [r for r in _rows(out / "results.csv") if r["op"] in POSITION_OPS]
+    assert {(r["op"], r["provider"], r["layout"]) for r in rows} == {
+        (op, p, lay) for op in POSITION_OPS for p in ("tritonnorm", "eager", "compile")
+        for lay in ("contiguous", "channels_last")
+    }  # fmt: skip
+    bad = [r for r in rows if r["note"].startswith(("MISMATCH", "ERROR")) or not r["ms"]]
+    assert not bad, bad
+    counted = {r["op"]: _passes(r["passes"]) for r in rows if r["provider"] == "tritonnorm"}
+    assert {s: f for s, (_, f) in counted["ln2d_fwd_bwd"].items()} == {"fwd": 2, "bwd": 3}
+    assert not any("OVER" in r["passes"] for r in rows), [r["passes"] for r in rows]
+    checks = _rows(out / "correctness.csv")
+    for norm in ("ln2d", "rms2d"):
+        mine = [r for r in checks if r["case"].split()[0] == norm]
+        # no fused / lanes paths across channels (the main cases come before the budget ends)
+        assert {r["path"] for r in mine} == {"auto", "split"}, norm
+        assert all(r["status"] == "ok" for r in mine), mine
+
+
+def test_floors_of_the_position_norm_ops_are_the_table_s():
+    # a row is one position's C channels: on chip, whatever the spatial size
+    for shape in ((32, 96, 56, 56), (32, 768, 7, 7), (2, 8192, 4, 4)):
+        for op in ("ln2d", "rms2d"):
+            assert OPS[f"{op}_fwd"].group_numel(shape) == shape[1]
+            assert OPS[f"{op}_fwd"].floor_passes(shape) == 2
+            assert OPS[f"{op}_fwd_bwd"].floor_passes(shape) == 2 + 3
+    # besides: the statistics, one float32 per (sample, position) each way (2 for LayerNorm)
+    bf16, shape = torch.bfloat16, (32, 96, 56, 56)
+    assert OPS["ln2d_fwd"].small_passes(shape, bf16) == floors.NEGLIGIBLE_PASSES + 2 * 4 / 192
+    assert OPS["rms2d_fwd"].small_passes(shape, bf16) == floors.NEGLIGIBLE_PASSES + 4 / 192
+    assert OPS["bn_train_fwd"].small_passes(shape, bf16) == floors.NEGLIGIBLE_PASSES
+
+
+@pytest.mark.skipif(not interpreter_active(), reason="bytes are counted under the interpreter")
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("name", ["ln2d_fwd_bwd", "rms2d_fwd_bwd"])
+def test_cpu_mode_counts_the_position_norms_against_their_floors(name, layout):
+    op, shape = OPS[name], (2, 96, 32, 32)
+    inp = op.inputs(shape, layout, torch.bfloat16, "cpu")
+    assert (inp.args[4] is None) == name.startswith("rms")  # RMSNorm2d has no bias
+    got, passes, over = report._counted(op, shape, inp)
+    assert {stage: f for stage, (_, f) in _passes(passes).items()} == {"fwd": 2, "bwd": 3}
+    assert not over and "OVER" not in passes, passes
+    fresh = op.inputs(shape, layout, torch.bfloat16, "cpu")
+    ref = fresh.copy(torch.float64, contiguous=True).step(op.torch_fn, True)()
+    same = fresh.copy(contiguous=True).step(op.torch_fn, True)()
+    assert report.check(got, ref, same) is None
+
+
+def test_the_position_norm_anchors_are_timm_s_compositions():
+    # timm's LayerNorm2d: permute to NHWC, F.layer_norm over C, permute back; its RmsNorm2d
+    # (default, no apex): x * rsqrt(mean over dim 1 of x^2 + eps) * weight; eps 1e-6
+    x = torch.randn(2, 8, 3, 5, dtype=torch.float64)
+    w, b = torch.rand(8, dtype=torch.float64) + 0.5, torch.randn(8, dtype=torch.float64)
+    for layout in ("contiguous", "channels_last"):
+        xl = x.contiguous(memory_format=torch.channels_last) if layout != "contiguous" else x
+        got = OPS["ln2d_fwd"].torch_fn(xl, None, None, w, b)
+        want = F.layer_norm(xl.permute(0, 2, 3, 1), (8,), w, b, 1e-6).permute(0, 3, 1, 2)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert got.stride() == want.stride()  # the composition's own output layout
+        got = OPS["rms2d_fwd"].torch_fn(xl, None, None, w, None)
+        want = xl * torch.rsqrt(xl.pow(2).mean(dim=1, keepdim=True) + 1e-6) * w.reshape(1, -1, 1, 1)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

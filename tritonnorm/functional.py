@@ -161,7 +161,8 @@ def group_norm(
 
 def _channels_beyond_chip(input: Tensor, extras: dict | None) -> bool:
     """More channels than one program of the kernels across channels holds (positions.py):
-    torch's composition then (config.position_max_channels: 8192 in fp32, 4096 with extras)."""
+    torch's composition then (config.position_max_channels: 4096 with fp32 statistics, 2048 in
+    float64, 1024 in float64 with extras)."""
     acc_bytes = 8 if input.dtype == torch.float64 else 4
     return input.shape[1] > config.position_max_channels(acc_bytes, extras is not None)
 

@@ -337,23 +337,29 @@ def max_split(shape_of, fused: bool, backward: bool = False, epilogue: bool = Fa
 
 
 # Statistics across the channels at each position (positions.py): a program holds whole channel
-# vectors for BLOCK_S positions, at most this many values of the statistics' dtype's words (the
-# on-chip limits of the other norms: forward, backward, backward with an epilogue).
-POSITION_TILE_WORDS = {"forward": 16384, "backward": 8192, "backward_epilogue": 4096}
+# vectors for BLOCK_S positions, at most this many 32-bit words of them (float64: half as many
+# values). Set by the static sm_90 check (perf/results/sm90-static): the backward with partial
+# sums spilled on contiguous tensors at 8192 (BLOCK_C >= 512), not at 4096; float64 with an
+# epilogue spilled (2048 channels backward, an erf GELU forward), so it takes half again.
+POSITION_TILE_WORDS = {"forward": 16384, "backward": 4096, "backward_epilogue": 4096}
 # Partial sums of the backward (dweight, dbias) may cost at most this fraction of one pass over
 # the input (read and written once each); the split is capped accordingly.
 POSITION_PARTIAL_PASSES = 0.05
 
 
-def _position_words(backward: bool, epilogue: bool) -> int:
+def _position_values(backward: bool, epilogue: bool, acc_bytes: int) -> int:
+    """Values of the statistics' dtype one program of the kernels across channels holds."""
     kind = "forward" if not backward else "backward_epilogue" if epilogue else "backward"
-    return POSITION_TILE_WORDS[kind]
+    values = POSITION_TILE_WORDS[kind] * 4 // acc_bytes
+    if acc_bytes == 8 and epilogue:
+        values //= 2
+    return values
 
 
 def position_max_channels(acc_bytes: int, epilogue: bool) -> int:
     """The most channels the kernels across channels hold in one program, forward and backward
     (more than these go to torch's composition: functional.layer_norm_2d)."""
-    return _position_words(True, epilogue) * 4 // acc_bytes
+    return _position_values(True, epilogue, acc_bytes)
 
 
 def position_configs(
@@ -388,18 +394,22 @@ def _position_configs(
     shape: Shape, backward: bool, epilogue: bool, sums: bool, per_sample: bool,
     overrides: _Overrides, programs: int,
 ) -> Candidates:  # fmt: skip
-    words = _position_words(backward, epilogue) * 4 // shape.acc_bytes
+    values = _position_values(backward, epilogue, shape.acc_bytes)
     block_c = _pow2(shape.C)
-    block_s = max(1, min(_pow2(shape.S), words // block_c))
+    block_s = max(1, min(_pow2(shape.S), values // block_c))
     pairs = []
-    for nominal, bs in ((words, block_s), (words // 2, max(1, block_s // 2))):
+    for nominal, bs in ((values, block_s), (values // 2, max(1, block_s // 2))):
         tile = block_c * bs * shape.acc_bytes // 4
-        warps = _warps(tile)
+        # the epilogue backward holds x, dy, the residual, z, g and du: warps for twice the tile
+        # (a float64 GELU at 1024 channels spilled at 4 warps)
+        warps = _warps(2 * tile if backward and epilogue else tile)
         splits = [("base", 0)]  # no sums: one program per tile
         if sums:
             splits = _position_split(shape, bs, per_sample, programs, overrides.split)
         for rank, split in splits:
-            kw = {"BLOCK_C": block_c, "BLOCK_S": bs, "SPLIT": split}
+            kw = {"BLOCK_C": block_c, "BLOCK_S": bs}
+            if backward:  # the forward kernel has no split (compiled, an unknown keyword fails)
+                kw["SPLIT"] = split
             for w_rank, w in (("low", warps), ("high", min(2 * warps, MAX_WARPS))):
                 pairs.append((Features(nominal, split=rank, warps=w_rank),
                               triton.Config(kw, num_warps=w)))  # fmt: skip
