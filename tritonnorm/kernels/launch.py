@@ -260,12 +260,18 @@ def _other_view(t: torch.Tensor, x_view: View) -> View | None:
     return None
 
 
+def _view_or_copy(t: torch.Tensor, x_view: View) -> tuple[View, bool]:
+    """A tensor of x's shape (dy, a residual) seen with x's geometry, and whether it must be
+    copied into x's layout first (then it is seen as x is)."""
+    view = _other_view(t, x_view)
+    return (x_view, True) if view is None else (view, False)
+
+
 def _residual_view(ep: Epilogue | None, x_view: View) -> tuple[View | None, bool]:
     """The residual's view (None without one), and whether it must be copied into x's layout."""
     if ep is None or ep.residual is None:
         return None, False
-    view = _other_view(ep.residual, x_view)
-    return (x_view, True) if view is None else (view, False)
+    return _view_or_copy(ep.residual, x_view)
 
 
 def grad_view(dy: torch.Tensor, x: torch.Tensor, x_view: View) -> tuple[torch.Tensor, View]:
@@ -612,6 +618,16 @@ def forward(
                      variant=variant)  # fmt: skip
 
 
+def _in_x_layout(plan, x, dy, residual) -> tuple:
+    """dy and the residual, copied into x's layout where a backward plan cannot read their own
+    strides (``plan.dy_copy``, ``plan.res_copy``)."""
+    if plan.dy_copy:
+        dy = torch.empty_like(x).copy_(dy)
+    if plan.res_copy:
+        residual = torch.empty_like(x).copy_(residual)
+    return dy, residual
+
+
 def _empty_grads(x, scale, mask, param_dtype) -> tuple:
     """The gradients of an empty input: zero parameter gradients, empty dx."""
     C = x.shape[1]
@@ -652,10 +668,7 @@ class BackwardPlan(_Plan):
         self.param_dtype = weight_dtype or self.acc
         if self.empty:
             return
-        self.dy_view = _other_view(dy, red.view)
-        self.dy_copy = self.dy_view is None
-        if self.dy_copy:
-            self.dy_view = red.view
+        self.dy_view, self.dy_copy = _view_or_copy(dy, red.view)
         self.res_view, self.res_copy = _residual_view(ep, red.view)
         self.fused = norm.use_input_stats and _fused(red, backward=True)
         self.max_split = config.max_split(red, self.fused, backward=True)
@@ -674,10 +687,7 @@ class BackwardPlan(_Plan):
     def _run(self, dy, x, weight, bias, mean, rstd, scale=None, shift=None, residual=None):
         if self.empty:
             return _empty_grads(x, scale, self.mask, self.param_dtype)
-        if self.dy_copy:
-            dy = torch.empty_like(x).copy_(dy)
-        if self.res_copy:
-            residual = torch.empty_like(x).copy_(residual)
+        dy, residual = _in_x_layout(self, x, dy, residual)
         if self.epilogue is not None:
             return self._run_epilogue(dy, x, weight, bias, mean, rstd, scale, shift, residual)
         return self._run_plain(dy, x, weight, mean, rstd)
@@ -860,10 +870,7 @@ class PositionBackwardPlan(_Plan):
         self.sums = self.param_grads or self.per_sample
         if self.empty:
             return
-        self.dy_view = _other_view(dy, red.view)
-        self.dy_copy = self.dy_view is None
-        if self.dy_copy:
-            self.dy_view = red.view
+        self.dy_view, self.dy_copy = _view_or_copy(dy, red.view)
         self.res_view, self.res_copy = _residual_view(ep, red.view)
         self.extras = _epilogue_constants(ep, self.res_view, force=True) if ep else NO_EPILOGUE
         v = red.view
@@ -878,10 +885,7 @@ class PositionBackwardPlan(_Plan):
     def _run(self, dy, x, weight, bias, mean, rstd, scale=None, shift=None, residual=None):
         if self.empty:
             return _empty_grads(x, scale, self.mask, self.param_dtype)
-        if self.dy_copy:
-            dy = torch.empty_like(x).copy_(dy)
-        if self.res_copy:
-            residual = torch.empty_like(x).copy_(residual)
+        dy, residual = _in_x_layout(self, x, dy, residual)
         ep, device, C = self.epilogue, x.device, x.shape[1]
         dx = self._like(x)
         dres = self._like(x) if ep is not None and self.mask[5] else None
