@@ -340,7 +340,8 @@ def max_split(shape_of, fused: bool, backward: bool = False, epilogue: bool = Fa
 # vectors for BLOCK_S positions, at most this many 32-bit words of them (float64: half as many
 # values). Set by the static sm_90 check (perf/results/sm90-static): the backward with partial
 # sums spilled on contiguous tensors at 8192 (BLOCK_C >= 512), not at 4096; float64 with an
-# epilogue spilled (2048 channels backward, an erf GELU forward), so it takes half again.
+# epilogue spilled (2048 channels backward, an erf GELU forward), so it takes half again; the
+# forward with an epilogue takes half its tile (a GELU spilled 4 B at 16384 words, 16 warps).
 POSITION_TILE_WORDS = {"forward": 16384, "backward": 4096, "backward_epilogue": 4096}
 # Partial sums of the backward (dweight, dbias) may cost at most this fraction of one pass over
 # the input (read and written once each); the split is capped accordingly.
@@ -351,6 +352,8 @@ def _position_values(backward: bool, epilogue: bool, acc_bytes: int) -> int:
     """Values of the statistics' dtype one program of the kernels across channels holds."""
     kind = "forward" if not backward else "backward_epilogue" if epilogue else "backward"
     values = POSITION_TILE_WORDS[kind] * 4 // acc_bytes
+    if epilogue and not backward:  # an erf GELU forward spilled at the full tile (96 channels)
+        values //= 2
     if acc_bytes == 8 and epilogue:
         values //= 2
     return values
