@@ -193,14 +193,12 @@ def _run_epilogue(x, norm, epilogue, running: bool, bias: bool = True, affine_gr
     # As the ops do: with a residual and ReLU, the backward reads act' off the saved output;
     # a residual without activation has dy for its gradient (no kernel output).
     from_output = residual is not None and launch.derivative_from_output(code, ep.slope)
-    if from_output:
-        ep = launch.Epilogue(scale, shift, y, code)
-    elif not code:
+    if from_output or not code:
         ep = launch.Epilogue(scale, shift, None, code)
     mask = (True, affine_grads, affine_grads and bias, epilogue.scale_shift,
             epilogue.scale_shift, epilogue.residual and bool(code))  # fmt: skip
     launch.backward(torch.empty_like(x), x, w, b, mean, rstd, norm=norm, epilogue=ep,
-                    output_mask=mask, z_from_output=from_output)  # fmt: skip
+                    output_mask=mask, output=y if from_output else None)  # fmt: skip
 
 
 def _run_sync(x, param_dtype, world=2):

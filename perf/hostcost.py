@@ -31,7 +31,9 @@ Measured per op of the quick set (:data:`CASES`), in one process:
   ``empty_strided``, ``empty_like``, ``new_empty``, ``new_empty_strided``), views (metadata
   only) and kernels (everything else: what would be a GPU kernel).
 - ``recompiles_after_warmup``: compile-stub calls after the warm-up calls.
-- ``us_per_call``: CPU time (``time.process_time``) per call, best of several blocks.
+- ``us_per_call``: CPU time (``time.process_time``) per call, best of several blocks: the
+  public function (``tn.group_norm(x, 32, w, b, eps=..., scale=..., ...)``) with its arguments
+  bound (``perf.ops.bound_call``), plus ``torch.autograd.grad`` for a backward.
 - ``floor_us``: in the same blocks, the same compiled kernels launched directly (each launch's
   exact arguments recorded during a warm call, replayed through the launcher), the op's outputs
   allocated and an empty ``torch.autograd.Function`` taking the op's inputs (and, for a backward,
@@ -356,7 +358,7 @@ class Case:
 
     def build(self) -> tuple[Callable[[], None], tuple, tuple, torch.Tensor | None]:
         """The call (returns nothing), the op's tensor inputs, those differentiated, and dy."""
-        from perf.ops import NORMS, has_bias, norm_fn
+        from perf.ops import NORMS, bound_call, has_bias
 
         shape, grad = self.shape, self.backward
         c = shape[1]
@@ -369,18 +371,18 @@ class Case:
             args += [empty(*shape[:2]) for _ in ("scale", "shift")[: 2 * ep.scale_shift]]
             args += [empty(*shape)] if ep.residual else []
         args = tuple(args)
-        fn = norm_fn(self.norm, True, ep)
+        op = bound_call(self.norm, ep, args)  # the public function, its arguments bound
         grad_inputs = tuple(t for t in args if t is not None and t.requires_grad)
         dy = torch.empty(shape, dtype=DTYPE) if grad else None
         if grad:
 
             def call():
-                torch.autograd.grad(fn(*args), grad_inputs, dy)
+                torch.autograd.grad(op(), grad_inputs, dy)
 
         else:
 
             def call():
-                fn(*args)
+                op()
 
         return call, args, grad_inputs, dy
 

@@ -12,6 +12,7 @@ bias, *extras)``: ``None`` where unused (RMSNorm2d's bias), then the epilogue's 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -177,6 +178,24 @@ def norm_fn(norm: str, tritonnorm: bool, epilogue: Epilogue | None = None) -> Ca
     tag = f"_{epilogue.tag}" if epilogue else ""
     fn.__name__ = f"{'tn' if tritonnorm else 'torch'}_{norm}{tag}"
     return fn
+
+
+def bound_call(norm: str, epilogue: Epilogue | None, args: tuple) -> Callable[[], torch.Tensor]:
+    """tritonnorm's public function of ``norm`` with ``args`` (as :func:`norm_fn` takes them)
+    bound, keywords included: what a user's call costs, without :func:`norm_fn`'s glue
+    (perf.hostcost)."""
+    import tritonnorm
+
+    x, rm, rv, w, b, *extras = args
+    name, kw, _ = NORMS[norm]
+    extra = epilogue.keywords(*extras) if epilogue else {}
+    fn = getattr(tritonnorm, name)
+    if name == "group_norm":
+        return functools.partial(fn, x, math.gcd(x.shape[1], 32), w, b, eps=1e-5, **extra)
+    if norm in PER_POSITION:
+        wb = (w, b) if has_bias(norm) else (w,)
+        return functools.partial(fn, x, *wb, eps=POSITION_EPS, **extra)
+    return functools.partial(fn, x, rm, rv, w, b, momentum=0.1, eps=1e-5, **kw, **extra)
 
 
 @dataclass

@@ -35,16 +35,16 @@ OUT = Path(__file__).resolve().parent.parent / "tritonnorm" / "kernels" / "tuned
 
 
 def _shape(key: str):
-    from tritonnorm.kernels import config
+    from tritonnorm.kernels.geometry import Reduction
 
     m = _VIEW.search(key)
     if m is None:
         return None
     n, c, s, _, stride_c, _, k, rb, dtype = m.groups()
     n, c, s, k = int(n), int(c), int(s), int(k)
-    acc = 8 if dtype == "float64" else 4
+    acc_dtype = torch.float64 if dtype == "float64" else torch.float32
     channels_fast = s == 1 or (int(stride_c) == 1 and c > 1)
-    return config.Shape(n, c, s, k, rb == "True", channels_fast, acc)
+    return Reduction.of(n, c, s, k, rb == "True", channels_fast, acc_dtype)
 
 
 def _parse(cfg: str, kernel: str) -> tuple:

@@ -69,11 +69,11 @@ def samples(device) -> list[tuple]:
                                   *NO_EPILOGUE, *settings)  # fmt: skip
         out.append((bwd, (torch.randn_like(y), position, w.detach(),
                           None if bias is None else bias.detach(), mean, rstd, *ACROSS, mask,
-                          *NO_EPILOGUE, False, *settings), {}))  # fmt: skip
+                          *NO_EPILOGUE, None, *settings), {}))  # fmt: skip
     y, mean, rstd, _, _ = fwd(x, w, b, None, None, *ACROSS, 0.0, 1e-6, scale, shift, residual,
                               SILU, 0.01, *LN2D)  # fmt: skip
     out.append((bwd, (torch.randn_like(y), x, w.detach(), b.detach(), mean, rstd, *ACROSS, ALL,
-                      scale.detach(), shift.detach(), residual.detach(), SILU, 0.01, False,
+                      scale.detach(), shift.detach(), residual.detach(), SILU, 0.01, None,
                       *LN2D), {}))  # fmt: skip
     for settings in (BN, GN):
         y, mean, rstd, _, _ = fwd(x, w, b, None, None, True, *settings, 0.1, 1e-5)
@@ -87,6 +87,6 @@ def samples(device) -> list[tuple]:
     y, mean, rstd, _, _ = fwd(x, w, b, None, None, True, *BN, 0.1, 1e-5, None, None, residual,
                               RELU)  # fmt: skip
     out.append((bwd, (torch.randn_like(y), x, w.detach(), b.detach(), mean, rstd, True, *BN,
-                      [True, True, True, False, False, True], None, None, y.detach(), RELU, 0.01,
-                      True), {}))  # fmt: skip
+                      [True, True, True, False, False, True], None, None, None, RELU, 0.01,
+                      y.detach()), {}))  # fmt: skip
     return out

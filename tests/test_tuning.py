@@ -15,6 +15,7 @@ import torch
 
 from tritonnorm.kernels import config, tuning
 from tritonnorm.kernels.config import Features
+from tritonnorm.kernels.geometry import Reduction
 
 
 class _Kernel:
@@ -51,7 +52,7 @@ def tuner(monkeypatch, tmp_path):
     tuning._disk.cache_clear()
 
 
-BN = config.Shape(N=32, C=256, S=3136, group_size=1, reduce_batch=True, channels_fast=False)
+BN = Reduction.of(N=32, C=256, S=3136, group_size=1, reduce_batch=True, channels_fast=False)
 
 
 def _candidates(shape=BN):
@@ -91,7 +92,7 @@ def test_table_rules_name_candidates_of_their_class():
     streamed = [(cls, f) for cls, f in rules.items() if not cls[1]]
     assert streamed
     for (_, _, channels_fast, reduce_batch), features in streamed:
-        shape = config.Shape(16, 64, 4096, 1, reduce_batch, channels_fast)
+        shape = Reduction.of(16, 64, 4096, 1, reduce_batch, channels_fast)
         cands = _candidates(shape)
         assert features in cands.features, (features, sorted(map(str, cands.features)))
 

@@ -41,12 +41,14 @@ def apply(y: Tensor, name: str | None, slope: float = LEAKY_RELU_SLOPE) -> Tenso
     return y if name is None else BY_NAME[name].apply(y, slope)
 
 
+_SIGN_FROM_OUTPUT = frozenset(a.code for a in TABLE if a.sign_from_output)
+_LEAKY_RELU = BY_NAME["leaky_relu"].code
+
+
 def derivative_from_output(code: int, slope: float) -> bool:
     """Whether act'(z) can be read off y = act(z) (a negative leaky slope makes y > 0 where
-    z < 0)."""
-    return any(a.code == code and a.sign_from_output for a in TABLE) and (
-        code != BY_NAME["leaky_relu"].code or slope >= 0
-    )
+    z < 0). On every training call's path: two lookups."""
+    return code in _SIGN_FROM_OUTPUT and (code != _LEAKY_RELU or slope >= 0)
 
 
 def of_module(module: nn.Module) -> str | tuple | None:

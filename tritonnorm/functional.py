@@ -13,6 +13,8 @@ normalised value and the pre-activation from the input instead of saving them.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -30,9 +32,20 @@ def runs_triton(input: Tensor) -> bool:
 apply_activation = activations.apply  # torch's own activation (the unfused fallback)
 
 
-def _extras(op, input, scale, shift, residual, activation) -> dict | None:
-    """Checked epilogue keyword arguments of the op (None when there are none): scale and shift
-    completed to both-or-neither."""
+class Extras(NamedTuple):
+    """Checked epilogue keyword arguments of a call: scale and shift completed to both or
+    neither, the activation by name (torch's side) and by the kernels' code."""
+
+    scale: Tensor | None
+    shift: Tensor | None
+    residual: Tensor | None
+    activation: str | None
+    slope: float
+    code: int
+
+
+def _extras(op, input, scale, shift, residual, activation) -> Extras | None:
+    """The call's :class:`Extras`, or None when it has none."""
     if scale is None and shift is None and residual is None and activation is None:
         return None
     name, slope = validation.parse_activation(activation)
@@ -41,16 +54,18 @@ def _extras(op, input, scale, shift, residual, activation) -> dict | None:
         shift = torch.zeros_like(scale)
     elif shift is not None and scale is None:
         scale = torch.ones_like(shift)
-    return dict(scale=scale, shift=shift, residual=residual, activation=name, slope=slope)
+    code = activations.CODES[name] if name is not None else 0
+    return Extras(scale, shift, residual, name, slope, code)
 
 
-def _torch_epilogue(y, *, scale, shift, residual, activation, slope) -> Tensor:
+def _torch_epilogue(y: Tensor, extras: Extras) -> Tensor:
+    scale, shift, residual = extras.scale, extras.shift, extras.residual
     if scale is not None:
         extra = (1,) * (y.dim() - 2)
         y = y * scale.reshape(*scale.shape, *extra) + shift.reshape(*shift.shape, *extra)
     if residual is not None:
         y = y + residual
-    return apply_activation(y, activation, slope)
+    return apply_activation(y, extras.activation, extras.slope)
 
 
 def _normalize(input, torch_op, weight, bias, running_mean, running_var, extras, *,
@@ -59,15 +74,12 @@ def _normalize(input, torch_op, weight, bias, running_mean, running_var, extras,
     else the custom op, with the epilogue fused when there are extras."""
     if unfused or not runs_triton(input):
         y = torch_op()
-        return y if extras is None else _torch_epilogue(y, **extras)
+        return y if extras is None else _torch_epilogue(y, extras)
     if extras is None:
         return ops.normalize(input, weight, bias, running_mean, running_var, **settings)
-    name = extras["activation"]
     return ops.normalize(
-        input, weight, bias, running_mean, running_var, scale=extras["scale"],
-        shift=extras["shift"], residual=extras["residual"],
-        activation=activations.CODES[name] if name is not None else 0, slope=extras["slope"],
-        **settings,
+        input, weight, bias, running_mean, running_var, scale=extras.scale, shift=extras.shift,
+        residual=extras.residual, activation=extras.code, slope=extras.slope, **settings,
     )  # fmt: skip
 
 
@@ -159,12 +171,18 @@ def group_norm(
     )  # fmt: skip
 
 
-def _channels_beyond_chip(input: Tensor, extras: dict | None) -> bool:
-    """More channels than one program of the kernels across channels holds (positions.py):
-    torch's composition then (config.position_max_channels: 4096 with fp32 statistics, 2048 in
-    float64, 1024 in float64 with extras)."""
+def _across_channels(op: str, input: Tensor, weight, bias, eps: float, extras: Extras | None,
+                     torch_op, centred: bool) -> Tensor:  # fmt: skip
+    """LayerNorm2d / RMSNorm2d (``centred=False``): the kernels across the channels at each
+    position, or torch's composition above the channels one program holds
+    (config.position_max_channels: 4096 with fp32 statistics, 2048 in float64, 1024 in float64
+    with extras)."""
     acc_bytes = 8 if input.dtype == torch.float64 else 4
-    return input.shape[1] > config.position_max_channels(acc_bytes, extras is not None)
+    beyond_chip = input.shape[1] > config.position_max_channels(acc_bytes, extras is not None)
+    return _normalize(
+        input, torch_op, weight, bias, None, None, extras, unfused=beyond_chip,
+        use_input_stats=True, reduce_batch=False, eps=eps, per_position=True, centred=centred,
+    )  # fmt: skip
 
 
 def layer_norm_2d(
@@ -182,15 +200,12 @@ def layer_norm_2d(
     ``LayerNorm2d`` computes it (``F.layer_norm`` over C after moving C last, then back) without
     the two copies: statistics per (sample, position), weight and bias per channel, output in
     the input's memory format. Epilogue extras: see the module docstring."""
-    validation.check_channel_norm("layer_norm_2d", input, weight, bias)
-    extras = _extras("layer_norm_2d", input, scale, shift, residual, activation)
+    op = "layer_norm_2d"
+    validation.check_channel_norm(op, input, weight, bias)
+    extras = _extras(op, input, scale, shift, residual, activation)
     C = input.shape[1]
     torch_op = lambda: F.layer_norm(input.movedim(1, -1), (C,), weight, bias, eps).movedim(-1, 1)
-    return _normalize(
-        input, torch_op, weight, bias, None, None, extras,
-        unfused=_channels_beyond_chip(input, extras), use_input_stats=True, reduce_batch=False,
-        eps=eps, per_position=True,
-    )  # fmt: skip
+    return _across_channels(op, input, weight, bias, eps, extras, torch_op, centred=True)
 
 
 def rms_norm_2d(
@@ -206,12 +221,9 @@ def rms_norm_2d(
     """RMSNorm over the channels at every position of (N, C, *spatial) input, as timm's
     ``RmsNorm2d``: x / sqrt(mean over C of x^2 + eps) * weight, statistics in fp32 (float64 for
     float64 input). Epilogue extras: see the module docstring."""
-    validation.check_channel_norm("rms_norm_2d", input, weight)
-    extras = _extras("rms_norm_2d", input, scale, shift, residual, activation)
+    op = "rms_norm_2d"
+    validation.check_channel_norm(op, input, weight)
+    extras = _extras(op, input, scale, shift, residual, activation)
     C = input.shape[1]
     torch_op = lambda: F.rms_norm(input.movedim(1, -1), (C,), weight, eps).movedim(-1, 1)
-    return _normalize(
-        input, torch_op, weight, None, None, None, extras,
-        unfused=_channels_beyond_chip(input, extras), use_input_stats=True, reduce_batch=False,
-        eps=eps, per_position=True, centred=False,
-    )  # fmt: skip
+    return _across_channels(op, input, weight, None, eps, extras, torch_op, centred=False)

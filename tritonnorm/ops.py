@@ -17,6 +17,7 @@ differentiates.
 from __future__ import annotations
 
 import functools
+import operator
 
 import torch
 from torch import Tensor
@@ -33,11 +34,18 @@ def _norm(use_input_stats: bool, reduce_batch: bool, num_groups: int, per_positi
 def _epilogue(scale, shift, residual, activation, slope) -> launch.Epilogue | None:
     if scale is None and shift is None and residual is None and not activation:
         return None
-    return launch.Epilogue(_contiguous(scale), _contiguous(shift), residual, activation, slope)
+    if not _all_contiguous(scale, shift):
+        scale, shift = _contiguous(scale), _contiguous(shift)
+    return launch.Epilogue(scale, shift, residual, activation, slope)
 
 
 def _contiguous(t: Tensor | None) -> Tensor | None:
     return t if t is None or t.is_contiguous() else t.contiguous()
+
+
+def _all_contiguous(a: Tensor | None, b: Tensor | None) -> bool:
+    # spelled out: a generator over the pair costs a call's worth of host time
+    return (a is None or a.is_contiguous()) and (b is None or b.is_contiguous())
 
 
 def _forward_impl(
@@ -78,8 +86,12 @@ def _forward_impl(
                torch.empty_like(rv, memory_format=torch.contiguous_format))  # fmt: skip
         if input.numel() == 0:
             out[0].copy_(rm), out[1].copy_(rv)
+    if not _all_contiguous(weight, bias):
+        weight, bias = _contiguous(weight), _contiguous(bias)
+    if not _all_contiguous(rm, rv):
+        rm, rv = _contiguous(rm), _contiguous(rv)
     y, mean, rstd = launch.forward(
-        input, _contiguous(weight), _contiguous(bias), _contiguous(rm), _contiguous(rv),
+        input, weight, bias, rm, rv,
         norm=_norm(use_input_stats, reduce_batch, num_groups, per_position, centred),
         momentum=momentum, eps=eps, epilogue=_epilogue(scale, shift, residual, activation, slope),
         running_out=out,
@@ -174,19 +186,17 @@ def _backward_impl(
     residual: Tensor | None = None,
     activation: int = 0,
     slope: float = 0.01,
-    z_from_output: bool = False,
+    output: Tensor | None = None,
     per_position: bool = False,
     centred: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """grad_input, grad_weight, grad_bias, grad_scale, grad_shift, grad_residual, each empty
     unless ``output_mask`` (six booleans, that order) asks for it. shift and residual are
-    needed only with an activation (to recompute z); with ``z_from_output`` the ``residual``
-    argument is the forward's output y instead, whose sign gives the activation's derivative
-    (launch.derivative_from_output)."""
+    needed only with an activation (to recompute z); given the forward's ``output`` y, whose
+    sign gives the activation's derivative (launch.derivative_from_output), neither is."""
     grads = _gradients(
         grad_output, input, weight, bias, mean, rstd, use_input_stats, reduce_batch, num_groups,
-        output_mask, scale, shift, residual, activation, slope, z_from_output, per_position,
-        centred,
+        output_mask, scale, shift, residual, activation, slope, output, per_position, centred,
     )  # fmt: skip
     return tuple(g if g is not None else mean.new_empty(0) for g in grads)
 
@@ -194,7 +204,7 @@ def _backward_impl(
 def _gradients(
     grad_output, input, weight, bias, mean, rstd, use_input_stats, reduce_batch, num_groups,
     output_mask, scale=None, shift=None, residual=None, activation=0, slope=0.01,
-    z_from_output=False, per_position=False, centred=True,
+    output=None, per_position=False, centred=True,
 ) -> tuple[Tensor | None, ...]:  # fmt: skip
     """:func:`_backward_impl`'s gradients with None for those not asked for (the eager
     backward's: a custom op must return tensors, autograd takes None)."""
@@ -202,7 +212,7 @@ def _gradients(
         grad_output, input, _contiguous(weight), _contiguous(bias), mean, rstd,
         norm=_norm(use_input_stats, reduce_batch, num_groups, per_position, centred),
         epilogue=_epilogue(scale, shift, residual, activation, slope),
-        output_mask=tuple(output_mask), z_from_output=z_from_output,
+        output_mask=tuple(output_mask), output=output,
     )  # fmt: skip
 
 
@@ -215,7 +225,7 @@ norm_backward = torch.library.custom_op(
 def _norm_backward_fake(
     grad_output, input, weight, bias, mean, rstd, use_input_stats, reduce_batch, num_groups,
     output_mask, scale=None, shift=None, residual=None, activation=0, slope=0.01,
-    z_from_output=False, per_position=False, centred=True,
+    output=None, per_position=False, centred=True,
 ):  # fmt: skip
     param_dtype = weight.dtype if weight is not None else mean.dtype
     empty = lambda: mean.new_empty(0)
@@ -252,12 +262,12 @@ def _save(ctx, inputs, y) -> tuple:
     scale, shift, residual, activation, slope = inputs[10:15]
     from_output = residual is not None and launch.derivative_from_output(activation, slope)
     keep = activation != 0 and not from_output
-    ctx.settings = (use_input_stats, reduce_batch, num_groups)
-    ctx.position = inputs[15:17]  # per_position, centred
-    ctx.epilogue = (activation, slope, from_output)
-    ctx.dtypes = tuple(t.dtype if t is not None else None for t in (bias, shift))
+    # the backward's settings (norm, activation) and the dtypes its dbias, dshift must have
+    ctx.settings = (use_input_stats, reduce_batch, num_groups, *inputs[15:17], activation, slope)
+    ctx.dtypes = (None if bias is None else bias.dtype, None if shift is None else shift.dtype)
     ctx.set_materialize_grads(False)
-    extras = (scale, shift if keep else None, y if from_output else residual if keep else None)
+    extras = (scale, shift if keep else None, residual if keep else None,
+              y if from_output else None)  # fmt: skip
     return (input, weight, bias), extras
 
 
@@ -265,31 +275,40 @@ def _backward_by(backward_fn, grad_inputs: tuple[int, ...] = _GRAD_INPUTS):
     """The backward of norm_forward, computing with ``backward_fn`` (the custom op, or in eager
     its implementation); ``grad_inputs``: the positions of input, weight, bias, scale, shift
     and residual among the forward's arguments."""
+    pick = operator.itemgetter(*grad_inputs)
 
     def backward(ctx, grad_y, *_grad_statistics):
         needs = ctx.needs_input_grad  # as many as the call passed (the op's may be fewer)
-        mask = [i < len(needs) and needs[i] for i in grad_inputs]
+        if len(needs) > grad_inputs[-1]:
+            mask = list(pick(needs))
+        else:
+            mask = [i < len(needs) and needs[i] for i in grad_inputs]
         if grad_y is None or not any(mask):
             return (None,) * len(needs)
-        input, weight, bias, mean, rstd, scale, shift, residual = ctx.saved_tensors
-        activation, slope, from_output = ctx.epilogue
+        input, weight, bias, mean, rstd, scale, shift, residual, y = ctx.saved_tensors
+        use_input_stats, reduce_batch, num_groups, per_position, centred, activation, slope = (
+            ctx.settings
+        )
         residual_grad = None
         if mask[5] and activation == 0:  # y = ... + residual: its gradient is dy itself
             residual_grad, mask[5] = grad_y, False
-        grads = backward_fn(
-            grad_y, input, weight, bias, mean, rstd, *ctx.settings, mask, scale, shift,
-            residual, activation, slope, from_output, *ctx.position,
+        dx, dweight, dbias, dscale, dshift, dresidual = backward_fn(
+            grad_y, input, weight, bias, mean, rstd, use_input_stats, reduce_batch, num_groups,
+            mask, scale, shift, residual, activation, slope, y, per_position, centred,
         )  # fmt: skip
-        out = [None] * max(len(needs), grad_inputs[-1] + 1)
-        out[grad_inputs[5]] = residual_grad
         bias_dtype, shift_dtype = ctx.dtypes
-        for slot, i, grad in zip(range(6), grad_inputs, grads, strict=True):
-            if mask[slot]:
-                if slot == 2 and grad.dtype != bias_dtype:
-                    grad = grad.to(bias_dtype)
-                elif slot == 4 and grad.dtype != shift_dtype:
-                    grad = grad.to(shift_dtype)
+        if mask[2] and dbias.dtype != bias_dtype:
+            dbias = dbias.to(bias_dtype)
+        if mask[4] and dshift.dtype != shift_dtype:
+            dshift = dshift.to(shift_dtype)
+        out = [None] * max(len(needs), grad_inputs[-1] + 1)
+        for i, asked, grad in zip(
+            grad_inputs, mask, (dx, dweight, dbias, dscale, dshift, dresidual), strict=True
+        ):
+            if asked:
                 out[i] = grad
+        if residual_grad is not None:
+            out[grad_inputs[5]] = residual_grad
         return tuple(out[: len(needs)])
 
     return backward
@@ -326,6 +345,17 @@ class _NormFunction(torch.autograd.Function):
     backward = staticmethod(_backward_by(_gradients, grad_inputs=(1, 2, 3, 6, 7, 8)))
 
 
+def _requires_grad(input, weight, bias, scale, shift, residual) -> bool:
+    return (
+        input.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
+        or (scale is not None and scale.requires_grad)
+        or (shift is not None and shift.requires_grad)
+        or (residual is not None and residual.requires_grad)
+    )
+
+
 def normalize(
     input: Tensor,
     weight: Tensor | None = None,
@@ -349,10 +379,12 @@ def normalize(
     """The normalisation (running statistics updated in place), through the custom op while
     torch.compile traces and through :class:`_NormFunction` in eager mode."""
     momentum, eps, activation, slope = float(momentum), float(eps), int(activation), float(slope)
-    if torch.is_grad_enabled() and (
-        input.requires_grad
-        or any(t is not None and t.requires_grad for t in (weight, bias, scale, shift, residual))
-    ) and not torch.compiler.is_compiling():  # fmt: skip
+    compiling = torch.compiler.is_compiling()
+    if (
+        not compiling
+        and torch.is_grad_enabled()
+        and _requires_grad(input, weight, bias, scale, shift, residual)
+    ):
         settings = (use_input_stats, reduce_batch, num_groups, momentum, eps, activation, slope,
                     per_position, centred)  # fmt: skip
         return _NormFunction.apply(
@@ -363,7 +395,7 @@ def normalize(
         num_groups, momentum, eps, scale, shift, residual, activation, slope, per_position,
         centred,
     )  # fmt: skip
-    if torch.compiler.is_compiling():
+    if compiling:
         y, _, _, new_mean, new_var = norm_forward(*args)
         if new_mean.numel():
             with torch.no_grad():

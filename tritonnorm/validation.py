@@ -45,13 +45,17 @@ def check_input(op: str, input: Tensor, dim_error: type[Exception] = InputDimens
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def check_per_channel(op: str, input: Tensor, **vectors: Tensor | None) -> None:
+def check_per_channel(
+    op: str, input: Tensor, weight: Tensor | None = None, bias: Tensor | None = None,
+    running_mean: Tensor | None = None, running_var: Tensor | None = None,
+) -> None:  # fmt: skip
     """weight, bias, running_mean, running_var: one floating value per channel, on input's device.
     (On every call's path: the common case costs a few attribute reads per vector.)"""
     channels = input.shape[1]
     dtype = input.dtype
     device = None
-    for name, vector in vectors.items():
+    for name, vector in (("running_mean", running_mean), ("running_var", running_var),
+                         ("weight", weight), ("bias", bias)):  # fmt: skip
         if vector is None:
             continue
         if vector.numel() != channels:

@@ -194,6 +194,7 @@ def _norm_apply_kernel(
     res_ptr,  # residual with its own strides, or None (EPILOGUE)
     res_stride_n, res_stride_c, res_stride_s,
     dres_ptr,  # residual gradient, same strides as x, or None (EPILOGUE backward)
+    y_ptr,  # the forward's output, same strides as x, to read act' off, or None (grad.py)
     slope: tl.float64,  # leaky_relu's negative slope
     SOURCE: tl.constexpr,  # where the coefficients come from (module docstring)
     HAS_X: tl.constexpr,
@@ -204,7 +205,6 @@ def _norm_apply_kernel(
     FP64: tl.constexpr,  # statistics and coefficients in float64 (float64 input), else float32
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     INDEX_64: tl.constexpr,  # int64 element offsets (a tensor spans 2**30 elements or more)
-    Z_FROM_OUTPUT: tl.constexpr = False,  # res_ptr holds the output y (grad.py)
 ):  # fmt: skip
     # Tiles are the reductions' 4-D tiles with one channel per group: [BLOCK_N, BLOCK_C, 1, S].
     pid = tl.program_id(0)
@@ -247,9 +247,9 @@ def _norm_apply_kernel(
                         mean_ptr, rstd_ptr, weight_ptr, bias_ptr, n, c, N, C, K, rows, dtype
                     )
                 g, dy = epilogue_output_grad(
-                    x, dy, f_mu, f_k_x, f_k_c, scale_ptr, shift_ptr, res_ptr, n0, c0, s0,
-                    N, C, S, 1, res_stride_n, res_stride_c, res_stride_s, slope, ACTIVATION,
-                    Z_FROM_OUTPUT, BLOCK_N, BLOCK_C, 1, BLOCK_S, INDEX_64,
+                    x, dy, f_mu, f_k_x, f_k_c, scale_ptr, shift_ptr, res_ptr, y_ptr, offsets,
+                    mask, n0, c0, s0, N, C, S, 1, res_stride_n, res_stride_c, res_stride_s,
+                    slope, ACTIVATION, BLOCK_N, BLOCK_C, 1, BLOCK_S, INDEX_64,
                 )  # fmt: skip
                 if dres_ptr is not None:
                     tl.store(dres_ptr + offsets, g.to(dres_ptr.dtype.element_ty), mask=mask)
@@ -276,12 +276,12 @@ _APPLY = Kernel(_norm_apply_kernel)
 def bind_apply(
     red, tensors: dict, *, source: tl.constexpr, dy_view=None, extras: dict = NO_EPILOGUE,
     num_partials: int = 0, partial_strides=(0, 0), eps: float = 0.0, momentum: float = 0.0,
-    use_input_stats: bool = True, z_from_output: bool = False,
+    use_input_stats: bool = True,
 ) -> Launch:  # fmt: skip
     """The elementwise pass (y or dx) over ``red`` (launch.Reduction) with its coefficients from
     ``source`` (one of this module's sources); config chosen by tuning.py."""
     view = red.view
-    candidates = config.apply_configs(red.shape, epilogue=extras["EPILOGUE"])
+    candidates = config.apply_configs(red, epilogue=extras["EPILOGUE"])
     constants = dict(
         N=view.N, C=view.C, S=view.S, K=red.group_size, rows=red.rows,
         stride_n=view.stride_n, stride_c=view.stride_c, stride_s=view.stride_s,
@@ -292,7 +292,6 @@ def bind_apply(
         **extras, SOURCE=source.value, HAS_X=tensors.get("x_ptr") is not None,
         HAS_DY=tensors.get("dy_ptr") is not None, USE_INPUT_STATS=use_input_stats,
         FP64=red.acc_dtype == torch.float64, INDEX_64=index_64(view, dy_view),
-        Z_FROM_OUTPUT=z_from_output,
     )  # fmt: skip
     grid_of = lambda m: (
         config.cdiv(view.N, m["BLOCK_N"]) * config.cdiv(view.C, m["BLOCK_C"])

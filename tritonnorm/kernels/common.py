@@ -404,26 +404,22 @@ def pre_activation(
 
 @triton.jit
 def epilogue_output_grad(
-    x, dy, mu, k_x, k_c, scale_ptr, shift_ptr, res_ptr, n0, g0, s0, N, C, S, K,
-    res_stride_n, res_stride_c, res_stride_s, slope,
-    ACTIVATION: tl.constexpr, Z_FROM_OUTPUT: tl.constexpr,
+    x, dy, mu, k_x, k_c, scale_ptr, shift_ptr, res_ptr, y_ptr, offsets, mask, n0, g0, s0,
+    N, C, S, K, res_stride_n, res_stride_c, res_stride_s, slope,
+    ACTIVATION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
     INDEX_64: tl.constexpr,
 ):  # fmt: skip
     """Backward through the epilogue by recomputation: g = dy * act'(z), the gradient of the
     pre-activation z (and of the residual), with z rebuilt from x and the forward coefficients
-    (mu, k_x, k_c); and g * scale[n, c], the gradient of u = x_hat * w + b. With
-    ``Z_FROM_OUTPUT`` res_ptr holds the forward's output y instead of the residual, and the
-    activation's derivative is read off y: for ReLU and a leaky ReLU of slope >= 0, y > 0
-    exactly where z > 0, so the op keeps its output (which the next layer keeps anyway) rather
-    than the residual."""
+    (mu, k_x, k_c); and g * scale[n, c], the gradient of u = x_hat * w + b. With ``y_ptr``
+    (the forward's output y, at x's ``offsets``) the activation's derivative is read off y
+    instead: for ReLU and a leaky ReLU of slope >= 0, y > 0 exactly where z > 0, so the op
+    keeps its output (which the next layer keeps anyway) rather than the residual."""
     g = dy
     if ACTIVATION != 0:
-        if Z_FROM_OUTPUT:
-            z, _, _ = load_tile(
-                res_ptr, n0, g0, s0, N, C, S, K, res_stride_n, res_stride_c, res_stride_s,
-                dy.dtype, BLOCK_N, BLOCK_G, BLOCK_K, BLOCK_S, INDEX_64,
-            )  # fmt: skip
+        if y_ptr is not None:
+            z = tl.load(y_ptr + offsets, mask=mask, other=0.0).to(dy.dtype)
         else:
             z = pre_activation(
                 normalized(x, mu, k_x, k_c), scale_ptr, shift_ptr, res_ptr, n0, g0, s0, N, C, S,

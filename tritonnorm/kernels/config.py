@@ -14,9 +14,13 @@ import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import triton
+
+if TYPE_CHECKING:  # every ``shape`` here is a geometry.Reduction (which imports this module)
+    from .geometry import Reduction
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -66,8 +70,7 @@ FOLD_MAX_PARTIALS = 32
 LAUNCH_OPTIONS = {"enable_fp_fusion": True}
 
 
-@dataclass(frozen=True)
-class _Overrides:
+class _Overrides(NamedTuple):  # part of every plan key: a tuple hashes in C
     fused: bool | None = None
     split: int | None = None
     index_64: bool | None = None
@@ -113,26 +116,6 @@ def reset_chosen_configs() -> None:
     _chosen.clear()
 
 
-@dataclass(frozen=True)
-class Shape:
-    """What classifies a launch: the (N, C, S) view, how many consecutive channels share a
-    statistic (``group_size``), whether the batch axis is reduced too, whether channels are the
-    fast axis, and the accumulator's bytes (4, or 8 for float64 inputs): what a program can hold
-    in registers depends on it."""
-
-    N: int
-    C: int
-    S: int
-    group_size: int
-    reduce_batch: bool
-    channels_fast: bool
-    acc_bytes: int = 4
-
-    @property
-    def groups(self) -> int:
-        return self.C // self.group_size
-
-
 def cdiv(a: int, b: int) -> int:
     # Plain integer arithmetic, as _pow2: triton.cdiv is a jit-aware function, slow on the host.
     return -(-a // b)
@@ -163,7 +146,7 @@ def target_programs() -> int:
 Blocks = tuple[int, int, int, int]  # (BLOCK_N, BLOCK_G, BLOCK_K, BLOCK_S)
 
 
-def _blocks(shape: Shape, tile: int) -> Blocks:
+def _blocks(shape: Reduction, tile: int) -> Blocks:
     """Blocks streaming over a tile of about ``tile`` elements (whole groups of channels), laid
     out so the memory-contiguous axis is the tile's long axis."""
     block_k = _pow2(shape.group_size)
@@ -178,7 +161,7 @@ def _blocks(shape: Shape, tile: int) -> Blocks:
     return 1, min(_pow2(shape.groups), rest), block_k, block_s
 
 
-def fused_blocks(shape: Shape, backward: bool = False, epilogue: bool = False) -> Blocks | None:
+def fused_blocks(shape: Reduction, backward: bool = False, epilogue: bool = False) -> Blocks | None:
     """Blocks holding whole reductions in one tile (for the statistics kernel, or for the
     gradient kernel when ``backward``), or None when one does not fit. An ``epilogue``
     (residual tile, activation) takes the gradient kernel's smaller limit: at the forward's, an
@@ -189,7 +172,7 @@ def fused_blocks(shape: Shape, backward: bool = False, epilogue: bool = False) -
 
 
 @functools.lru_cache(maxsize=4096)
-def _fused_blocks(shape: Shape, backward: bool, epilogue: bool) -> Blocks | None:
+def _fused_blocks(shape: Reduction, backward: bool, epilogue: bool) -> Blocks | None:
     small = backward or epilogue
     limit = (FUSED_GRAD_TILE_BYTES if small else FUSED_TILE_BYTES) // shape.acc_bytes
     if backward and epilogue:  # x, dy, the residual, z, g and du live together: half again
@@ -213,7 +196,7 @@ def _fused_blocks(shape: Shape, backward: bool, epilogue: bool) -> Blocks | None
 
 
 def _split_candidates(
-    shape: Shape, blocks: Blocks, programs: int, forced_split: int | None
+    shape: Reduction, blocks: Blocks, programs: int, forced_split: int | None
 ) -> list[tuple[str, int]]:
     """(rank, split) of the split factors to try: the heuristic's, half and twice it."""
     block_n, block_g, _, block_s = blocks
@@ -270,7 +253,7 @@ def _candidates(pairs: list[tuple[Features, triton.Config]]) -> Candidates:
 
 
 def reduction_configs(
-    shape: Shape, fused: bool, backward: bool = False, epilogue: bool = False
+    shape: Reduction, fused: bool, backward: bool = False, epilogue: bool = False
 ) -> Candidates:
     """Candidates for the statistics / gradient-sum kernels, heuristic choice first. With an
     ``epilogue`` the streamed gradient-sum tiles are halved, quartered for float64 (recomputing
@@ -281,7 +264,12 @@ def reduction_configs(
 
 @functools.lru_cache(maxsize=4096)
 def _reduction_configs(
-    shape: Shape, fused: bool, backward: bool, epilogue: bool, overrides: _Overrides, programs: int
+    shape: Reduction,
+    fused: bool,
+    backward: bool,
+    epilogue: bool,
+    overrides: _Overrides,
+    programs: int,
 ) -> Candidates:
     if fused:
         blocks = fused_blocks(shape, backward, epilogue)
@@ -315,7 +303,7 @@ def _reduction_configs(
 
 
 @functools.lru_cache(maxsize=4096)
-def apply_configs(shape: Shape, epilogue: bool = False) -> Candidates:
+def apply_configs(shape: Reduction, epilogue: bool = False) -> Candidates:
     """Candidates for the elementwise apply kernel (y or dx), heuristic choice first. It reads
     per-(sample, channel) coefficients: tiles as for one-channel statistics of each sample. With
     an ``epilogue``, float64 tiles are halved (a GELU's recomputed derivative spilled)."""
@@ -329,10 +317,9 @@ def apply_configs(shape: Shape, epilogue: bool = False) -> Candidates:
     return _candidates(pairs)
 
 
-def max_split(shape_of, fused: bool, backward: bool = False, epilogue: bool = False) -> int:
-    """The largest split among a reduction's candidates (its partials buffer's size). Takes a
-    record with a ``shape`` (launch.Reduction)."""
-    candidates = reduction_configs(shape_of.shape, fused, backward, epilogue)
+def max_split(shape: Reduction, fused: bool, backward: bool = False, epilogue: bool = False) -> int:
+    """The largest split among a reduction's candidates (its partials buffer's size)."""
+    candidates = reduction_configs(shape, fused, backward, epilogue)
     return max(c.kwargs["SPLIT"] for c in candidates.configs)
 
 
@@ -366,7 +353,7 @@ def position_max_channels(acc_bytes: int, epilogue: bool) -> int:
 
 
 def position_configs(
-    shape: Shape, backward: bool, epilogue: bool = False, sums: bool = False,
+    shape: Reduction, backward: bool, epilogue: bool = False, sums: bool = False,
     per_sample: bool = False,
 ) -> Candidates:  # fmt: skip
     """Candidates for the kernels across channels (positions.py), heuristic choice first:
@@ -378,7 +365,7 @@ def position_configs(
     )
 
 
-def _position_split(shape: Shape, block_s: int, per_sample: bool, programs: int,
+def _position_split(shape: Reduction, block_s: int, per_sample: bool, programs: int,
                     forced_split: int | None) -> list:  # fmt: skip
     if forced_split is not None:
         return [("base", max(1, forced_split))]
@@ -394,7 +381,7 @@ def _position_split(shape: Shape, block_s: int, per_sample: bool, programs: int,
 
 @functools.lru_cache(maxsize=4096)
 def _position_configs(
-    shape: Shape, backward: bool, epilogue: bool, sums: bool, per_sample: bool,
+    shape: Reduction, backward: bool, epilogue: bool, sums: bool, per_sample: bool,
     overrides: _Overrides, programs: int,
 ) -> Candidates:  # fmt: skip
     values = _position_values(backward, epilogue, shape.acc_bytes)

@@ -65,6 +65,9 @@ def _norm_grad_partial_kernel(
     res_ptr,  # residual with its own strides, or None (EPILOGUE)
     res_stride_n, res_stride_c, res_stride_s,
     dres_ptr,  # residual gradient, same strides as x, or None; written only when FUSED
+    # The forward's output y, same strides as x, or None: act'(z) = act'(y) (ReLU, leaky ReLU
+    # with a slope >= 0), so z is not recomputed (common.epilogue_output_grad).
+    y_ptr,
     slope: tl.float64,  # leaky_relu's negative slope
     REDUCE_BATCH: tl.constexpr,
     FUSED: tl.constexpr,  # whole reduction in this tile: write dx from registers
@@ -76,9 +79,6 @@ def _norm_grad_partial_kernel(
     LANES: tl.constexpr,  # streamed: per-element sums, reduced once at the end (stats.py)
     BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
     INDEX_64: tl.constexpr,  # int64 element offsets (a tensor spans 2**30 elements or more)
-    # res_ptr holds the forward's output y, not the residual: act'(z) = act'(y) (ReLU, leaky
-    # ReLU with a slope >= 0), so z is not recomputed (common.epilogue_output_grad).
-    Z_FROM_OUTPUT: tl.constexpr = False,
     # The statistics are one row for the whole batch while the sums are per sample (BatchNorm
     # with per-sample scale/shift: the epilogue backward).
     STATS_SHARED: tl.constexpr = False,
@@ -110,8 +110,8 @@ def _norm_grad_partial_kernel(
             b_e = channel_values(bias_ptr, g0, K, C, 0.0, acc_dtype, BLOCK_G, BLOCK_K)
             g, dy = epilogue_output_grad(
                 x, dy, mean, rstd * w_e[:, :, :, None], b_e[:, :, :, None],
-                scale_ptr, shift_ptr, res_ptr, n_first, g0, 0, N, C, S, K,
-                res_stride_n, res_stride_c, res_stride_s, slope, ACTIVATION, Z_FROM_OUTPUT,
+                scale_ptr, shift_ptr, res_ptr, y_ptr, offsets, mask, n_first, g0, 0, N, C, S, K,
+                res_stride_n, res_stride_c, res_stride_s, slope, ACTIVATION,
                 BLOCK_N, BLOCK_G, BLOCK_K, BLOCK_S, INDEX_64,
             )  # fmt: skip
             if dres_ptr is not None:
@@ -150,8 +150,8 @@ def _norm_grad_partial_kernel(
             if EPILOGUE:  # per-(sample, channel) sums of g, the pre-activation's gradient
                 dy, _ = epilogue_output_grad(
                     x, dy, mean, rstd * weight[:, :, :, None], bias[:, :, :, None],
-                    scale_ptr, shift_ptr, res_ptr, n0, g0, s0, N, C, S, K,
-                    res_stride_n, res_stride_c, res_stride_s, slope, ACTIVATION, Z_FROM_OUTPUT,
+                    scale_ptr, shift_ptr, res_ptr, y_ptr, offsets, mask, n0, g0, s0,
+                    N, C, S, K, res_stride_n, res_stride_c, res_stride_s, slope, ACTIVATION,
                     BLOCK_N, BLOCK_G, BLOCK_K, BLOCK_S, INDEX_64,
                 )  # fmt: skip
             if dx_ptr is not None:  # eval: dx = w rstd dy, written on the way (x, dy read once)
@@ -263,13 +263,11 @@ _FINALIZE = Kernel(_norm_grad_finalize_kernel)
 
 def bind_gradient_sums(
     red, tensors: dict, *, dy_view, fused: bool, extras: dict = NO_EPILOGUE,
-    z_from_output: bool = False, stats_shared: bool = False,
+    stats_shared: bool = False,
 ) -> Launch:  # fmt: skip
     """The gradient-sum kernel over the reduction ``red`` (launch.Reduction): partials, or
     fused dx and, with the batch reduced, dweight and dbias; config chosen by tuning.py."""
-    candidates = config.reduction_configs(
-        red.shape, fused, backward=True, epilogue=extras["EPILOGUE"]
-    )
+    candidates = config.reduction_configs(red, fused, backward=True, epilogue=extras["EPILOGUE"])
     max_split = max(c.kwargs["SPLIT"] for c in candidates.configs)
     constants = dict(
         **red.kernel_args(), **extras,
@@ -277,7 +275,7 @@ def bind_gradient_sums(
         partial_stride_k=max_split * red.rows * red.view.C,
         partial_stride_p=red.rows * red.view.C,
         REDUCE_BATCH=red.reduce_batch, FUSED=fused, INDEX_64=index_64(red.view, dy_view),
-        Z_FROM_OUTPUT=z_from_output, STATS_SHARED=stats_shared,
+        STATS_SHARED=stats_shared,
     )  # fmt: skip
     return bind(
         _GRAD, red, tensors, constants, candidates=candidates, fused=fused,

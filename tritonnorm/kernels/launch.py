@@ -1,9 +1,10 @@
 """Plans: how one normalisation of one kind of tensor is launched, built once and cached.
 
-A normalisation is described by a :class:`Norm` (which axes are reduced, how many channels share
-a statistic) and an optional :class:`Epilogue` (per-sample scale/shift, residual, activation).
-For an input's sizes, strides, dtype and device, and those settings, a :class:`ForwardPlan` or
-:class:`BackwardPlan` holds everything a call needs: the (N, C, S) :class:`Reduction`, the
+A normalisation is described by a ``Norm`` (geometry.py: which axes are reduced, how many
+channels share a statistic) and an optional :class:`Epilogue` (per-sample scale/shift, residual,
+activation). For an input's sizes, strides, dtype and device, and those settings, a
+:class:`ForwardPlan` or :class:`BackwardPlan` holds everything a call needs: the (N, C, S)
+``Reduction`` (geometry.py; config.py chooses blocks and candidates from it), the
 buffers' shapes, the chosen configs and the bound launches (launcher.py). It is looked up with a
 flat tuple; a call then allocates its outputs and launches.
 
@@ -23,28 +24,35 @@ between them.
 
 from __future__ import annotations
 
-import functools
-import itertools
-import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from .. import activations
 from . import apply as apply_
 from . import config, grad, positions, stats, tuning
+from .geometry import (  # noqa: F401  (Norm, Reduction, View, plan, grad_view: the callers' names)
+    Norm,
+    Reduction,
+    View,
+    acc_dtype,
+    grad_view,
+    is_dense,
+    plan,
+    reduction_of,
+    view_or_copy,
+)
 from .launcher import NO_EPILOGUE, Launch, index_64
 
 ACTIVATIONS = activations.CODES  # name -> the kernels' code
 derivative_from_output = activations.derivative_from_output
 
 
-@dataclass(frozen=True)
-class Epilogue:
+class Epilogue(NamedTuple):
     """y = act((x_hat * w + b) * scale + shift + residual): ``scale`` and ``shift`` (N, C)
     contiguous, both or neither; ``residual`` of the input's shape, any layout; ``activation``
-    a code of :data:`ACTIVATIONS` (0: none), ``slope`` leaky_relu's negative slope."""
+    a code of :data:`ACTIVATIONS` (0: none), ``slope`` leaky_relu's negative slope. (A named
+    tuple: one is made per call, at a third of a frozen dataclass's cost.)"""
 
     scale: torch.Tensor | None = None
     shift: torch.Tensor | None = None
@@ -57,236 +65,11 @@ class Epilogue:
         return self.scale is not None or self.residual is not None or self.activation != 0
 
 
-@dataclass(frozen=True)
-class View:
-    """A tensor seen as (N, C, S): S flattens the spatial axes (one stride addresses them)."""
-
-    N: int
-    C: int
-    S: int
-    stride_n: int
-    stride_c: int
-    stride_s: int
-
-    @property
-    def strides(self) -> tuple[int, int, int]:
-        return self.stride_n, self.stride_c, self.stride_s
-
-    @property
-    def span(self) -> int:
-        """Elements from the first to the last one addressed, plus one."""
-        sizes = (self.N, self.C, self.S)
-        return 1 + sum((n - 1) * abs(st) for n, st in zip(sizes, self.strides, strict=True))
-
-    @property
-    def channels_fast(self) -> bool:
-        return self.S == 1 or (self.stride_c == 1 and self.C > 1)
-
-
-@dataclass(frozen=True)
-class Norm:
-    """Which statistics a normalisation uses: BatchNorm reduces the batch and spatial axes per
-    channel (``Norm(reduce_batch=True)``), InstanceNorm the spatial axes per sample and channel
-    (``Norm(reduce_batch=False)``), GroupNorm the spatial axes and C / ``num_groups`` channels per
-    sample (``Norm(reduce_batch=False, num_groups=G)``; LayerNorm over (C, *spatial) is G = 1).
-    ``num_groups=0`` means one statistic per channel. Without input statistics the running
-    statistics are used: per channel, shared by the whole batch."""
-
-    reduce_batch: bool
-    num_groups: int = 0
-    use_input_stats: bool = True
-    # One statistic per (sample, position) over all C channels (LayerNorm2d; positions.py),
-    # centred, or with ``centred=False`` the root mean square (RMSNorm2d).
-    per_position: bool = False
-    centred: bool = True
-
-    @property
-    def batch_reduced(self) -> bool:
-        """Whether one statistic serves every sample."""
-        return self.reduce_batch or not self.use_input_stats
-
-    def stats_shape(self, input_shape: Sequence[int]) -> tuple[int, int]:
-        """(rows, groups) of the saved mean and rstd for an input of ``input_shape``: (N,
-        positions) across channels."""
-        if self.per_position:
-            return (input_shape[0], math.prod(input_shape[2:]))
-        groups = self.num_groups if self.num_groups and self.use_input_stats else input_shape[1]
-        return (1 if self.batch_reduced else input_shape[0], groups)
-
-
-@dataclass(frozen=True)
-class Reduction:
-    """One normalisation of one tensor, as every launch sees it: the (N, C, S) view (for a
-    reduced batch axis possibly folded into S), ``group_size`` consecutive channels per
-    statistic, and statistics arrays of ``rows`` x ``groups``."""
-
-    view: View
-    group_size: int
-    reduce_batch: bool
-    dtype: torch.dtype  # the input's
-
-    @property
-    def rows(self) -> int:
-        return 1 if self.reduce_batch else self.view.N
-
-    @property
-    def groups(self) -> int:
-        return self.view.C // self.group_size
-
-    @property
-    def count(self) -> int:
-        """Elements per statistic."""
-        return (self.view.N if self.reduce_batch else 1) * self.group_size * self.view.S
-
-    @property
-    def acc_dtype(self) -> torch.dtype:
-        return acc_dtype(self.dtype)
-
-    @functools.cached_property
-    def shape(self) -> config.Shape:
-        v = self.view
-        return config.Shape(
-            v.N, v.C, v.S, self.group_size, self.reduce_batch, v.channels_fast,
-            self.acc_dtype.itemsize,
-        )  # fmt: skip
-
-    def kernel_args(self) -> dict:
-        """The view's sizes and strides and the group size, as the reduction kernels name them."""
-        v = self.view
-        return dict(
-            N=v.N, C=v.C, S=v.S, K=self.group_size,
-            stride_n=v.stride_n, stride_c=v.stride_c, stride_s=v.stride_s,
-        )  # fmt: skip
-
-    def stats_programs(self, meta: dict) -> int:
-        """Programs along the kept axes of a reduction launched with blocks ``meta``."""
-        blocks = config.cdiv(self.groups, meta["BLOCK_G"])
-        return blocks if self.reduce_batch else blocks * config.cdiv(self.view.N, meta["BLOCK_N"])
-
-    def finalize_grid(self, ordered_rows: bool) -> tuple[tuple[int, int], dict]:
-        """Grid and blocks of a finalize kernel. ``ordered_rows``: the kernel sums over rows
-        (running statistics, parameter gradients), so one program walks all rows of its groups."""
-        block_r, block_g, block_k = config.finalize_blocks(self.rows, self.groups, self.group_size)
-        row_programs = 1 if ordered_rows else config.cdiv(self.rows, block_r)
-        grid = (config.cdiv(self.groups, block_g), row_programs)
-        return grid, dict(BLOCK_R=block_r, BLOCK_G=block_g, BLOCK_K=block_k)
-
-
-# --- views ------------------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=4096)
-def _flat_view(sizes: tuple[int, ...], strides: tuple[int, ...]) -> View | None:
-    """(N, C, S) view of a tensor of these sizes and strides, or None when its spatial axes
-    cannot share one stride."""
-    spatial = [
-        (size, stride) for size, stride in zip(sizes[2:], strides[2:], strict=True) if size != 1
-    ]
-    for (_, outer), (inner_size, inner) in itertools.pairwise(spatial):
-        if outer != inner * inner_size:
-            return None
-    S = 1
-    for size in sizes[2:]:
-        S *= size
-    stride_s = spatial[-1][1] if spatial else 1
-    return View(sizes[0], sizes[1], S, strides[0], strides[1], stride_s)
-
-
-def _packed(sizes: Sequence[int], strides: Sequence[int]) -> bool:
-    """Row-major contiguous (strides of size-1 axes ignored, as torch does)."""
-    expected = 1
-    for size, stride in zip(reversed(sizes), reversed(strides), strict=True):
-        if size != 1 and stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-@functools.lru_cache(maxsize=4096)
-def _dense(sizes: tuple[int, ...], strides: tuple[int, ...]) -> bool:
-    if 0 in sizes or _packed(sizes, strides):
-        return True
-    order = (0, *range(2, len(sizes)), 1)  # channels last
-    return _packed([sizes[i] for i in order], [strides[i] for i in order])
-
-
-def is_dense(t: torch.Tensor) -> bool:
-    """Contiguous in NC* or N*C (channels last) order: handled natively, output alike."""
-    try:
-        return _dense(tuple(t.shape), t.stride())
-    except TypeError:  # symbolic sizes (fake tensors while torch.compile traces): not hashable
-        return t.is_contiguous() or t.movedim(1, -1).is_contiguous()
-
-
-@functools.lru_cache(maxsize=4096)
-def _reduction(
-    sizes: tuple[int, ...], strides: tuple[int, ...], dtype: torch.dtype, norm: Norm, fold: bool
-) -> Reduction:
-    view = _flat_view(sizes, strides)
-    assert view is not None
-    # With the batch axis reduced (``fold``), a layout where it continues the spatial one
-    # (channels last, or S == 1) is seen as one long spatial axis (N = 1): tiles never straddle
-    # samples.
-    if fold and view.N > 1 and (view.S == 1 or view.stride_n == view.S * view.stride_s):
-        stride_s = view.stride_n if view.S == 1 else view.stride_s
-        view = View(1, view.C, view.N * view.S, view.N * view.S * stride_s, view.stride_c, stride_s)
-    if norm.per_position:  # one group of every channel, statistics per position
-        return Reduction(view, view.C, False, dtype)
-    groups = norm.stats_shape(sizes)[1]
-    return Reduction(view, view.C // max(groups, 1), norm.batch_reduced, dtype)
-
-
-def plan(x: torch.Tensor, norm: Norm, fold_batch: bool = True) -> tuple[torch.Tensor, Reduction]:
-    """x (densified if needed: one copy, documented) and the :class:`Reduction` of ``norm`` over
-    it. ``fold_batch=False`` keeps the sample axis even when the batch is reduced (per-sample
-    scale/shift need it)."""
-    if not is_dense(x):
-        x = x.contiguous()
-    fold = norm.batch_reduced and fold_batch
-    return x, _reduction(tuple(x.shape), x.stride(), x.dtype, norm, fold)
-
-
-def _other_view(t: torch.Tensor, x_view: View) -> View | None:
-    """A tensor of x's shape (dy, a residual) seen with x's (N, C, S) geometry through its own
-    strides, or None when they cannot express it (it is then copied into x's layout)."""
-    view = _flat_view(tuple(t.shape), t.stride())
-    if view is not None and (view.N, view.S) == (x_view.N, x_view.S):
-        return view
-    # x's batch axis may have been folded into S: t must fold the same way.
-    foldable = view is not None and (view.S == 1 or view.stride_n == view.S * view.stride_s)
-    if foldable and x_view.N == 1:
-        stride_s = view.stride_n if view.S == 1 else view.stride_s
-        return View(1, view.C, view.N * view.S, 0, view.stride_c, stride_s)
-    return None
-
-
-def _view_or_copy(t: torch.Tensor, x_view: View) -> tuple[View, bool]:
-    """A tensor of x's shape (dy, a residual) seen with x's geometry, and whether it must be
-    copied into x's layout first (then it is seen as x is)."""
-    view = _other_view(t, x_view)
-    return (x_view, True) if view is None else (view, False)
-
-
 def _residual_view(ep: Epilogue | None, x_view: View) -> tuple[View | None, bool]:
     """The residual's view (None without one), and whether it must be copied into x's layout."""
     if ep is None or ep.residual is None:
         return None, False
-    return _view_or_copy(ep.residual, x_view)
-
-
-def grad_view(dy: torch.Tensor, x: torch.Tensor, x_view: View) -> tuple[torch.Tensor, View]:
-    """dy seen with x's (N, C, S) geometry: its own strides where possible, else a copy in x's
-    layout."""
-    view = _other_view(dy, x_view)
-    if view is not None:
-        return dy, view
-    dy = torch.empty_like(x).copy_(dy)
-    return dy, View(x_view.N, x_view.C, x_view.S, *x_view.strides)
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Statistics are fp32 for every input dtype but float64, which keeps fp64."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    return view_or_copy(ep.residual, x_view)
 
 
 _index_64 = index_64  # the name tests know
@@ -311,7 +94,7 @@ def _epilogue_constants(ep: Epilogue | None, res_view: View | None, force: bool 
 
 
 def _fused(red: Reduction, backward: bool = False, epilogue: bool = False) -> bool:
-    return config.fused_blocks(red.shape, backward, epilogue) is not None
+    return config.fused_blocks(red, backward, epilogue) is not None
 
 
 def _fold(num_partials: int) -> bool:
@@ -409,7 +192,8 @@ class _Plan:
         recorded."""
         return not (
             self.empty or getattr(self, "res_copy", False) or getattr(self, "dy_copy", False)
-        )
+            or getattr(self, "y_copy", False)
+        )  # fmt: skip
 
     def _like(self, t: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(t)
@@ -461,7 +245,7 @@ class ForwardPlan(_Plan):
         self.epilogue = ep
         self.empty = x.numel() == 0
         fold = norm.batch_reduced and (ep is None or ep.scale is None)
-        self.red = red = _reduction(tuple(x.shape), x.stride(), x.dtype, norm, fold)
+        self.red = red = reduction_of(tuple(x.shape), x.stride(), x.dtype, norm, fold)
         self.stats_shape = norm.stats_shape(tuple(x.shape))
         self.acc = red.acc_dtype
         self.res_view, self.res_copy = _residual_view(ep, red.view)
@@ -567,9 +351,9 @@ def clear_plans() -> None:
 def _epilogue_key(ep: Epilogue | None) -> tuple:
     if ep is None or not ep.present:
         return ()
-    res = ep.residual
-    return (_meta(ep.scale), _meta(ep.shift), None if res is None else (res.dtype, res.stride()),
-            ep.activation, ep.slope)  # fmt: skip
+    scale, shift, res = ep.scale, ep.shift, ep.residual
+    return (None if scale is None else scale.dtype, None if shift is None else shift.dtype,
+            None if res is None else (res.dtype, res.stride()), ep.activation, ep.slope)  # fmt: skip
 
 
 def forward(
@@ -618,14 +402,22 @@ def forward(
                      variant=variant)  # fmt: skip
 
 
-def _in_x_layout(plan, x, dy, residual) -> tuple:
-    """dy and the residual, copied into x's layout where a backward plan cannot read their own
-    strides (``plan.dy_copy``, ``plan.res_copy``)."""
-    if plan.dy_copy:
+def _in_x_layout(plan_, x, dy, residual, output) -> tuple:
+    """dy, the residual and the forward's output, copied into x's layout where a backward plan
+    cannot read them as they are (``plan_.dy_copy``, ``plan_.res_copy``, ``plan_.y_copy``)."""
+    if plan_.dy_copy:
         dy = torch.empty_like(x).copy_(dy)
-    if plan.res_copy:
+    if plan_.res_copy:
         residual = torch.empty_like(x).copy_(residual)
-    return dy, residual
+    if plan_.y_copy:
+        output = torch.empty_like(x).copy_(output)
+    return dy, residual, output
+
+
+def _output_copy(x: torch.Tensor, output: torch.Tensor | None) -> bool:
+    """Whether the forward's output (read at x's offsets) must be copied into x's layout: it
+    is written in x's layout, so only a caller's other layout (torch.compile) needs it."""
+    return output is not None and output.stride() != x.stride()
 
 
 def _empty_grads(x, scale, mask, param_dtype) -> tuple:
@@ -655,21 +447,22 @@ class BackwardPlan(_Plan):
       partials, add a finalize between them - 3."""
 
     def __init__(self, x, dy, norm: Norm, epilogue: Epilogue | None, output_mask: tuple,
-                 z_from_output: bool, weight_dtype, has_bias: bool):  # fmt: skip
+                 output, weight_dtype, has_bias: bool):  # fmt: skip
         super().__init__()
         ep = epilogue if epilogue is not None and epilogue.present else None
-        self.norm, self.epilogue, self.z_from_output = norm, ep, z_from_output
+        self.norm, self.epilogue = norm, ep
         self.mask = output_mask
         self.param_grads = output_mask[1] or output_mask[2]
         self.empty = x.numel() == 0
         fold = norm.batch_reduced and ep is None
-        self.red = red = _reduction(tuple(x.shape), x.stride(), x.dtype, norm, fold)
+        self.red = red = reduction_of(tuple(x.shape), x.stride(), x.dtype, norm, fold)
         self.acc = red.acc_dtype
         self.param_dtype = weight_dtype or self.acc
         if self.empty:
             return
-        self.dy_view, self.dy_copy = _view_or_copy(dy, red.view)
+        self.dy_view, self.dy_copy = view_or_copy(dy, red.view)
         self.res_view, self.res_copy = _residual_view(ep, red.view)
+        self.y_copy = _output_copy(x, output)
         self.fused = norm.use_input_stats and _fused(red, backward=True)
         self.max_split = config.max_split(red, self.fused, backward=True)
         if ep is not None:
@@ -684,21 +477,23 @@ class BackwardPlan(_Plan):
             )  # fmt: skip
             self.epi_max_split = config.max_split(self.epi_red, self.epi_fused, True, True)
 
-    def _run(self, dy, x, weight, bias, mean, rstd, scale=None, shift=None, residual=None):
+    def _run(self, dy, x, weight, bias, mean, rstd, scale=None, shift=None, residual=None,
+             output=None):  # fmt: skip
         if self.empty:
             return _empty_grads(x, scale, self.mask, self.param_dtype)
-        dy, residual = _in_x_layout(self, x, dy, residual)
+        dy, residual, output = _in_x_layout(self, x, dy, residual, output)
         if self.epilogue is not None:
-            return self._run_epilogue(dy, x, weight, bias, mean, rstd, scale, shift, residual)
+            return self._run_epilogue(dy, x, weight, bias, mean, rstd, scale, shift, residual,
+                                      output)  # fmt: skip
         return self._run_plain(dy, x, weight, mean, rstd)
 
-    def _run_epilogue(self, dy, x, weight, bias, mean, rstd, scale, shift, residual):
+    def _run_epilogue(self, dy, x, weight, bias, mean, rstd, scale, shift, residual, output):
         """y = act((x_hat * w + b) * scale + shift + residual), x_hat and the pre-activation z
         recomputed from x and the saved statistics. With g = dy * act'(z) and du = g * scale
         (the gradient of u = x_hat * w + b): dresidual = g; dshift[n, c] = sum_s g;
         dscale[n, c] = w sum_s(g x_hat) + b sum_s g; dx, dweight, dbias are the plain op's
         formulas applied to du. Launches: per-(sample, channel) sums of g and g x_hat (reads x,
-        dy and, with an activation, the residual or y), then finalize (dscale, dshift, dweight,
+        dy and, with an activation, the residual or ``output``, y), then finalize (dscale, dshift, dweight,
         dbias, the dx coefficients), then apply (reads them again; writes dx and dresidual); an
         instance or group that fits one program writes dx and dresidual in the first launch."""
         red, device, ep = self.epi_red, x.device, self.epilogue
@@ -716,12 +511,12 @@ class BackwardPlan(_Plan):
         residual_arg = residual if ep.activation else None  # only z needs it
         tensors = dict(x_ptr=x, dy_ptr=dy, mean_ptr=mean, rstd_ptr=rstd, weight_ptr=weight,
                        bias_ptr=bias, partial_ptr=sums, scale_ptr=scale, shift_ptr=shift,
-                       res_ptr=residual_arg)  # fmt: skip
+                       res_ptr=residual_arg, y_ptr=output)  # fmt: skip
         if fused:
             tensors.update(dx_ptr=dx, dres_ptr=dres)
         launched = self._step("grad", tensors, lambda: grad.bind_gradient_sums(
             red, tensors, dy_view=self.dy_view, fused=fused, extras=self.extras,
-            z_from_output=self.z_from_output, stats_shared=self.red.reduce_batch))  # fmt: skip
+            stats_shared=self.red.reduce_batch))  # fmt: skip
         if fused and dweight is None and dscale is None:
             return dx, None, None, None, None, dres
         num_partials = launched.cfg.kwargs["SPLIT"]
@@ -738,16 +533,16 @@ class BackwardPlan(_Plan):
             stats_shared=self.red.reduce_batch))  # fmt: skip
         if fused:
             return dx, dweight, dbias, dscale, dshift, dres
-        with_z = ep.activation and not self.z_from_output
+        with_z = ep.activation and output is None
         tensors = dict(x_ptr=x, dy_ptr=dy, out_ptr=dx, coef_ptr=coef, scale_ptr=scale,
-                       shift_ptr=shift, res_ptr=residual_arg, dres_ptr=dres,
+                       shift_ptr=shift, res_ptr=residual_arg, dres_ptr=dres, y_ptr=output,
                        mean_ptr=mean if with_z else None, rstd_ptr=rstd if with_z else None,
                        weight_ptr=weight if with_z else None,
                        bias_ptr=bias if with_z else None)  # fmt: skip
         coef_red = Reduction(view, red.group_size, self.red.reduce_batch, red.dtype)
         self._step("apply", tensors, lambda: apply_.bind_apply(
-            coef_red, tensors, source=apply_.COEFFICIENTS, dy_view=self.dy_view, extras=self.extras,
-            z_from_output=self.z_from_output))  # fmt: skip
+            coef_red, tensors, source=apply_.COEFFICIENTS, dy_view=self.dy_view,
+            extras=self.extras))  # fmt: skip
         return dx, dweight, dbias, dscale, dshift, dres
 
     def _run_plain(self, dy, x, weight, mean, rstd):
@@ -828,7 +623,7 @@ class PositionForwardPlan(_Plan):
         ep = epilogue if epilogue is not None and epilogue.present else None
         self.norm, self.eps, self.epilogue = norm, eps, ep
         self.empty = x.numel() == 0
-        self.red = red = _reduction(tuple(x.shape), x.stride(), x.dtype, norm, False)
+        self.red = red = reduction_of(tuple(x.shape), x.stride(), x.dtype, norm, False)
         self.stats_shape = norm.stats_shape(tuple(x.shape))
         self.res_view, self.res_copy = _residual_view(ep, red.view)
         self.extras = _epilogue_constants(ep, self.res_view)
@@ -856,13 +651,12 @@ class PositionBackwardPlan(_Plan):
     for; then grad.py's finalize adds them in a fixed order - 1 or 2 launches, 3 passes."""
 
     def __init__(self, x, dy, norm: Norm, epilogue: Epilogue | None, output_mask: tuple,
-                 z_from_output: bool, weight_dtype, has_bias: bool = True):  # fmt: skip
+                 output, weight_dtype, has_bias: bool = True):  # fmt: skip
         super().__init__()
         ep = epilogue if epilogue is not None and epilogue.present else None
         self.norm, self.epilogue, self.mask = norm, ep, output_mask
-        self.z_from_output = z_from_output
         self.empty = x.numel() == 0
-        self.red = red = _reduction(tuple(x.shape), x.stride(), x.dtype, norm, False)
+        self.red = red = reduction_of(tuple(x.shape), x.stride(), x.dtype, norm, False)
         self.param_dtype = weight_dtype or red.acc_dtype
         self.param_grads = output_mask[1] or output_mask[2]
         # dscale and dshift are sums per sample: partials per sample
@@ -870,22 +664,24 @@ class PositionBackwardPlan(_Plan):
         self.sums = self.param_grads or self.per_sample
         if self.empty:
             return
-        self.dy_view, self.dy_copy = _view_or_copy(dy, red.view)
+        self.dy_view, self.dy_copy = view_or_copy(dy, red.view)
         self.res_view, self.res_copy = _residual_view(ep, red.view)
+        self.y_copy = _output_copy(x, output)
         self.extras = _epilogue_constants(ep, self.res_view, force=True) if ep else NO_EPILOGUE
         v = red.view
         candidates = config.position_configs(
-            red.shape, True, self.extras["EPILOGUE"], sums=True, per_sample=self.per_sample
+            red, True, self.extras["EPILOGUE"], sums=True, per_sample=self.per_sample
         )
         self.max_split = max(c.kwargs["SPLIT"] for c in candidates.configs)
         # the partials as grad.py's finalize sees them: (rows, C), one channel per statistic
         rows = v.N if self.per_sample else 1
         self.sums_red = Reduction(View(rows, v.C, 1, v.C, 1, 1), 1, not self.per_sample, red.dtype)
 
-    def _run(self, dy, x, weight, bias, mean, rstd, scale=None, shift=None, residual=None):
+    def _run(self, dy, x, weight, bias, mean, rstd, scale=None, shift=None, residual=None,
+             output=None):  # fmt: skip
         if self.empty:
             return _empty_grads(x, scale, self.mask, self.param_dtype)
-        dy, residual = _in_x_layout(self, x, dy, residual)
+        dy, residual, output = _in_x_layout(self, x, dy, residual, output)
         ep, device, C = self.epilogue, x.device, x.shape[1]
         dx = self._like(x)
         dres = self._like(x) if ep is not None and self.mask[5] else None
@@ -898,11 +694,11 @@ class PositionBackwardPlan(_Plan):
                        weight_ptr=weight, partial_ptr=sums)  # fmt: skip
         if ep is not None:
             tensors.update(bias_ptr=bias, scale_ptr=scale, shift_ptr=shift, dres_ptr=dres,
-                           res_ptr=residual if ep.activation else None)  # fmt: skip
+                           res_ptr=residual if ep.activation else None, y_ptr=output)  # fmt: skip
         launched = self._step("backward", tensors, lambda: positions.bind_backward(
             self.red, tensors, centred=self.norm.centred, dy_view=self.dy_view,
-            per_sample=self.per_sample, partial_strides=_strides(sums), extras=self.extras,
-            z_from_output=self.z_from_output))  # fmt: skip
+            per_sample=self.per_sample, partial_strides=_strides(sums),
+            extras=self.extras))  # fmt: skip
         if sums is None:
             return dx, None, None, None, None, dres
         dweight = dbias = dscale = dshift = None
@@ -936,37 +732,38 @@ def backward(
     norm: Norm,
     epilogue: Epilogue | None = None,
     output_mask: tuple[bool, ...] = (True, True, True, False, False, False),
-    z_from_output: bool = False,
+    output: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
     """dx (x's layout), dweight, dbias (weight's dtype), dscale, dshift, dresidual of
     y = act((x_hat * w + b) * scale + shift + residual) (plain: y = x_hat * w + b), each None
     unless ``output_mask`` asks for it (dx is always computed). With an epilogue, x_hat and the
-    pre-activation are recomputed from x and the saved statistics. ``z_from_output``:
-    ``epilogue.residual`` is the forward's output y (ReLU or a leaky ReLU of slope >= 0: act'(z)
-    is read off y); the residual's gradient can still be asked for."""
+    pre-activation are recomputed from x and the saved statistics; or, given the forward's
+    ``output`` y (ReLU or a leaky ReLU of slope >= 0, :func:`derivative_from_output`), act'(z)
+    is read off y and the epilogue needs no residual (its gradient can still be asked for)."""
     ep = epilogue if epilogue is not None and epilogue.present else None
     key = (
         x.shape, x.stride(), x.dtype, x.device, dy.stride(), dy.dtype, norm,
         None if weight is None else weight.dtype, bias is not None, _epilogue_key(ep),
-        output_mask, z_from_output, config._overrides, tuning._enabled,
+        output_mask, None if output is None else output.stride(), config._overrides,
+        tuning._enabled,
     )  # fmt: skip
     plan_ = _backward_plans.get(key)
     if plan_ is None:
         if not is_dense(x):  # as the forward: one copy, then the dense layout's plan
             return backward(
                 dy, x.contiguous(), weight, bias, mean, rstd, norm=norm, epilogue=epilogue,
-                output_mask=output_mask, z_from_output=z_from_output,
+                output_mask=output_mask, output=output,
             )  # fmt: skip
         kind = PositionBackwardPlan if norm.per_position else BackwardPlan
         plan_ = _backward_plans[key] = kind(
-            x, dy, norm, ep, output_mask, z_from_output, _meta(weight), bias is not None
+            x, dy, norm, ep, output_mask, output, _meta(weight), bias is not None
         )
     # The kernels write dweight and dbias (dscale and dshift) together: return what was asked.
     if ep is None:
         dx, dw, db, *_ = plan_.run(dy, x, weight, bias, mean, rstd)
         return dx, dw if output_mask[1] else None, db if output_mask[2] else None, None, None, None
     dx, dw, db, dsc, dsh, dres = plan_.run(
-        dy, x, weight, bias, mean, rstd, ep.scale, ep.shift, ep.residual
+        dy, x, weight, bias, mean, rstd, ep.scale, ep.shift, ep.residual, output
     )
     mask = output_mask
     return (dx, dw if mask[1] else None, db if mask[2] else None, dsc if mask[3] else None,

@@ -50,16 +50,20 @@ DIRECT = (
 )
 
 
+_RUNTIME = getattr(_knobs, "runtime", None)
+
+
 def _hooks_set() -> bool:
     """Whether a launch hook is installed (Triton 3.6+ keep them in HookChain objects, empty by
-    default; the direct path passes no hooks, so any installed one sends launches to the JIT)."""
-    runtime = getattr(_knobs, "runtime", None)
-    if runtime is None:
+    default; the direct path passes no hooks, so any installed one sends launches to the JIT).
+    Every direct launch asks: spelled out, no loop."""
+    if _RUNTIME is None:
         return False
-    for hook in (runtime.launch_enter_hook, runtime.launch_exit_hook):
-        if hook is not None and getattr(hook, "calls", True):
-            return True
-    return False
+    enter, exit_ = _RUNTIME.launch_enter_hook, _RUNTIME.launch_exit_hook
+    return bool(
+        (enter is not None and getattr(enter, "calls", True))
+        or (exit_ is not None and getattr(exit_, "calls", True))
+    )
 
 
 class Kernel:
@@ -195,7 +199,7 @@ class Launch:
 EXTERNAL = (
     "x_ptr", "dy_ptr", "weight_ptr", "bias_ptr", "mean_ptr", "rstd_ptr", "running_mean_ptr",
     "running_var_ptr", "new_running_mean_ptr", "new_running_var_ptr", "scale_ptr", "shift_ptr",
-    "res_ptr",
+    "res_ptr", "y_ptr",
 )  # fmt: skip
 # The epilogue constants of a launch without one (tensors: None pointers, bind fills them).
 NO_EPILOGUE = dict(
@@ -243,11 +247,13 @@ def bind(
             constants[name] = None
     cfg = None
     if candidates is not None:
+        # what specialises the kernel: its constexpr switches and which pointers are None
         flags = tuple(sorted((k, v) for k, v in constants.items() if k.isupper()))
+        flags += (tuple(name for name, t in tensors.items() if t is None),)
         bench = _Bench(kernel, grid_of, tensors, constants) if tuning.enabled() else None
         device = bench.device if bench is not None else torch.device("cpu")
         cfg = tuning.choose(
-            kernel, candidates, shape=red.shape, fused=fused, flags=flags, bucket=_bucket(red),
+            kernel, candidates, shape=red, fused=fused, flags=flags, bucket=_bucket(red),
             device=device, bench=bench,
         )  # fmt: skip
         grid = grid_of(cfg.kwargs)

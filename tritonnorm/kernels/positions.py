@@ -116,9 +116,10 @@ def _position_norm_backward_kernel(
     dy_stride_n, dy_stride_c, dy_stride_s,
     partial_stride_k, partial_stride_p,
     scale_ptr, shift_ptr,  # (N, C) per-sample scale and shift, or None (EPILOGUE)
-    res_ptr,  # residual (or, Z_FROM_OUTPUT, the output y) with its own strides, or None
+    res_ptr,  # residual with its own strides, or None
     res_stride_n, res_stride_c, res_stride_s,
     dres_ptr,  # residual gradient, same strides as x, or None
+    y_ptr,  # the forward's output, same strides as x, to read act' off, or None
     slope: tl.float64,  # leaky_relu's negative slope
     CENTRED: tl.constexpr,
     EPILOGUE: tl.constexpr,
@@ -130,7 +131,6 @@ def _position_norm_backward_kernel(
     FP64: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     INDEX_64: tl.constexpr,
-    Z_FROM_OUTPUT: tl.constexpr = False,  # res_ptr holds y (common.epilogue_output_grad)
 ):  # fmt: skip
     dtype: tl.constexpr = tl.float64 if FP64 else tl.float32
     num_s_blocks = tl.cdiv(S, BLOCK_S)
@@ -166,9 +166,9 @@ def _position_norm_backward_kernel(
         g = dy
         if EPILOGUE:  # dy becomes du = g * scale, the gradient of x_hat * w + b
             g, dy = epilogue_output_grad(
-                x, dy, mean, rstd * weight, bias, scale_ptr, shift_ptr, res_ptr, n, 0, s0,
-                N, C, S, C, res_stride_n, res_stride_c, res_stride_s, slope, ACTIVATION,
-                Z_FROM_OUTPUT, 1, 1, BLOCK_C, BLOCK_S, INDEX_64,
+                x, dy, mean, rstd * weight, bias, scale_ptr, shift_ptr, res_ptr, y_ptr,
+                offsets, mask, n, 0, s0, N, C, S, C, res_stride_n, res_stride_c, res_stride_s,
+                slope, ACTIVATION, 1, 1, BLOCK_C, BLOCK_S, INDEX_64,
             )  # fmt: skip
             if dres_ptr is not None:
                 tl.store(dres_ptr + offsets, g.to(dres_ptr.dtype.element_ty), mask=mask)
@@ -209,7 +209,7 @@ def _drop_group(args: dict) -> dict:
 def bind_forward(red, tensors: dict, *, centred: bool, eps: float,
                  extras: dict = NO_EPILOGUE) -> Launch:  # fmt: skip
     """The forward over ``red`` (launch.Reduction of one group of all channels): y, mean, rstd."""
-    candidates = config.position_configs(red.shape, backward=False, epilogue=extras["EPILOGUE"])
+    candidates = config.position_configs(red, backward=False, epilogue=extras["EPILOGUE"])
     constants = _drop_group(_common(red, centred, extras))
     constants.update(eps=eps, INDEX_64=index_64(red.view))
     v = red.view
@@ -220,19 +220,19 @@ def bind_forward(red, tensors: dict, *, centred: bool, eps: float,
 
 
 def bind_backward(red, tensors: dict, *, centred: bool, dy_view, per_sample: bool,
-                  partial_strides: tuple[int, int], extras: dict = NO_EPILOGUE,
-                  z_from_output: bool = False) -> Launch:  # fmt: skip
+                  partial_strides: tuple[int, int],
+                  extras: dict = NO_EPILOGUE) -> Launch:  # fmt: skip
     """The backward over ``red``: dx (and dresidual), and with a partials tensor the per-channel
     partial sums for the finalize (``per_sample``: one row per sample)."""
     sums = tensors.get("partial_ptr") is not None
     candidates = config.position_configs(
-        red.shape, backward=True, epilogue=extras["EPILOGUE"], sums=sums, per_sample=per_sample
+        red, backward=True, epilogue=extras["EPILOGUE"], sums=sums, per_sample=per_sample
     )
     constants = _drop_group(_common(red, centred, extras))
     constants.update(
         **dict(zip(("dy_stride_n", "dy_stride_c", "dy_stride_s"), dy_view.strides, strict=True)),
         partial_stride_k=partial_strides[0], partial_stride_p=partial_strides[1],
-        PER_SAMPLE=per_sample, INDEX_64=index_64(red.view, dy_view), Z_FROM_OUTPUT=z_from_output,
+        PER_SAMPLE=per_sample, INDEX_64=index_64(red.view, dy_view),
     )  # fmt: skip
     v = red.view
 

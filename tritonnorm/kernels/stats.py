@@ -219,7 +219,7 @@ def bind_statistics(
 ) -> Launch:
     """The statistics kernel over the reduction ``red`` (launch.Reduction): partials, or fused
     (the reduction fits one tile) y and the statistics themselves; config chosen by tuning.py."""
-    candidates = config.reduction_configs(red.shape, fused, epilogue=extras["EPILOGUE"])
+    candidates = config.reduction_configs(red, fused, epilogue=extras["EPILOGUE"])
     max_split = max(c.kwargs["SPLIT"] for c in candidates.configs)
     constants = dict(
         **red.kernel_args(), eps=eps, momentum=momentum, **extras,

@@ -26,12 +26,16 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import triton
 
 from . import config
 from .config import Candidates, Features
+
+if TYPE_CHECKING:
+    from .geometry import Reduction
 
 # Read once (a call's host path must not scan the environment); autotune() changes it.
 _enabled = os.environ.get("TRITONNORM_AUTOTUNE", "0") not in ("", "0")
@@ -114,7 +118,7 @@ def _table(arch: str | None) -> dict[tuple, Features]:
     }
 
 
-def rule_class(kernel: str, shape: config.Shape, fused: bool) -> tuple:
+def rule_class(kernel: str, shape: Reduction, fused: bool) -> tuple:
     """The class a table rule applies to."""
     return (kernel, fused, shape.channels_fast, shape.reduce_batch)
 
@@ -163,7 +167,7 @@ def choose(
     kernel,
     candidates: Candidates,
     *,
-    shape: config.Shape,
+    shape: Reduction,
     fused: bool,
     flags: tuple,
     bucket: tuple,
