@@ -42,7 +42,7 @@ from .geometry import (  # noqa: F401  (Norm, Reduction, View, plan, grad_view: 
     reduction_of,
     view_or_copy,
 )
-from .launcher import NO_EPILOGUE, Launch, index_64
+from .launcher import NO_EPILOGUE, Launch, hooks_set, index_64
 
 ACTIVATIONS = activations.CODES  # name -> the kernels' code
 derivative_from_output = activations.derivative_from_output
@@ -121,9 +121,10 @@ class _Recorder:
     def __init__(self, args: tuple):
         self.names = {id(t): f"a{i}" for i, t in enumerate(args) if t is not None}
         self.ok = len(self.names) == sum(t is not None for t in args)  # no aliased arguments
-        self.nargs = len(args)
+        self.args = tuple(None if t is None else f"a{i}" for i, t in enumerate(args))
         self.lines: list[str] = []
-        self.scope: dict = {"empty_like": torch.empty_like}
+        self.scope: dict = {"empty_like": torch.empty_like, "hooks_set": hooks_set}
+        self.unguarded = False  # whether a launch is called without its own guards
 
     def name(self, t) -> str:
         if t is None:
@@ -141,18 +142,41 @@ class _Recorder:
         self.lines.append(f"{name} = empty_like({source})")
         self.names[id(out)] = name
 
-    def launch(self, step_name: str, step, tensors) -> None:
-        self.scope[f"S_{step_name}"] = step
-        self.lines.append(f"S_{step_name}({', '.join(self.name(t) for t in tensors)})")
+    def launch(self, step_name: str, step: Launch, tensors) -> None:
+        """The launch ``step``; once it has a direct launcher (launcher.py), its unguarded
+        form, with the chosen-config record the launch would have made: the replay checks the
+        guards once, for all its launches (:meth:`replay`)."""
+        args = ", ".join(self.name(t) for t in tensors)
+        if step.unguarded is None:
+            self.scope[f"S_{step_name}"] = step
+            self.lines.append(f"S_{step_name}({args})")
+            return
+        self.unguarded = True
+        self.scope[f"U_{step_name}"] = step.unguarded
+        self.lines.append(f"U_{step_name}({args})")
+        if step.cfg is not None:
+            self.scope.update(CHOSEN=config._chosen, **{f"C_{step_name}": step.cfg})
+            self.lines.append(f"CHOSEN[{step.kernel.name!r}] = C_{step_name}")
 
     def replay(self, outputs: tuple):
-        """The replay function, or None when the run was not fully named."""
+        """The replay function, or None when the run was not fully named. With unguarded
+        launches it first checks their guards for them, returning None (launching nothing) when
+        one fails: each argument None where it was None at the recorded run, every tensor
+        argument 16-byte aligned (what the launches allocate is), no launch hook set."""
         result = ", ".join(self.name(t) for t in outputs)
         if not self.ok:
             return None
-        params = ", ".join(f"a{i}" for i in range(self.nargs))
+        params = ", ".join(f"a{i}" for i in range(len(self.args)))
+        head = ""
+        if self.unguarded:
+            tensors = [a for a in self.args if a is not None]
+            guards = [f"a{i} is {'' if a is None else 'not '}None" for i, a in enumerate(self.args)]
+            if tensors:
+                guards.append(f"not ({' | '.join(f'{a}.data_ptr()' for a in tensors)}) & 15")
+            guards.append("not hooks_set()")
+            head = f"    if not ({' and '.join(guards)}):\n        return None\n"
         body = "".join(f"    {line}\n" for line in self.lines)
-        source = f"def replay({params}):\n{body}    return ({result},)\n"
+        source = f"def replay({params}):\n{head}{body}    return ({result},)\n"
         exec(compile(source, "<tritonnorm plan replay>", "exec"), self.scope)
         return self.scope["replay"]
 
@@ -172,7 +196,10 @@ class _Plan:
         arguments that change what a run does)."""
         replay = self.replays.get(variant, False)
         if replay:
-            return replay(*args)
+            out = replay(*args)
+            if out is not None:
+                return out
+            return self._run(*args, *variant)  # a guard failed: the launches decide
         if replay is None:
             return self._run(*args, *variant)
         if not self.recordable:

@@ -53,7 +53,7 @@ DIRECT = (
 _RUNTIME = getattr(_knobs, "runtime", None)
 
 
-def _hooks_set() -> bool:
+def hooks_set() -> bool:
     """Whether a launch hook is installed (Triton 3.6+ keep them in HookChain objects, empty by
     default; the direct path passes no hooks, so any installed one sends launches to the JIT).
     Every direct launch asks: spelled out, no loop."""
@@ -108,8 +108,8 @@ class Launch:
     """One bound launch of a :class:`Kernel`, called with its tensors in the order they were
     named (see the module docstring)."""
 
-    __slots__ = ("_direct", "cfg", "constants", "empty_grid", "external", "grid", "kernel",
-                 "tensors")  # fmt: skip
+    __slots__ = ("_direct", "_unguarded", "cfg", "constants", "empty_grid", "external", "grid",
+                 "kernel", "tensors")  # fmt: skip
 
     def __init__(self, kernel, grid, cfg, tensors, external, constants):
         self.kernel = kernel
@@ -123,6 +123,16 @@ class Launch:
             self.constants.update(cfg.all_kwargs())
         self.constants.update(config.LAUNCH_OPTIONS)
         self._direct = None  # the generated direct launcher (_generate), after a first run
+        self._unguarded = None
+
+    @property
+    def unguarded(self) -> Callable[..., None] | None:
+        """The generated direct launcher without its guards (after a first run that could make
+        one), for a caller that has checked them itself: every tensor passed is None exactly
+        where it was at that run, every user tensor 16-byte aligned (those a plan allocates
+        always are), no launch hook set (:func:`hooks_set`). The plans' replays check once
+        for all their launches."""
+        return self._unguarded
 
     def __call__(self, *tensors) -> None:
         """Launch with the tensors named at binding, in that order."""
@@ -156,7 +166,7 @@ class Launch:
         scope = dict(
             run=compiled.run, function=compiled.function, packed=compiled.packed_metadata,
             stream=triton.runtime.driver.active.get_current_stream,
-            device=triton.runtime.driver.active.get_current_device, hooks_set=_hooks_set,
+            device=triton.runtime.driver.active.get_current_device, hooks_set=hooks_set,
         )  # fmt: skip
         args = []
         for j, name in enumerate(params):
@@ -181,15 +191,21 @@ class Launch:
             guards.append(f"not ({' | '.join(aligned)}) & 15")
         guards.append("not hooks_set()")
         g0, g1, g2 = self.grid
+        run = (
+            f"run({g0}, {g1}, {g2}, stream(device()), function, packed, None, None, None, "
+            f"{', '.join(args)})"
+        )
         source = (
             f"def launch({', '.join(names)}):\n"
             f"    if not ({' and '.join(guards)}):\n"
             f"        return False\n"
-            f"    run({g0}, {g1}, {g2}, stream(device()), function, packed, None, None, None, "
-            f"{', '.join(args)})\n"
+            f"    {run}\n"
             f"    return True\n"
+            f"def unguarded({', '.join(names)}):\n"
+            f"    {run}\n"
         )
         exec(compile(source, f"<tritonnorm launcher {self.kernel.name}>", "exec"), scope)
+        self._unguarded = scope["unguarded"]
         return scope["launch"]
 
 
