@@ -42,7 +42,7 @@ from .geometry import (  # noqa: F401  (Norm, Reduction, View, plan, grad_view: 
     reduction_of,
     view_or_copy,
 )
-from .launcher import NO_EPILOGUE, Launch, hooks_set, index_64
+from .launcher import NO_EPILOGUE, Launch, current_stream, hooks_set, index_64
 
 ACTIVATIONS = activations.CODES  # name -> the kernels' code
 derivative_from_output = activations.derivative_from_output
@@ -123,7 +123,9 @@ class _Recorder:
         self.ok = len(self.names) == sum(t is not None for t in args)  # no aliased arguments
         self.args = tuple(None if t is None else f"a{i}" for i, t in enumerate(args))
         self.lines: list[str] = []
-        self.scope: dict = {"empty_like": torch.empty_like, "hooks_set": hooks_set}
+        self.scope: dict = {
+            "empty_like": torch.empty_like, "hooks_set": hooks_set, "stream": current_stream
+        }  # fmt: skip
         self.unguarded = False  # whether a launch is called without its own guards
 
     def name(self, t) -> str:
@@ -153,7 +155,7 @@ class _Recorder:
             return
         self.unguarded = True
         self.scope[f"U_{step_name}"] = step.unguarded
-        self.lines.append(f"U_{step_name}({args})")
+        self.lines.append(f"U_{step_name}(st, {args})")
         if step.cfg is not None:
             self.scope.update(CHOSEN=config._chosen, **{f"C_{step_name}": step.cfg})
             self.lines.append(f"CHOSEN[{step.kernel.name!r}] = C_{step_name}")
@@ -174,7 +176,7 @@ class _Recorder:
             if tensors:
                 guards.append(f"not ({' | '.join(f'{a}.data_ptr()' for a in tensors)}) & 15")
             guards.append("not hooks_set()")
-            head = f"    if not ({' and '.join(guards)}):\n        return None\n"
+            head = f"    if not ({' and '.join(guards)}):\n        return None\n    st = stream()\n"
         body = "".join(f"    {line}\n" for line in self.lines)
         source = f"def replay({params}):\n{head}{body}    return ({result},)\n"
         exec(compile(source, "<tritonnorm plan replay>", "exec"), self.scope)

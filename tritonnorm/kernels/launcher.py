@@ -53,6 +53,12 @@ DIRECT = (
 _RUNTIME = getattr(_knobs, "runtime", None)
 
 
+def current_stream():
+    """The stream Triton launches on (the current device's current stream)."""
+    driver = triton.runtime.driver.active
+    return driver.get_current_stream(driver.get_current_device())
+
+
 def hooks_set() -> bool:
     """Whether a launch hook is installed (Triton 3.6+ keep them in HookChain objects, empty by
     default; the direct path passes no hooks, so any installed one sends launches to the JIT).
@@ -128,10 +134,11 @@ class Launch:
     @property
     def unguarded(self) -> Callable[..., None] | None:
         """The generated direct launcher without its guards (after a first run that could make
-        one), for a caller that has checked them itself: every tensor passed is None exactly
-        where it was at that run, every user tensor 16-byte aligned (those a plan allocates
-        always are), no launch hook set (:func:`hooks_set`). The plans' replays check once
-        for all their launches."""
+        one), called with the current stream (:func:`current_stream`) and the tensors, by a
+        caller that has checked the guards itself: every tensor passed is None exactly where it
+        was at that run, every user tensor 16-byte aligned (those a plan allocates always are),
+        no launch hook set (:func:`hooks_set`). The plans' replays check once for all their
+        launches, and ask for the stream once."""
         return self._unguarded
 
     def __call__(self, *tensors) -> None:
@@ -201,8 +208,8 @@ class Launch:
             f"        return False\n"
             f"    {run}\n"
             f"    return True\n"
-            f"def unguarded({', '.join(names)}):\n"
-            f"    {run}\n"
+            f"def unguarded({', '.join(['stream_handle', *names])}):\n"
+            f"    {run.replace('stream(device())', 'stream_handle')}\n"
         )
         exec(compile(source, f"<tritonnorm launcher {self.kernel.name}>", "exec"), scope)
         self._unguarded = scope["unguarded"]
