@@ -607,7 +607,52 @@ def measure(
     }
     for name, case in selected.items():
         report["cases"][name] = measure_case(emu, case, calls, blocks, warmup)
+    if names is None:
+        report["guards"] = check_guards()
     return report
+
+
+GUARD_CASE = "bn+residual+relu forward+backward"
+
+
+def check_guards() -> dict:
+    """What the fast path does when its guards fail, on :data:`GUARD_CASE` after warm-up:
+    JIT launches of a call whose input is not 16-byte aligned (each launch reading it must go
+    through ``JITFunction.run``, which specialises on alignment), of a call with a launch hook
+    installed (every launch, and the hook sees them), and of an aligned call after each (0: the
+    fast path is back)."""
+    from triton import knobs
+
+    from perf.ops import bound_call
+
+    case = CASES[GUARD_CASE]
+    call, args, grad_inputs, dy = case.build()
+    for _ in range(3):
+        call()
+    x = args[0]
+    shifted = torch.empty(x.numel() + 1, dtype=x.dtype)[1:].view(x.shape).requires_grad_()
+    moved = (shifted, *args[1:])
+    op = bound_call(case.norm, case.epilogue, moved)
+    result = {}
+    with _jit_runs() as runs:
+        torch.autograd.grad(op(), (shifted, *grad_inputs[1:]), dy)
+    result["misaligned_jit_launches"] = runs[0]
+    with _jit_runs() as runs:
+        call()
+    result["aligned_jit_launches_after_misaligned"] = runs[0]
+    seen = []
+    hook = lambda metadata: seen.append(metadata)
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        with _jit_runs() as runs:
+            call()
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    result["hooked_jit_launches"], result["hook_calls"] = runs[0], len(seen)
+    with _jit_runs() as runs:
+        call()
+    result["aligned_jit_launches_after_hook"] = runs[0]
+    return result
 
 
 CASE_FIELDS = (

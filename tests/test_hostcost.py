@@ -99,3 +99,16 @@ def test_later_calls_launch_the_compiled_kernels_directly(report):
     # After the warm-up every launch bypasses JITFunction.run (launcher.py's direct path).
     jit = {n: row["jit_launches"] for n, row in report["cases"].items()}
     assert not any(jit.values()), jit
+
+
+def test_failed_guards_send_launches_to_the_jit(report):
+    """The fast path launches a specialisation made for 16-byte aligned pointers with no hooks:
+    a misaligned input must reach Triton's JIT (which specialises on alignment) in every launch
+    that reads it, a launch hook every launch; aligned calls afterwards are fast again."""
+    guards = report["guards"]
+    case = report["cases"][hostcost.GUARD_CASE]
+    reading_x = case["launches"] - case["launches_by_kernel"].get("_norm_grad_finalize_kernel", 0)
+    assert guards["misaligned_jit_launches"] == reading_x, guards
+    assert guards["hooked_jit_launches"] == case["launches"] == guards["hook_calls"], guards
+    assert guards["aligned_jit_launches_after_misaligned"] == 0, guards
+    assert guards["aligned_jit_launches_after_hook"] == 0, guards
