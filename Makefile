@@ -27,10 +27,13 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q "torch==2.13.0" $(ZOO_DEPS)
 	touch $@
 
+# The suite on one pytest-xdist worker per core (at most 4): each test is single-threaded
+# interpreter work. --dist loadgroup keeps the modules marked xdist_group (their module-scoped
+# subprocesses) on one worker each.
 test: setup
 	$(BIN)/ruff check tritonnorm tests perf examples
 	$(BIN)/ruff format --check tritonnorm tests perf examples
-	$(BIN)/python -m pytest -q --durations=10
+	$(BIN)/python -m pytest -q --durations=10 -n auto --maxprocesses=4 --dist loadgroup
 
 perf: setup
 	$(BIN)/python -m perf
