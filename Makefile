@@ -28,12 +28,15 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # The suite on one pytest-xdist worker per core (at most 4): each test is single-threaded
-# interpreter work. --dist loadgroup keeps the modules marked xdist_group (their module-scoped
-# subprocesses) on one worker each.
+# interpreter work. --dist loadfile sends each file to one worker, so that the module-scoped
+# fixtures that run a subprocess (the sm_90 compile check and its probes, perf.hostcost, the
+# SyncBatchNorm ranks, torch's OpInfo samples, the perf.gpu dry run) run once, not once per worker
+# (xdist_group marks with --dist loadgroup would be finer, but pytest-xdist 3.8 cannot apply them
+# under pytest 9: it renames items through Node._nodeid, which pytest 9 no longer reads).
 test: setup
 	$(BIN)/ruff check tritonnorm tests perf examples
 	$(BIN)/ruff format --check tritonnorm tests perf examples
-	$(BIN)/python -m pytest -q --durations=10 -n auto --maxprocesses=4 --dist loadgroup
+	$(BIN)/python -m pytest -q --durations=10 -n auto --maxprocesses=4 --dist loadfile
 
 perf: setup
 	$(BIN)/python -m perf

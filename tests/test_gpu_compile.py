@@ -45,15 +45,9 @@ def _nvidia_tools_present() -> bool:
         return False
 
 
-pytestmark = [
-    pytest.mark.skipif(
-        not _nvidia_tools_present(),
-        reason="Triton's NVIDIA backend (bundled ptxas) is not installed",
-    ),
-    # pytest-xdist (make test): the module's tests share two module-scoped subprocesses; kept on
-    # one worker (--dist loadgroup) they run once, not once per worker
-    pytest.mark.xdist_group("gpu_compile"),
-]
+pytestmark = pytest.mark.skipif(
+    not _nvidia_tools_present(), reason="Triton's NVIDIA backend (bundled ptxas) is not installed"
+)
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,7 @@ import pytest
 from perf import hostcost
 
 _reason = hostcost.unavailable(interpreter=False)
-pytestmark = [
-    pytest.mark.skipif(_reason is not None, reason=f"hostcost emulation: {_reason}"),
-    # pytest-xdist (make test): the module-scoped report is one subprocess; on one worker
-    # (--dist loadgroup) it runs once, not once per worker
-    pytest.mark.xdist_group("hostcost"),
-]
+pytestmark = pytest.mark.skipif(_reason is not None, reason=f"hostcost emulation: {_reason}")
 
 
 @pytest.fixture(scope="module")

@@ -30,9 +30,6 @@ from perf.ops import OPS  # noqa: E402
 STAGES = ("env", "warm", "host", "correctness", "timing", "pytest")
 EPILOGUE_OPS = ("gn_silu_fwd", "gn_silu_fwd_bwd", "bn_res_relu_fwd", "bn_res_relu_fwd_bwd")
 CUDA_ONLY = ("graph_ms", "graph_frac_of_copy", "peak_mib")
-# pytest-xdist (make test): the module-scoped dry run is one subprocess; on one worker
-# (--dist loadgroup) it runs once, not once per worker
-pytestmark = pytest.mark.xdist_group("perf_gpu")
 
 
 def _dry_run(out: Path, *args: str) -> subprocess.CompletedProcess:

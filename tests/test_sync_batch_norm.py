@@ -35,9 +35,6 @@ from tritonnorm import sync as sync_module
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 JOB_TIMEOUT_S = 150  # a hung collective fails the job (gloo itself gives up after 60 s)
 EPS = 1e-5
-# pytest-xdist (make test): the module-scoped rank runs are spawned once per world size; on one
-# worker (--dist loadgroup) they run once, not once per worker
-pytestmark = pytest.mark.xdist_group("sync_batch_norm")
 
 
 # --------------------------------------------------------------------------------------------

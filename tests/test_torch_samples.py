@@ -48,10 +48,6 @@ _GENERATE = textwrap.dedent(
 
 TOLERANCE = {torch.float32: 2e-5, torch.float64: 1e-9}  # tests/tolerances.py's rtol = atol
 
-# pytest-xdist (make test): the module-scoped samples are one subprocess; on one worker
-# (--dist loadgroup) it runs once, not once per worker
-pytestmark = pytest.mark.xdist_group("torch_samples")
-
 
 @pytest.fixture(scope="module")
 def samples(tmp_path_factory):
