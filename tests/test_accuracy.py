@@ -333,7 +333,7 @@ def test_bitwise_deterministic(device, norm, fmt, path):
 # with them in place of its own, GN with 1 group and with 3-channel groups, fused and split, the
 # gradients of input, weight and bias against torch's) already hold, a gradcheck adds nothing:
 # it only runs on what they leave out, float64 in channels_last (test_channels_last is float32).
-# The epilogue's float64 gradients: test_epilogues.py's gradcheck.
+# The epilogue's float64 gradients: test_epilogues.py's test_float64.
 
 
 @pytest.mark.parametrize("path", ["fused", "split"])

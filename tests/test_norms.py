@@ -94,7 +94,12 @@ def _forward_params():
         assert len(params) == len(sids), f"{nid}: a listed shape is illegal for it"
         out += params
     assert set(ROW_SHAPES) == set(NORMS), "a row of tests/norms.py without shapes"
-    return with_paths(out, [*PATHS, "lanes"])
+    # Per-element lanes change only the split statistics / gradient programs, which take one
+    # channel each for BatchNorm: 67 channels (~6 s interpreted) repeat what every other
+    # bn-train shape runs with lanes; the channel blocks of the finalize and apply passes,
+    # shared with the plain split, stay checked by bn-train-many-channels-split.
+    skip = {"bn-train-many-channels-lanes"}
+    return [p for p in with_paths(out, [*PATHS, "lanes"]) if p.id not in skip]
 
 
 @pytest.mark.parametrize("norm,shape,path", _forward_params())
