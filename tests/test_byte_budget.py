@@ -287,6 +287,17 @@ def _assert_position_budget(traffic, x, norm, budget, what):
     assert not traffic.torch_ops, f"{what}: torch-side full-size work: {traffic.torch_ops}"
 
 
+def _position_forward_backward(norm, x, w, b, dy, backward_what: str):
+    """The byte counts of the norm's forward and backward, each checked against its budget."""
+    with count_bytes(audit_min_numel=x.numel()) as fwd:
+        y = POSITION_NORMS[norm](x, w, b)
+    _assert_position_budget(fwd, x, norm, POSITION_FWD, f"{norm} forward")
+    with count_bytes(audit_min_numel=x.numel()) as bwd:
+        y.backward(dy)
+    _assert_position_budget(bwd, x, norm, POSITION_BWD, f"{norm} {backward_what}")
+    return fwd, bwd
+
+
 @counting
 @pytest.mark.parametrize("norm, channels, layout, dtype", POSITION_CASES, ids=str)
 def test_position_norm_budget(norm, channels, layout, dtype):
@@ -294,12 +305,7 @@ def test_position_norm_budget(norm, channels, layout, dtype):
     assert floors.floor_passes("fwd", channels) == POSITION_FWD
     assert floors.floor_passes("bwd", channels) == POSITION_BWD
     x, w, b, _, _, dy = _inputs(shape, layout, dtype, grad=True)
-    with count_bytes(audit_min_numel=x.numel()) as fwd:
-        y = POSITION_NORMS[norm](x, w, b)
-    _assert_position_budget(fwd, x, norm, POSITION_FWD, f"{norm} forward")
-    with count_bytes(audit_min_numel=x.numel()) as bwd:
-        y.backward(dy)
-    _assert_position_budget(bwd, x, norm, POSITION_BWD, f"{norm} backward")
+    fwd, bwd = _position_forward_backward(norm, x, w, b, dy, "backward")
     assert x.grad is not None and w.grad is not None
     assert fwd.launches == ["_position_norm_forward_kernel"]
     # dx and the partial sums of dweight (and dbias) in one pass, then their finalize
@@ -312,10 +318,5 @@ def test_position_norm_budget(norm, channels, layout, dtype):
 def test_position_norm_budget_without_affine_parameters(norm, layout):
     # dx alone: one launch, one program per tile, no partial sums
     x, _, _, _, _, dy = _inputs(POSITION_SHAPES[96], layout, torch.bfloat16, grad=True)
-    with count_bytes(audit_min_numel=x.numel()) as fwd:
-        y = POSITION_NORMS[norm](x, None, None)
-    _assert_position_budget(fwd, x, norm, POSITION_FWD, f"{norm} forward")
-    with count_bytes(audit_min_numel=x.numel()) as bwd:
-        y.backward(dy)
-    _assert_position_budget(bwd, x, norm, POSITION_BWD, f"{norm} backward, dx only")
+    _, bwd = _position_forward_backward(norm, x, None, None, dy, "backward, dx only")
     assert bwd.launches == ["_position_norm_backward_kernel"]

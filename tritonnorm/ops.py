@@ -34,8 +34,7 @@ def _norm(use_input_stats: bool, reduce_batch: bool, num_groups: int, per_positi
 def _epilogue(scale, shift, residual, activation, slope) -> launch.Epilogue | None:
     if scale is None and shift is None and residual is None and not activation:
         return None
-    if not _all_contiguous(scale, shift):
-        scale, shift = _contiguous(scale), _contiguous(shift)
+    scale, shift = _contiguous_pair(scale, shift)
     return launch.Epilogue(scale, shift, residual, activation, slope)
 
 
@@ -43,9 +42,11 @@ def _contiguous(t: Tensor | None) -> Tensor | None:
     return t if t is None or t.is_contiguous() else t.contiguous()
 
 
-def _all_contiguous(a: Tensor | None, b: Tensor | None) -> bool:
-    # spelled out: a generator over the pair costs a call's worth of host time
-    return (a is None or a.is_contiguous()) and (b is None or b.is_contiguous())
+def _contiguous_pair(a: Tensor | None, b: Tensor | None) -> tuple:
+    """Both as the kernels read them (on every call's path: spelled out, no generator)."""
+    if (a is None or a.is_contiguous()) and (b is None or b.is_contiguous()):
+        return a, b
+    return _contiguous(a), _contiguous(b)
 
 
 def _forward_impl(
@@ -86,12 +87,8 @@ def _forward_impl(
                torch.empty_like(rv, memory_format=torch.contiguous_format))  # fmt: skip
         if input.numel() == 0:
             out[0].copy_(rm), out[1].copy_(rv)
-    if not _all_contiguous(weight, bias):
-        weight, bias = _contiguous(weight), _contiguous(bias)
-    if not _all_contiguous(rm, rv):
-        rm, rv = _contiguous(rm), _contiguous(rv)
     y, mean, rstd = launch.forward(
-        input, weight, bias, rm, rv,
+        input, *_contiguous_pair(weight, bias), *_contiguous_pair(rm, rv),
         norm=_norm(use_input_stats, reduce_batch, num_groups, per_position, centred),
         momentum=momentum, eps=eps, epilogue=_epilogue(scale, shift, residual, activation, slope),
         running_out=out,
@@ -209,7 +206,7 @@ def _gradients(
     """:func:`_backward_impl`'s gradients with None for those not asked for (the eager
     backward's: a custom op must return tensors, autograd takes None)."""
     return launch.backward(
-        grad_output, input, _contiguous(weight), _contiguous(bias), mean, rstd,
+        grad_output, input, *_contiguous_pair(weight, bias), mean, rstd,
         norm=_norm(use_input_stats, reduce_batch, num_groups, per_position, centred),
         epilogue=_epilogue(scale, shift, residual, activation, slope),
         output_mask=tuple(output_mask), output=output,

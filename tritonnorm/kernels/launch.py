@@ -522,9 +522,10 @@ class BackwardPlan(_Plan):
         (the gradient of u = x_hat * w + b): dresidual = g; dshift[n, c] = sum_s g;
         dscale[n, c] = w sum_s(g x_hat) + b sum_s g; dx, dweight, dbias are the plain op's
         formulas applied to du. Launches: per-(sample, channel) sums of g and g x_hat (reads x,
-        dy and, with an activation, the residual or ``output``, y), then finalize (dscale, dshift, dweight,
-        dbias, the dx coefficients), then apply (reads them again; writes dx and dresidual); an
-        instance or group that fits one program writes dx and dresidual in the first launch."""
+        dy and, with an activation, the residual or the forward's ``output``), then finalize
+        (dscale, dshift, dweight, dbias, the dx coefficients), then apply (reads them again;
+        writes dx and dresidual); an instance or group that fits one program writes dx and
+        dresidual in the first launch."""
         red, device, ep = self.epi_red, x.device, self.epilogue
         view = red.view
         dx = self._like(x)
