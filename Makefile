@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test perf lint format
+.PHONY: setup test perf lint format fuzz
 
 setup: $(VENV)/.installed
 
@@ -40,6 +40,13 @@ test: setup
 	$(BIN)/ruff format --check tritonnorm tests perf examples
 	$(BIN)/python -m pytest -q --durations=10 -n auto --maxprocesses=4 --dist loadfile \
 		--no-loadscope-reorder
+
+# The differential property test (tests/test_properties.py) with thousands of examples instead of
+# CI's derandomized minute; pin whatever it finds there as an @example. Vary the draw with e.g.
+#   make fuzz FUZZ_ARGS=--hypothesis-seed=3
+fuzz: setup
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_properties.py \
+		$(FUZZ_ARGS)
 
 perf: setup
 	$(BIN)/python -m perf

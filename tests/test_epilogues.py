@@ -427,9 +427,13 @@ BAD = {
     "scale_not_NC": (dict(scale=torch.ones(4)), ValueError, "scale of shape"),
     "scale_transposed": (dict(scale=torch.ones(4, 3)), ValueError, "scale of shape"),
     "shift_wrong_C": (dict(shift=torch.ones(3, 5)), ValueError, "shift of shape"),
-    "scale_dtype": (dict(scale=torch.ones(3, 4, dtype=torch.float64)), TypeError, "dtype"),
+    "scale_dtype": (dict(scale=torch.ones(3, 4, dtype=torch.int64)), TypeError, "floating dtype"),
     "residual_shape": (dict(residual=torch.ones(3, 4, 3, 3)), ValueError, "residual"),
-    "residual_dtype": (dict(residual=torch.ones(*SHAPE, dtype=torch.float64)), TypeError, "dtype"),
+    "residual_dtype": (
+        dict(residual=torch.ones(*SHAPE, dtype=torch.int32)),
+        TypeError,
+        "floating dtype",
+    ),
     "unknown_activation": (dict(activation="tanh"), ValueError, "'relu', 'leaky_relu', 'silu'"),
     "relu_with_slope": (dict(activation=("relu", 0.1)), ValueError, "unknown activation"),
 }

@@ -237,6 +237,9 @@ CASES = [
     Case("gn-2d-weight", gn_call((2, 6, 4), 2, w_shape=(2, 3)), "weight"),
     Case("gn-int64-input", gn_call((2, 6, 4), 2, dtype=torch.int64), DTYPE, (TypeError,)),
     Case("gn-1d-input", gn_call((6,), 2), NDIM, (ValueError,)),
+    # torch counts N x C/G x spatial values (found by tests/test_properties.py)
+    Case("gn-1xC-C-groups", gn_call((1, 6), 6), ONE_VALUE, (ValueError,)),
+    Case("gn-1xCx1-C-groups", gn_call((1, 6, 1), 6), ONE_VALUE, (ValueError,)),
     Case(
         "gn-mixed-param-dtype",
         gn_call((2, 6, 4), 2, w_shape=6, b_shape=6, param_dtype=torch.float64),

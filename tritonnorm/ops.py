@@ -17,12 +17,15 @@ differentiates.
 from __future__ import annotations
 
 import functools
-import operator
+from typing import NamedTuple
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
+from . import reference
 from .kernels import launch
+from .reference import Settings
 
 
 @functools.cache
@@ -126,6 +129,8 @@ def _functional_forward(
     centred: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """:func:`_forward_impl` with the running statistics returned as new tensors."""
+    if _forward_ad_active():
+        _refuse_dual_tensors(input, weight, bias, scale, shift, residual)
     y, mean, rstd, new_mean, new_var = _forward_impl(
         input, weight, bias, running_mean, running_var, use_input_stats, reduce_batch,
         num_groups, momentum, eps, scale, shift, residual, activation, slope, per_position,
@@ -134,6 +139,18 @@ def _functional_forward(
     if not new_mean.numel():
         new_mean, new_var = input.new_empty(0), input.new_empty(0)
     return y, mean, rstd, new_mean, new_var
+
+
+def _refuse_dual_tensors(*tensors) -> None:
+    """The custom op has no forward-mode AD rule, and torch drops a tangent silently where no
+    input requires grad: refuse dual tensors (the public functions take them)."""
+    for t in tensors:
+        if t is not None and _forward_ad.unpack_dual(t).tangent is not None:
+            raise RuntimeError(
+                "tritonnorm::norm_forward: forward-mode AD (dual tensors) through the custom op "
+                "is not supported; call the public functions (tn.batch_norm, tn.group_norm, ...) "
+                "or modules, which support torch.autograd.forward_ad and torch.func.jvp"
+            )
 
 
 norm_forward = torch.library.custom_op(
@@ -150,8 +167,10 @@ def _new_running(input, running_mean, running_var, use_input_stats) -> tuple[Ten
     return input.new_empty(0), input.new_empty(0)
 
 
-def _output_like(input: Tensor) -> Tensor:
-    return torch.empty_like(input if launch.is_dense(input) else input.contiguous())
+def _output_like(input: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """A new tensor of x's shape as the kernels write it: x's layout where dense, else
+    contiguous."""
+    return torch.empty_like(input if launch.is_dense(input) else input.contiguous(), dtype=dtype)
 
 
 @norm_forward.register_fake
@@ -164,7 +183,8 @@ def _norm_forward_fake(
     shape = norm.stats_shape(input.shape)
     mean = input.new_empty(shape, dtype=launch.acc_dtype(input.dtype))
     new_running = _new_running(input, running_mean, running_var, use_input_stats)
-    return _output_like(input), mean, torch.empty_like(mean), *new_running
+    y = _output_like(input, launch.result_dtype(input.dtype, scale, shift, residual))
+    return y, mean, torch.empty_like(mean), *new_running
 
 
 def _backward_impl(
@@ -225,121 +245,485 @@ def _norm_backward_fake(
     output=None, per_position=False, centred=True,
 ):  # fmt: skip
     param_dtype = weight.dtype if weight is not None else mean.dtype
+    dscale, dshift, dresidual = launch.extra_grad_dtypes(input.dtype, scale, shift, residual,
+                                                          output)  # fmt: skip
     empty = lambda: mean.new_empty(0)
     param = lambda asked: mean.new_empty(input.shape[1], dtype=param_dtype) if asked else empty()
-    per_sample = lambda asked: scale.new_empty(scale.shape) if asked else empty()
+    per_sample = lambda asked, dtype: (
+        scale.new_empty(scale.shape, dtype=dtype) if asked and scale is not None else empty()
+    )
     return (
         _output_like(input),
         param(output_mask[1]),
         param(output_mask[2]),
-        per_sample(output_mask[3]),
-        per_sample(output_mask[4]),
-        _output_like(input) if output_mask[5] else empty(),
+        per_sample(output_mask[3], dscale),
+        per_sample(output_mask[4], dshift),
+        _output_like(input, dresidual) if output_mask[5] else empty(),
     )
 
 
 # --- autograd -----------------------------------------------------------------------------------
-# The differentiable inputs of norm_forward, by position, and their gradients' slots.
-_GRAD_INPUTS = (0, 1, 2, 10, 11, 12)  # input, weight, bias, scale, shift, residual
+# First-order gradients are the kernels' (norm_backward, or in eager its implementation). What
+# autograd can ask beyond them is torch's derivation of reference.py's definition of the same
+# math: the backward's own backward (second order), forward-mode AD, and vmap where the mapped
+# axis cannot be folded into the batch. The eager functions are in setup_context form, so
+# torch.func's transforms take them; the custom ops carry the second order for torch.compile's
+# eager fallbacks and direct callers.
+
+# The gradients every backward returns, in this order (``mask``: which are asked for).
+GRADIENTS = ("input", "weight", "bias", "scale", "shift", "residual")
 
 
-# norm_forward's trailing arguments with their defaults (a call may leave them out): the
-# epilogue's, then the statistics across channels.
-_TRAILING_DEFAULTS = (None, None, None, 0, 0.01, False, True)
+class _Dtypes(NamedTuple):
+    """The dtypes of the inputs whose gradients the kernels may write in another (dbias in the
+    statistics' dtype; the extras' in float64 with float64 statistics; the residual's in the
+    output's where it was not kept), to cast them back; the residual's also for a stand-in."""
+
+    bias: torch.dtype | None
+    scale: torch.dtype | None
+    shift: torch.dtype | None
+    residual: torch.dtype | None
 
 
-def _save(ctx, inputs, y) -> tuple:
-    """What the backward needs: no pre-activation; shift and the residual only when an
-    activation's derivative needs z. Where the output's sign is enough (ReLU, leaky ReLU of
-    slope >= 0) with a residual, the output instead: a consumer of y keeps it anyway (as torch's
-    relu saves its result), while the residual would be kept for this op alone."""
-    inputs = (*inputs, *_TRAILING_DEFAULTS[len(inputs) - 10 :])
-    input, weight, bias = inputs[:3]
-    use_input_stats, reduce_batch, num_groups = inputs[5:8]
-    scale, shift, residual, activation, slope = inputs[10:15]
-    from_output = residual is not None and launch.derivative_from_output(activation, slope)
+def _dtype(t: Tensor | None) -> torch.dtype | None:
+    return None if t is None else t.dtype
+
+
+def _save(ctx, settings: Settings, input, weight, bias, mean, rstd, scale, shift, residual, y):
+    """What the backward needs: no pre-activation; the residual only when an activation's
+    derivative needs z (shift, (N, C), always). Where the output's sign is enough (ReLU, leaky
+    ReLU of slope >= 0) with a residual, the output instead: a consumer of y keeps it anyway (as
+    torch's relu saves its result), while the residual would be kept for this op alone."""
+    activation = settings.activation
+    from_output = residual is not None and launch.derivative_from_output(activation, settings.slope)
     keep = activation != 0 and not from_output
-    # the backward's settings (norm, activation) and the dtypes its dbias, dshift must have
-    ctx.settings = (use_input_stats, reduce_batch, num_groups, *inputs[15:17], activation, slope)
-    ctx.dtypes = (None if bias is None else bias.dtype, None if shift is None else shift.dtype)
+    ctx.settings = settings
+    ctx.dtypes = _Dtypes(_dtype(bias), _dtype(scale), _dtype(shift), _dtype(residual))
     ctx.set_materialize_grads(False)
-    extras = (scale, shift if keep else None, residual if keep else None,
-              y if from_output else None)  # fmt: skip
-    return (input, weight, bias), extras
+    ctx.save_for_backward(
+        input, weight, bias, mean, rstd, scale, shift, residual if keep else None,
+        y if from_output else None,
+    )  # fmt: skip
 
 
-def _backward_by(backward_fn, grad_inputs: tuple[int, ...] = _GRAD_INPUTS):
-    """The backward of norm_forward, computing with ``backward_fn`` (the custom op, or in eager
-    its implementation); ``grad_inputs``: the positions of input, weight, bias, scale, shift
-    and residual among the forward's arguments."""
-    pick = operator.itemgetter(*grad_inputs)
+def _cast(grads: tuple, mask, dtypes: _Dtypes) -> tuple:
+    """The asked-for gradients (None for the others, which a custom op returns empty), each in
+    its input's dtype."""
+    dx, dweight, dbias, dscale, dshift, dresidual = grads
+    if mask[2] and dbias.dtype != dtypes.bias:
+        dbias = dbias.to(dtypes.bias)
+    if mask[3] and dscale.dtype != dtypes.scale:
+        dscale = dscale.to(dtypes.scale)
+    if mask[4] and dshift.dtype != dtypes.shift:
+        dshift = dshift.to(dtypes.shift)
+    if mask[5] and dresidual.dtype != dtypes.residual:
+        dresidual = dresidual.to(dtypes.residual)
+    return (
+        dx if mask[0] else None, dweight if mask[1] else None, dbias if mask[2] else None,
+        dscale if mask[3] else None, dshift if mask[4] else None,
+        dresidual if mask[5] else None,
+    )  # fmt: skip
 
-    def backward(ctx, grad_y, *_grad_statistics):
-        needs = ctx.needs_input_grad  # as many as the call passed (the op's may be fewer)
-        if len(needs) > grad_inputs[-1]:
-            mask = list(pick(needs))
+
+def _kernel_gradients(settings: Settings, mask, grad_y, saved: tuple, backward_fn) -> tuple:
+    """The first-order gradients from the kernels: ``backward_fn`` is the custom op
+    norm_backward or, in eager, its implementation."""
+    input, weight, bias, mean, rstd, scale, shift, residual, y = saved
+    n = settings.norm
+    return backward_fn(
+        grad_y, input, weight, bias, mean, rstd, n.use_input_stats, n.reduce_batch, n.num_groups,
+        list(mask), scale, shift, residual, settings.activation, settings.slope, y,
+        n.per_position, n.centred,
+    )  # fmt: skip
+
+
+def _first_order(ctx, grad_y, mask: list, *, differentiable: bool, backward_fn) -> tuple:
+    """The gradients (GRADIENTS' order) of a forward saved by :func:`_save`, those ``mask`` asks
+    for. ``differentiable``: through :class:`_NormGradFunction`, whose own backward exists
+    (create_graph, torch.func); else the kernels directly."""
+    if grad_y is None or not any(mask):
+        return (None,) * 6
+    settings = ctx.settings
+    residual_grad = None
+    if mask[5] and settings.activation == 0:  # y = ... + residual: its gradient is dy itself
+        residual_grad, mask[5] = grad_y, False
+    grads = (None,) * 6
+    if any(mask):
+        saved = ctx.saved_tensors
+        if differentiable:
+            grads = _apply(_NormGradFunction, settings, tuple(mask), ctx.dtypes, grad_y, *saved)
         else:
-            mask = [i < len(needs) and needs[i] for i in grad_inputs]
-        if grad_y is None or not any(mask):
-            return (None,) * len(needs)
-        input, weight, bias, mean, rstd, scale, shift, residual, y = ctx.saved_tensors
-        use_input_stats, reduce_batch, num_groups, per_position, centred, activation, slope = (
-            ctx.settings
-        )
-        residual_grad = None
-        if mask[5] and activation == 0:  # y = ... + residual: its gradient is dy itself
-            residual_grad, mask[5] = grad_y, False
-        dx, dweight, dbias, dscale, dshift, dresidual = backward_fn(
-            grad_y, input, weight, bias, mean, rstd, use_input_stats, reduce_batch, num_groups,
-            mask, scale, shift, residual, activation, slope, y, per_position, centred,
-        )  # fmt: skip
-        bias_dtype, shift_dtype = ctx.dtypes
-        if mask[2] and dbias.dtype != bias_dtype:
-            dbias = dbias.to(bias_dtype)
-        if mask[4] and dshift.dtype != shift_dtype:
-            dshift = dshift.to(shift_dtype)
-        out = [None] * max(len(needs), grad_inputs[-1] + 1)
-        for i, asked, grad in zip(
-            grad_inputs, mask, (dx, dweight, dbias, dscale, dshift, dresidual), strict=True
-        ):
-            if asked:
-                out[i] = grad
-        if residual_grad is not None:
-            out[grad_inputs[5]] = residual_grad
-        return tuple(out[: len(needs)])
-
-    return backward
+            raw = _kernel_gradients(settings, mask, grad_y, saved, backward_fn)
+            grads = _cast(raw, mask, ctx.dtypes)
+    if residual_grad is not None:
+        grads = (*grads[:5], residual_grad)
+    return grads
 
 
-def _setup_context(ctx, inputs, output):
-    y, mean, rstd, new_mean, new_var = output
-    params, extras = _save(ctx, inputs, y)
-    ctx.save_for_backward(*params, mean, rstd, *extras)
-    ctx.mark_non_differentiable(mean, rstd, new_mean, new_var)
+def _stand_ins(tensors: tuple, dtypes: _Dtypes) -> tuple:
+    """The first order's tensors (grad_y, input, weight, bias, mean, rstd, scale, shift,
+    residual, y) with zeros for a residual the forward did not keep: its value changes no
+    derivative there (y is linear in it, or act' is read off y), and reference.first_order
+    differentiates with respect to it."""
+    grad_y, input, weight, bias, mean, rstd, scale, shift, residual, y = tensors
+    if residual is None and dtypes.residual is not None:
+        residual = torch.zeros_like(input, dtype=dtypes.residual)
+    return grad_y, input, weight, bias, mean, rstd, scale, shift, residual, y
 
 
-torch.library.register_autograd(
-    "tritonnorm::norm_forward", _backward_by(norm_backward), setup_context=_setup_context
-)
+def _second_order(settings: Settings, mask, dtypes: _Dtypes, tensors: tuple, cotangents,
+                  needs) -> tuple:  # fmt: skip
+    """The backward of the first-order gradients: for ``tensors`` = (grad_y, input, weight,
+    bias, mean, rstd, scale, shift, residual, y) as the first order saw them and ``cotangents``
+    of its outputs (GRADIENTS' order), the gradients of (grad_y, input, weight, bias, scale,
+    shift, residual) that ``needs`` asks for (that order), by torch's vjp of
+    reference.first_order."""
+    grad_y, input, weight, bias, mean, rstd, scale, shift, residual, y = _stand_ins(tensors, dtypes)
+    primals = [grad_y, input, weight, bias, scale, shift, residual]
+    diff = [
+        i for i, (p, need) in enumerate(zip(primals, needs, strict=True)) if need and p is not None
+    ]
+    if not diff:
+        return (None,) * 7
+    asked = [i for i in range(6) if mask[i]]
+
+    def first(*values):
+        args = list(primals)
+        for i, v in zip(diff, values, strict=True):
+            args[i] = v
+        grads = reference.first_order(settings, mask, *args, saved=(mean, rstd), output=y)
+        return tuple(grads[i] for i in asked)
+
+    outputs, vjp = torch.func.vjp(first, *(primals[i] for i in diff))
+    cotangents = tuple(
+        torch.zeros_like(out) if cotangents[i] is None else cotangents[i].to(out.dtype)
+        for i, out in zip(asked, outputs, strict=True)
+    )
+    grads = vjp(cotangents)
+    out: list = [None] * 7
+    for i, g in zip(diff, grads, strict=True):
+        out[i] = g
+    return tuple(out)
+
+
+_functorch_active = torch._C._are_functorch_transforms_active
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+def _forward_ad_active() -> bool:
+    """Whether a torch.autograd.forward_ad dual level is open (dual tensors may come)."""
+    return _forward_ad._current_level >= 0
+
+
+def _apply(function, *args):
+    """``function.apply(*args)``; without a torch.func transform (active, or one whose wrappers
+    outlive it: a vjp_fn called after torch.func.vjp returned), straight into autograd's C apply:
+    Function.apply's Python (binding a setup_context form's arguments by signature) costs several
+    times the launches."""
+    if _functorch_active() or any(isinstance(a, Tensor) and _is_wrapped(a) for a in args):
+        return function.apply(*args)
+    return _C_APPLY.__get__(None, function)(*args)
+
+
+_C_APPLY = torch._C._FunctionBase.__dict__["apply"]
+
+
+def _fold_vmap(info, in_dims, settings: Settings, tensors):
+    """vmap of a per-sample forward (statistics per sample, or the running ones) with only
+    (N, C)- and x-shaped tensors batched: the mapped axis folds into the batch, one call of the
+    kernels. None where it cannot (then torch.vmap of reference.forward)."""
+    input, weight, bias, running_mean, running_var, scale, shift, residual = tensors
+    x_dim, w_dim, b_dim, rm_dim, rv_dim, scale_dim, shift_dim, res_dim = in_dims
+    norm = settings.norm
+    per_sample = not norm.reduce_batch or not norm.use_input_stats
+    updates = norm.use_input_stats and running_mean is not None
+    if (x_dim is None or not per_sample or updates
+            or (w_dim, b_dim, rm_dim, rv_dim) != (None,) * 4):  # fmt: skip
+        return None
+    B = info.batch_size
+    logical = input.movedim(x_dim, 0).shape[1:]  # (N, C, *spatial) of one mapped slice
+    N = logical[0]
+
+    def fold(t, dim, shape):  # mapped (B, *shape) -> (B * N, *shape[1:]); unmapped expanded
+        t = t.expand(B, *shape) if dim is None else t.movedim(dim, 0)
+        return t.reshape(B * N, *shape[1:])
+
+    x = fold(input, x_dim, logical)
+    if scale is not None:
+        scale = fold(scale, scale_dim, logical[:2])
+        shift = fold(shift, shift_dim, logical[:2])
+    if residual is not None:
+        residual = fold(residual, res_dim, logical)
+    y, mean, rstd = _NormFunction.apply(settings, x, weight, bias, running_mean, running_var,
+                                        scale, shift, residual)  # fmt: skip
+    y = y.reshape(B, N, *y.shape[1:])
+    if norm.use_input_stats:  # statistics per sample: (B * N, G) -> (B, N, G)
+        return (y, mean.reshape(B, N, -1), rstd.reshape(B, N, -1)), (0, 0, 0)
+    return (y, mean, rstd), (0, None, None)
+
+
+def _unbatched_running_error(settings: Settings) -> RuntimeError:
+    return RuntimeError(
+        f"tritonnorm.{reference.op_name(settings.norm)} under vmap: batch norm got a batched "
+        "tensor as input while the running_mean or running_var, which will be updated in place, "
+        "were not batched (as torch). Map the running statistics too, pass None for them, or "
+        "use eval mode (for modules: track_running_stats=False)"
+    )
+
+
+def _reference_vmap(info, in_dims, settings: Settings, tensors):
+    """vmap of the forward by torch.vmap of reference.forward (what cannot fold: a reduced
+    batch, batched parameters or running statistics), running statistics updated as torch
+    does."""
+    running_mean, running_var = tensors[3], tensors[4]
+    norm = settings.norm
+    updates = norm.use_input_stats and running_mean is not None and running_var is not None
+    if updates and (in_dims[3] is None or in_dims[4] is None):
+        raise _unbatched_running_error(settings)
+
+    def one(x, w, b, rm, rv, sc, sh, res):
+        saved = None
+        if not norm.use_input_stats:  # eval: the running statistics, per channel
+            saved = (rm.reshape(1, -1), (rv + settings.eps).rsqrt().reshape(1, -1))
+        elif updates:
+            reference.update_running(x.to(rm.dtype), norm, settings.momentum, (rm, rv))
+        return reference.forward(settings, x, w, b, sc, sh, res, saved=saved)
+
+    out = torch.vmap(one, in_dims=tuple(in_dims), randomness="error")(*tensors)
+    return out, (0, 0, 0)
 
 
 class _NormFunction(torch.autograd.Function):
     """Eager calls: norm_forward's implementation, context and backward without the op's
-    dispatch. Only y is an output (mean and rstd are saved, not returned), so autograd has no
-    statistics' gradients to materialise."""
+    dispatch; y, and the statistics saved (returned, as torch.func wants what is saved, and
+    marked non-differentiable)."""
 
     @staticmethod
-    def forward(ctx, settings, input, weight, bias, running_mean, running_var, scale, shift,
+    def forward(settings: Settings, input, weight, bias, running_mean, running_var, scale, shift,
                 residual):  # fmt: skip
-        inputs = (input, weight, bias, running_mean, running_var, *settings[:5], scale, shift,
-                  residual, *settings[5:])  # fmt: skip
-        y, mean, rstd, _, _ = _forward_impl(*inputs)
-        params, extras = _save(ctx, inputs, y)
-        ctx.save_for_backward(*params, mean, rstd, *extras)
-        return y
+        n = settings.norm
+        y, mean, rstd, _, _ = _forward_impl(
+            input, weight, bias, running_mean, running_var, n.use_input_stats, n.reduce_batch,
+            n.num_groups, settings.momentum, settings.eps, scale, shift, residual,
+            settings.activation, settings.slope, n.per_position, n.centred,
+        )  # fmt: skip
+        return y, mean, rstd
 
-    # The tensors follow one tuple of settings: autograd's apply costs per argument.
-    backward = staticmethod(_backward_by(_gradients, grad_inputs=(1, 2, 3, 6, 7, 8)))
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        settings, input, weight, bias, _, _, scale, shift, residual = inputs
+        y, mean, rstd = output
+        ctx.mark_non_differentiable(mean, rstd)
+        _save(ctx, settings, input, weight, bias, mean, rstd, scale, shift, residual, y)
+        if _forward_ad._current_level >= 0 or _functorch_active():  # what jvp needs
+            ctx.save_for_forward(input, weight, bias, scale, shift, residual, mean, rstd)
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_mean, _grad_rstd):
+        needs = ctx.needs_input_grad
+        mask = [needs[1], needs[2], needs[3], needs[6], needs[7], needs[8]]
+        differentiable = torch.is_grad_enabled() or _functorch_active()
+        dx, dweight, dbias, dscale, dshift, dresidual = _first_order(
+            ctx, grad_y, mask, differentiable=differentiable, backward_fn=_gradients
+        )
+        return None, dx, dweight, dbias, None, None, dscale, dshift, dresidual
+
+    @staticmethod
+    def jvp(ctx, _settings, *tangents):
+        input, weight, bias, scale, shift, residual, mean, rstd = ctx.saved_tensors
+        tangents = (tangents[0], tangents[1], tangents[2], *tangents[5:])
+        primals = (input, weight, bias, scale, shift, residual)
+        moving = [i for i, t in enumerate(tangents) if t is not None and primals[i] is not None]
+        if not moving:
+            return None, None, None
+
+        def y_of(*values):
+            args = list(primals)
+            for i, v in zip(moving, values, strict=True):
+                args[i] = v
+            return reference.forward(ctx.settings, *args, saved=(mean, rstd))[0]
+
+        y_tangent = reference.linearized(
+            y_of, tuple(primals[i] for i in moving), tuple(tangents[i] for i in moving)
+        )
+        return y_tangent, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, settings, *tensors):
+        folded = _fold_vmap(info, in_dims[1:], settings, tensors)
+        if folded is not None:
+            return folded
+        return _reference_vmap(info, in_dims[1:], settings, tensors)
+
+
+class _NormGradFunction(torch.autograd.Function):
+    """The first-order gradients as a differentiable function (create_graph, torch.func): the
+    kernels compute them; their own backward, jvp and vmap are torch's derivations of
+    reference.first_order. Outputs in GRADIENTS' order, None where ``mask`` does not ask."""
+
+    @staticmethod
+    def forward(settings: Settings, mask: tuple, dtypes: _Dtypes, grad_y, input, weight, bias,
+                mean, rstd, scale, shift, residual, y):  # fmt: skip
+        saved = (input, weight, bias, mean, rstd, scale, shift, residual, y)
+        raw = _kernel_gradients(settings, mask, grad_y, saved, _gradients)
+        return _cast(raw, mask, dtypes)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        settings, mask, dtypes, *tensors = inputs
+        ctx.settings, ctx.mask, ctx.dtypes = settings, mask, dtypes
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(*tensors)
+        if _forward_ad._current_level >= 0 or _functorch_active():
+            ctx.save_for_forward(*tensors)
+
+    @staticmethod
+    def backward(ctx, *cotangents):
+        needs = ctx.needs_input_grad
+        grads = _second_order(
+            ctx.settings, ctx.mask, ctx.dtypes, ctx.saved_tensors, cotangents,
+            (needs[3], needs[4], needs[5], needs[6], needs[9], needs[10], needs[11]),
+        )  # fmt: skip
+        d_grad_y, dx, dweight, dbias, dscale, dshift, dresidual = grads
+        return (None, None, None, d_grad_y, dx, dweight, dbias, None, None, dscale, dshift,
+                dresidual, None)  # fmt: skip
+
+    @staticmethod
+    def jvp(ctx, _settings, _mask, _dtypes, *tangents):
+        tensors = _stand_ins(ctx.saved_tensors, ctx.dtypes)
+        grad_y, input, weight, bias, mean, rstd, scale, shift, residual, y = tensors
+        primals = (grad_y, input, weight, bias, scale, shift, residual)
+        tangents = (*tangents[:4], *tangents[6:9])
+        moving = [i for i, t in enumerate(tangents) if t is not None and primals[i] is not None]
+        asked = [i for i in range(6) if ctx.mask[i]]
+        if not moving:
+            return (None,) * 6
+
+        def first(*values):
+            args = list(primals)
+            for i, v in zip(moving, values, strict=True):
+                args[i] = v
+            grads = reference.first_order(ctx.settings, ctx.mask, *args, saved=(mean, rstd),
+                                          output=y)  # fmt: skip
+            return tuple(grads[i] for i in asked)
+
+        out = reference.linearized(
+            first, tuple(primals[i] for i in moving), tuple(tangents[i] for i in moving)
+        )
+        result: list = [None] * 6
+        for i, t in zip(asked, out, strict=True):
+            result[i] = t
+        return tuple(result)
+
+    @staticmethod
+    def vmap(info, in_dims, settings, mask, dtypes, *tensors):
+        asked = [i for i in range(6) if mask[i]]
+
+        def first(*one):  # one mapped slice: stand-ins made per slice
+            gy, x, w, b, m, r, sc, sh, res, out = _stand_ins(one, dtypes)
+            grads = reference.first_order(settings, mask, gy, x, w, b, sc, sh, res, saved=(m, r),
+                                          output=out)  # fmt: skip
+            return tuple(grads[i] for i in asked)
+
+        grads = torch.vmap(first, in_dims=tuple(in_dims[3:]), randomness="error")(*tensors)
+        result: list = [None] * 6
+        for i, g in zip(asked, grads, strict=True):
+            result[i] = g
+        return tuple(result), tuple(0 if i in asked else None for i in range(6))
+
+
+# --- the custom ops' autograd -------------------------------------------------------------------
+
+
+def _positions(op) -> dict[str, int]:
+    """Argument name -> position, from a custom op's schema."""
+    return {arg.name: i for i, arg in enumerate(op._opoverload._schema.arguments)}
+
+
+_FORWARD_ARGS = _positions(norm_forward)
+_BACKWARD_ARGS = _positions(norm_backward)
+_FORWARD_DEFAULTS = {
+    arg.name: arg.default_value for arg in norm_forward._opoverload._schema.arguments
+}
+
+
+def _args(inputs: tuple, names: dict, defaults: dict) -> dict:
+    """A custom op's arguments by name, the trailing defaults filled (a call may leave them
+    out)."""
+    return {name: inputs[i] if i < len(inputs) else defaults[name] for name, i in names.items()}
+
+
+def _wanted(needs: tuple, names: dict, wanted: tuple[str, ...]) -> list[bool]:
+    """needs_input_grad at the named arguments (as many as the call passed: the op's may be
+    fewer)."""
+    return [names[name] < len(needs) and needs[names[name]] for name in wanted]
+
+
+def _settings_of(args: dict) -> Settings:
+    norm = _norm(args["use_input_stats"], args["reduce_batch"], args["num_groups"],
+                 args["per_position"], args["centred"])  # fmt: skip
+    return Settings(norm, args.get("momentum", 0.0), args.get("eps", 0.0), args["activation"],
+                    args["slope"])  # fmt: skip
+
+
+def _forward_setup_context(ctx, inputs, output):
+    a = _args(inputs, _FORWARD_ARGS, _FORWARD_DEFAULTS)
+    y, mean, rstd, new_mean, new_var = output
+    ctx.mark_non_differentiable(mean, rstd, new_mean, new_var)
+    _save(ctx, _settings_of(a), a["input"], a["weight"], a["bias"], mean, rstd, a["scale"],
+          a["shift"], a["residual"], y)  # fmt: skip
+
+
+def _forward_backward(ctx, grad_y, *_grad_statistics):
+    needs = ctx.needs_input_grad
+    grads = _first_order(ctx, grad_y, _wanted(needs, _FORWARD_ARGS, GRADIENTS),
+                         differentiable=False, backward_fn=norm_backward)  # fmt: skip
+    out = [None] * len(needs)
+    for name, grad in zip(GRADIENTS, grads, strict=True):
+        if grad is not None:
+            out[_FORWARD_ARGS[name]] = grad
+    return tuple(out)
+
+
+torch.library.register_autograd(
+    "tritonnorm::norm_forward", _forward_backward, setup_context=_forward_setup_context
+)
+
+_BACKWARD_DEFAULTS = {
+    arg.name: arg.default_value for arg in norm_backward._opoverload._schema.arguments
+}
+# norm_backward's differentiable arguments, in _second_order's order
+_SECOND_ORDER = ("grad_output", "input", "weight", "bias", "scale", "shift", "residual")
+
+
+def _backward_setup_context(ctx, inputs, output):
+    a = _args(inputs, _BACKWARD_ARGS, _BACKWARD_DEFAULTS)
+    ctx.settings = _settings_of(a)
+    ctx.mask = tuple(a["output_mask"])
+    ctx.dtypes = _Dtypes(_dtype(a["bias"]), _dtype(a["scale"]), _dtype(a["shift"]),
+                         _dtype(a["residual"]))  # fmt: skip
+    ctx.save_for_backward(*(a[name] for name in (
+        "grad_output", "input", "weight", "bias", "mean", "rstd", "scale", "shift", "residual",
+        "output")))  # fmt: skip
+
+
+def _backward_backward(ctx, *cotangents):
+    """norm_backward's own backward (second order through the custom ops); its outputs not
+    asked for are empty and get no cotangent."""
+    needs = ctx.needs_input_grad
+    cotangents = [g if asked else None for g, asked in zip(cotangents, ctx.mask, strict=True)]
+    grads = _second_order(ctx.settings, ctx.mask, ctx.dtypes, ctx.saved_tensors, cotangents,
+                          _wanted(needs, _BACKWARD_ARGS, _SECOND_ORDER))  # fmt: skip
+    out = [None] * len(needs)
+    for name, grad in zip(_SECOND_ORDER, grads, strict=True):
+        if grad is not None:
+            out[_BACKWARD_ARGS[name]] = grad
+    return tuple(out)
+
+
+torch.library.register_autograd(
+    "tritonnorm::norm_backward", _backward_backward, setup_context=_backward_setup_context
+)
 
 
 def _requires_grad(input, weight, bias, scale, shift, residual) -> bool:
@@ -373,29 +757,57 @@ def normalize(
     per_position: bool = False,
     centred: bool = True,
 ) -> Tensor:
-    """The normalisation (running statistics updated in place), through the custom op while
-    torch.compile traces and through :class:`_NormFunction` in eager mode."""
+    """The normalisation (running statistics updated in place): through the custom op while
+    torch.compile traces (reference.py's torch ops inside a torch.func transform); through
+    :class:`_NormFunction` when autograd, a torch.func transform or forward-mode AD needs it;
+    else the implementation directly."""
     momentum, eps, activation, slope = float(momentum), float(eps), int(activation), float(slope)
     compiling = torch.compiler.is_compiling()
-    if (
-        not compiling
-        and torch.is_grad_enabled()
-        and _requires_grad(input, weight, bias, scale, shift, residual)
-    ):
-        settings = (use_input_stats, reduce_batch, num_groups, momentum, eps, activation, slope,
-                    per_position, centred)  # fmt: skip
-        return _NormFunction.apply(
-            settings, input, weight, bias, running_mean, running_var, scale, shift, residual
-        )
-    args = (
-        input, weight, bias, running_mean, running_var, use_input_stats, reduce_batch,
-        num_groups, momentum, eps, scale, shift, residual, activation, slope, per_position,
-        centred,
-    )  # fmt: skip
-    if compiling:
-        y, _, _, new_mean, new_var = norm_forward(*args)
+    if compiling and not _functorch_active():
+        y, _, _, new_mean, new_var = norm_forward(
+            input, weight, bias, running_mean, running_var, use_input_stats, reduce_batch,
+            num_groups, momentum, eps, scale, shift, residual, activation, slope, per_position,
+            centred,
+        )  # fmt: skip
         if new_mean.numel():
             with torch.no_grad():
                 running_mean.copy_(new_mean), running_var.copy_(new_var)
         return y
-    return _forward_impl(*args)[0]
+    # a torch.func transform or a forward-AD level (dual tensors need not require grad): two
+    # reads on every call's path, spelled out
+    transformed = compiling or _functorch_active() or _forward_ad._current_level >= 0
+    if transformed or (
+        torch.is_grad_enabled() and _requires_grad(input, weight, bias, scale, shift, residual)
+    ):
+        tensors = (input, weight, bias, running_mean, running_var, scale, shift, residual)
+        if compiling:  # not through _norm's cache: dynamo would warn that it traces around it
+            norm = launch.Norm(reduce_batch, num_groups, use_input_stats, per_position, centred)
+            return _traced_reference(Settings(norm, momentum, eps, activation, slope), *tensors)
+        norm = _norm(use_input_stats, reduce_batch, num_groups, per_position, centred)
+        settings = Settings(norm, momentum, eps, activation, slope)
+        function = _NormFunction.apply if transformed else _FAST_NORM_APPLY
+        return function(settings, *tensors)[0]
+    return _forward_impl(
+        input, weight, bias, running_mean, running_var, use_input_stats, reduce_batch,
+        num_groups, momentum, eps, scale, shift, residual, activation, slope, per_position,
+        centred,
+    )[0]  # fmt: skip
+
+
+_FAST_NORM_APPLY = _C_APPLY.__get__(None, _NormFunction)
+
+
+def _traced_reference(settings: Settings, input, weight, bias, running_mean, running_var, scale,
+                      shift, residual) -> Tensor:  # fmt: skip
+    """A call that torch.compile traces inside a torch.func transform: reference.py's torch ops,
+    which the transforms and the compiler both see through (the custom op has no rule for the
+    transforms: jvp's tangent would be dropped silently; the kernels cannot be traced)."""
+    norm = settings.norm
+    saved = None
+    if not norm.use_input_stats:
+        eps = settings.eps
+        saved = (running_mean.reshape(1, -1), (running_var + eps).rsqrt().reshape(1, -1))
+    elif running_mean is not None and running_var is not None:
+        reference.update_running(input, norm, settings.momentum, (running_mean, running_var))
+    return reference.forward(settings, input, weight, bias, scale, shift, residual,
+                             saved=saved)[0]  # fmt: skip

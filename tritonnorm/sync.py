@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 
@@ -79,6 +80,7 @@ class SyncBatchNorm(ActivationMixin, nn.SyncBatchNorm):
 
         # Every check before num_batches_tracked or the running statistics change.
         if need_sync:
+            _check_no_transform(input)
             _check_sync_input(input, running_mean, running_var, self.weight, self.bias, self.eps)
         else:
             validation.check_batch_norm(
@@ -146,6 +148,19 @@ class SyncBatchNorm(ActivationMixin, nn.SyncBatchNorm):
             module_output.add_module(name, cls._convert_sync(child, process_group))
         del module
         return module_output
+
+
+def _check_no_transform(input: Tensor) -> None:
+    """torch.func transforms cannot see through the collectives (neither can torch's)."""
+    if (
+        torch._C._are_functorch_transforms_active()
+        or torch._C._functorch.is_functorch_wrapped_tensor(input)
+    ):
+        raise RuntimeError(
+            "tritonnorm.SyncBatchNorm: torch.func transforms (grad, vjp, jacrev, vmap, jvp) are "
+            "not supported while statistics are synchronised across processes (training with "
+            "more than one rank); torch's SyncBatchNorm does not support them either"
+        )
 
 
 def _check_sync_input(
@@ -264,6 +279,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # as torch's: a gradient of this backward raises, never reads 0
     def backward(ctx, grad_output):
         x, weight, mean, rstd = ctx.saved_tensors
         needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]

@@ -185,6 +185,14 @@ def check_group_norm(
             f"{op}: expected the number of channels ({channels}, dimension 1 of input "
             f"{tuple(input.shape)}) to be divisible by num_groups, got num_groups={num_groups}"
         )
+    # torch's count (F.group_norm): N x C/G x spatial; only one sample of one-channel groups
+    # can make it 1 (every call's path: the loop only then)
+    if input.shape[0] == 1 and channels == num_groups and input.numel() == channels:
+        raise ValueError(
+            f"{op}: expected more than 1 value per group when training (batch x channels per "
+            f"group x spatial, as torch counts), got input size {tuple(input.shape)} with "
+            f"num_groups={num_groups}"
+        )
     for name, vector in (("weight", weight), ("bias", bias)):
         if vector is not None and vector.dim() != 1:
             raise RuntimeError(
@@ -218,14 +226,27 @@ def parse_activation(activation) -> tuple[str | None, float]:
     )
 
 
+def _extra_dtype_error(op: str, name: str, t: Tensor) -> TypeError:
+    """scale, shift and residual may have any floating dtype: the output takes the promoted
+    one, as torch's composition."""
+    return TypeError(
+        f"{op}: expected {name} of a floating dtype (float16, bfloat16, float32 or float64; "
+        f"the output's dtype is promoted as torch's composition's), got {t.dtype}"
+    )
+
+
+_FLOATING = frozenset(SUPPORTED_DTYPES)
+
+
 def check_epilogue(
     op: str, input: Tensor, scale: Tensor | None, shift: Tensor | None, residual: Tensor | None
 ) -> None:
-    """scale and shift (N, C); residual exactly input's shape, dtype and device."""
+    """scale and shift (N, C); residual exactly input's shape; each floating, on input's
+    device."""
     if input.dim() < 2:
         raise ValueError(f"{op}: scale, shift and residual need input of shape (N, C, *spatial)")
     expected = input.shape[:2]
-    dtype, device = input.dtype, input.device
+    device = input.device
     for name, t in (("scale", scale), ("shift", shift)):
         if t is None:
             continue
@@ -236,11 +257,8 @@ def check_epilogue(
                 f"{op}: expected {name} of shape (N, C) = {tuple(expected)} (per sample and "
                 f"channel), got {tuple(t.shape)}"
             )
-        # the input's dtype, or float32 with half input
-        if t.dtype != dtype and not (t.dtype == torch.float32 and dtype in _HALF):
-            allowed = {dtype, torch.float32} if dtype in _HALF else {dtype}
-            expected_dtype = " or ".join(sorted(str(d) for d in allowed))
-            raise TypeError(f"{op}: expected {name} of dtype {expected_dtype}, got {t.dtype}")
+        if t.dtype not in _FLOATING:
+            raise _extra_dtype_error(op, name, t)
         if t.device != device:
             raise RuntimeError(f"{op}: expected {name} on {device}, got {t.device}")
     if residual is not None:
@@ -253,10 +271,8 @@ def check_epilogue(
                 f"{op}: expected residual of the input's shape {tuple(input.shape)}, "
                 f"got {tuple(residual.shape)}"
             )
-        if residual.dtype != input.dtype:
-            raise TypeError(
-                f"{op}: expected residual of the input's dtype {input.dtype}, got {residual.dtype}"
-            )
+        if residual.dtype not in _FLOATING:
+            raise _extra_dtype_error(op, "residual", residual)
         if residual.device != input.device:
             raise RuntimeError(f"{op}: expected residual on {input.device}, got {residual.device}")
 

@@ -241,6 +241,14 @@ def _other_view(t: torch.Tensor, x_view: View) -> View | None:
     return None
 
 
+def same_offsets(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors of one shape place every element at the same offset (the strides of
+    size-1 axes never matter, as to torch)."""
+    return all(
+        n == 1 or sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride(), strict=True)
+    )
+
+
 def view_or_copy(t: torch.Tensor, x_view: View) -> tuple[View, bool]:
     """A tensor of x's shape (dy, a residual) seen with x's geometry, and whether it must be
     copied into x's layout first (then it is seen as x is)."""
@@ -254,10 +262,20 @@ def grad_view(dy: torch.Tensor, x: torch.Tensor, x_view: View) -> tuple[torch.Te
     view = _other_view(dy, x_view)
     if view is not None:
         return dy, view
-    dy = torch.empty_like(x).copy_(dy)
+    dy = torch.empty_like(x, dtype=dy.dtype).copy_(dy)
     return dy, View(x_view.N, x_view.C, x_view.S, *x_view.strides)
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Statistics are fp32 for every input dtype but float64, which keeps fp64."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def result_dtype(dtype: torch.dtype, *extras: torch.Tensor | None) -> torch.dtype:
+    """The output's dtype for input of ``dtype`` with epilogue tensors ``extras`` (scale, shift,
+    residual; None where absent): promoted as torch's composition ``norm(x) * scale + shift +
+    residual`` promotes."""
+    for t in extras:
+        if t is not None and t.dtype != dtype:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return dtype

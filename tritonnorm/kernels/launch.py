@@ -40,6 +40,8 @@ from .geometry import (  # noqa: F401  (Norm, Reduction, View, plan, grad_view: 
     is_dense,
     plan,
     reduction_of,
+    result_dtype,
+    same_offsets,
     view_or_copy,
 )
 from .launcher import NO_EPILOGUE, Launch, current_stream, hooks_set, index_64
@@ -63,6 +65,11 @@ class Epilogue(NamedTuple):
     @property
     def present(self) -> bool:
         return self.scale is not None or self.residual is not None or self.activation != 0
+
+
+def _y_dtype(x: torch.Tensor, ep: Epilogue | None) -> torch.dtype:
+    """The output's dtype: x's, promoted with the extras' (torch's composition's)."""
+    return x.dtype if ep is None else result_dtype(x.dtype, ep.scale, ep.shift, ep.residual)
 
 
 def _residual_view(ep: Epilogue | None, x_view: View) -> tuple[View | None, bool]:
@@ -137,11 +144,16 @@ class _Recorder:
             return "None"
         return name
 
-    def allocation(self, out: torch.Tensor, like) -> None:
-        """``out = empty_like(like)``; ``like`` a tensor of the run, or a plan's template."""
+    def allocation(self, out: torch.Tensor, like, dtype: torch.dtype | None = None) -> None:
+        """``out = empty_like(like)`` (of ``dtype``, if given); ``like`` a tensor of the run, or
+        a plan's template."""
         name = f"b{len(self.lines)}"
         source = like if isinstance(like, str) else self.name(like)  # a template: its name
-        self.lines.append(f"{name} = empty_like({source})")
+        if dtype is None:
+            self.lines.append(f"{name} = empty_like({source})")
+        else:
+            self.scope[f"D_{name}"] = dtype
+            self.lines.append(f"{name} = empty_like({source}, dtype=D_{name})")
         self.names[id(out)] = name
 
     def launch(self, step_name: str, step: Launch, tensors) -> None:
@@ -224,11 +236,20 @@ class _Plan:
             or getattr(self, "y_copy", False)
         )  # fmt: skip
 
-    def _like(self, t: torch.Tensor) -> torch.Tensor:
-        out = torch.empty_like(t)
+    def _like(self, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A new tensor of t's shape and layout (and dtype, unless ``dtype`` is another)."""
+        if dtype is None or dtype == t.dtype:
+            out = torch.empty_like(t)
+            dtype = None
+        else:
+            out = torch.empty_like(t, dtype=dtype)
         if self._recording is not None:
-            self._recording.allocation(out, t)
+            self._recording.allocation(out, t, dtype)
         return out
+
+    def _per_sample_grads(self, scale: torch.Tensor) -> tuple:
+        """dscale and dshift, in the plan's ``grad_dtypes`` (:func:`extra_grad_dtypes`)."""
+        return self._like(scale, self.grad_dtypes[0]), self._like(scale, self.grad_dtypes[1])
 
     def _buffer(self, name: str, shape, dtype: torch.dtype, device) -> torch.Tensor:
         """A new tensor of a shape this plan always allocates under ``name``: ``empty_like`` of
@@ -277,6 +298,7 @@ class ForwardPlan(_Plan):
         self.red = red = reduction_of(tuple(x.shape), x.stride(), x.dtype, norm, fold)
         self.stats_shape = norm.stats_shape(tuple(x.shape))
         self.acc = red.acc_dtype
+        self.y_dtype = _y_dtype(x, ep)
         self.res_view, self.res_copy = _residual_view(ep, red.view)
         self.extras = _epilogue_constants(ep, self.res_view)
         self.fused = norm.use_input_stats and _fused(red, epilogue=self.extras["EPILOGUE"])
@@ -291,11 +313,11 @@ class ForwardPlan(_Plan):
              residual=None, want_stats=True):  # fmt: skip
         """y, mean, rstd (None without ``want_stats`` in eval), updating the running statistics
         in place."""
-        y = self._like(x)
+        y = self._like(x, self.y_dtype)
         if self.empty:
             return y, _nan_stats(x, self.norm), _nan_stats(x, self.norm)
         if self.res_copy:
-            residual = torch.empty_like(x).copy_(residual)
+            residual = torch.empty_like(x, dtype=residual.dtype).copy_(residual)
         red, device = self.red, x.device
         mean = rstd = None
         if want_stats or self.norm.use_input_stats:
@@ -435,31 +457,60 @@ def _in_x_layout(plan_, x, dy, residual, output) -> tuple:
     """dy, the residual and the forward's output, copied into x's layout where a backward plan
     cannot read them as they are (``plan_.dy_copy``, ``plan_.res_copy``, ``plan_.y_copy``)."""
     if plan_.dy_copy:
-        dy = torch.empty_like(x).copy_(dy)
+        dy = torch.empty_like(x, dtype=dy.dtype).copy_(dy)
     if plan_.res_copy:
-        residual = torch.empty_like(x).copy_(residual)
+        residual = torch.empty_like(x, dtype=residual.dtype).copy_(residual)
     if plan_.y_copy:
-        output = torch.empty_like(x).copy_(output)
+        output = torch.empty_like(x, dtype=output.dtype).copy_(output)
     return dy, residual, output
 
 
 def _output_copy(x: torch.Tensor, output: torch.Tensor | None) -> bool:
     """Whether the forward's output (read at x's offsets) must be copied into x's layout: it
     is written in x's layout, so only a caller's other layout (torch.compile) needs it."""
-    return output is not None and output.stride() != x.stride()
+    return output is not None and not same_offsets(output, x)
 
 
-def _empty_grads(x, scale, mask, param_dtype) -> tuple:
+def _empty_grads(x, scale, mask, param_dtype, grad_dtypes) -> tuple:
     """The gradients of an empty input: zero parameter gradients, empty dx."""
     C = x.shape[1]
     zeros = lambda: torch.zeros(C, dtype=param_dtype, device=x.device)
+    dscale_dtype, dshift_dtype, dres_dtype = grad_dtypes
     dx = torch.empty_like(x)
     dw = zeros() if mask[1] else None
     db = zeros() if mask[2] else None
-    dsc = torch.zeros_like(scale) if mask[3] and scale is not None else None
-    dsh = torch.zeros_like(scale) if mask[4] and scale is not None else None
-    dres = torch.empty_like(x) if mask[5] else None
+    dsc = torch.zeros_like(scale, dtype=dscale_dtype) if mask[3] and scale is not None else None
+    dsh = torch.zeros_like(scale, dtype=dshift_dtype) if mask[4] and scale is not None else None
+    dres = torch.empty_like(x, dtype=dres_dtype) if mask[5] else None
     return dx, dw, db, dsc, dsh, dres
+
+
+def _extra_grad_dtypes(x, ep: Epilogue | None, output) -> tuple:
+    if ep is None:
+        return None, None, x.dtype
+    return extra_grad_dtypes(x.dtype, ep.scale, ep.shift, ep.residual, output)
+
+
+def extra_grad_dtypes(x_dtype: torch.dtype, scale, shift, residual, output) -> tuple:
+    """The dtypes the kernels write dscale, dshift and dresidual in (the caller casts each to
+    its tensor's): each its tensor's; the residual's gradient in the output's where the op kept
+    the output instead of the residual (at least as wide); all float64 for float64 input
+    (Triton's interpreter stores float64 into bfloat16 wrongly)."""
+    if x_dtype == torch.float64:
+        return torch.float64, torch.float64, torch.float64
+    dscale = None if scale is None else scale.dtype
+    dshift = dscale if shift is None else shift.dtype
+    if residual is not None:
+        return dscale, dshift, residual.dtype
+    return dscale, dshift, x_dtype if output is None else output.dtype
+
+
+def _z_inputs(ep: Epilogue, output, shift, residual) -> tuple:
+    """shift and the residual as the backward kernels take them: only to recompute the
+    pre-activation z, i.e. with an activation whose derivative is not read off the output."""
+    if ep.activation and output is None:
+        return shift, residual
+    return None, None
 
 
 class BackwardPlan(_Plan):
@@ -487,6 +538,7 @@ class BackwardPlan(_Plan):
         self.red = red = reduction_of(tuple(x.shape), x.stride(), x.dtype, norm, fold)
         self.acc = red.acc_dtype
         self.param_dtype = weight_dtype or self.acc
+        self.grad_dtypes = _extra_grad_dtypes(x, ep, output)
         if self.empty:
             return
         self.dy_view, self.dy_copy = view_or_copy(dy, red.view)
@@ -509,7 +561,7 @@ class BackwardPlan(_Plan):
     def _run(self, dy, x, weight, bias, mean, rstd, scale=None, shift=None, residual=None,
              output=None):  # fmt: skip
         if self.empty:
-            return _empty_grads(x, scale, self.mask, self.param_dtype)
+            return _empty_grads(x, scale, self.mask, self.param_dtype, self.grad_dtypes)
         dy, residual, output = _in_x_layout(self, x, dy, residual, output)
         if self.epilogue is not None:
             return self._run_epilogue(dy, x, weight, bias, mean, rstd, scale, shift, residual,
@@ -529,16 +581,16 @@ class BackwardPlan(_Plan):
         red, device, ep = self.epi_red, x.device, self.epilogue
         view = red.view
         dx = self._like(x)
-        dres = self._like(x) if self.mask[5] else None
+        dres = self._like(x, self.grad_dtypes[2]) if self.mask[5] else None
         dweight = dbias = dscale = dshift = None
         if self.param_grads:
             dweight = self._buffer("dweight", view.C, self.param_dtype, device)
             dbias = self._like(dweight)
         if (self.mask[3] or self.mask[4]) and scale is not None:
-            dscale, dshift = self._like(scale), self._like(scale)
+            dscale, dshift = self._per_sample_grads(scale)
         fused = self.epi_fused
         sums = self._buffer("sums", (2, self.epi_max_split, view.N, view.C), self.acc, device)
-        residual_arg = residual if ep.activation else None  # only z needs it
+        shift, residual_arg = _z_inputs(ep, output, shift, residual)
         tensors = dict(x_ptr=x, dy_ptr=dy, mean_ptr=mean, rstd_ptr=rstd, weight_ptr=weight,
                        bias_ptr=bias, partial_ptr=sums, scale_ptr=scale, shift_ptr=shift,
                        res_ptr=residual_arg, y_ptr=output)  # fmt: skip
@@ -655,16 +707,17 @@ class PositionForwardPlan(_Plan):
         self.empty = x.numel() == 0
         self.red = red = reduction_of(tuple(x.shape), x.stride(), x.dtype, norm, False)
         self.stats_shape = norm.stats_shape(tuple(x.shape))
+        self.y_dtype = _y_dtype(x, ep)
         self.res_view, self.res_copy = _residual_view(ep, red.view)
         self.extras = _epilogue_constants(ep, self.res_view)
 
     def _run(self, x, weight, bias, running_mean=None, running_var=None, scale=None, shift=None,
              residual=None, want_stats=True):  # fmt: skip
-        y = self._like(x)
+        y = self._like(x, self.y_dtype)
         if self.empty:
             return y, _nan_stats(x, self.norm), _nan_stats(x, self.norm)
         if self.res_copy:
-            residual = torch.empty_like(x).copy_(residual)
+            residual = torch.empty_like(x, dtype=residual.dtype).copy_(residual)
         mean = self._buffer("mean", self.stats_shape, self.red.acc_dtype, x.device)
         rstd = self._like(mean)
         ep = dict(scale_ptr=scale, shift_ptr=shift, res_ptr=residual) if self.epilogue else {}
@@ -688,6 +741,7 @@ class PositionBackwardPlan(_Plan):
         self.empty = x.numel() == 0
         self.red = red = reduction_of(tuple(x.shape), x.stride(), x.dtype, norm, False)
         self.param_dtype = weight_dtype or red.acc_dtype
+        self.grad_dtypes = _extra_grad_dtypes(x, ep, output)
         self.param_grads = output_mask[1] or output_mask[2]
         # dscale and dshift are sums per sample: partials per sample
         self.per_sample = ep is not None and ep.scale is not None and any(output_mask[3:5])
@@ -710,11 +764,11 @@ class PositionBackwardPlan(_Plan):
     def _run(self, dy, x, weight, bias, mean, rstd, scale=None, shift=None, residual=None,
              output=None):  # fmt: skip
         if self.empty:
-            return _empty_grads(x, scale, self.mask, self.param_dtype)
+            return _empty_grads(x, scale, self.mask, self.param_dtype, self.grad_dtypes)
         dy, residual, output = _in_x_layout(self, x, dy, residual, output)
         ep, device, C = self.epilogue, x.device, x.shape[1]
         dx = self._like(x)
-        dres = self._like(x) if ep is not None and self.mask[5] else None
+        dres = self._like(x, self.grad_dtypes[2]) if ep is not None and self.mask[5] else None
         sums = None
         if self.sums:
             rows = self.sums_red.rows
@@ -723,8 +777,9 @@ class PositionBackwardPlan(_Plan):
         tensors = dict(x_ptr=x, dy_ptr=dy, dx_ptr=dx, mean_ptr=mean, rstd_ptr=rstd,
                        weight_ptr=weight, partial_ptr=sums)  # fmt: skip
         if ep is not None:
-            tensors.update(bias_ptr=bias, scale_ptr=scale, shift_ptr=shift, dres_ptr=dres,
-                           res_ptr=residual if ep.activation else None, y_ptr=output)  # fmt: skip
+            shift_arg, residual_arg = _z_inputs(ep, output, shift, residual)
+            tensors.update(bias_ptr=bias, scale_ptr=scale, shift_ptr=shift_arg, dres_ptr=dres,
+                           res_ptr=residual_arg, y_ptr=output)  # fmt: skip
         launched = self._step("backward", tensors, lambda: positions.bind_backward(
             self.red, tensors, centred=self.norm.centred, dy_view=self.dy_view,
             per_sample=self.per_sample, partial_strides=_strides(sums),
@@ -736,7 +791,7 @@ class PositionBackwardPlan(_Plan):
             dweight = self._buffer("dweight", C, self.param_dtype, device)
             dbias = self._like(dweight)
         if self.per_sample:
-            dscale, dshift = self._like(scale), self._like(scale)
+            dscale, dshift = self._per_sample_grads(scale)
         tensors = dict(partial_ptr=sums, rstd_ptr=rstd, weight_ptr=weight, bias_ptr=bias,
                        dweight_ptr=dweight, dbias_ptr=dbias, scale_ptr=scale, dscale_ptr=dscale,
                        dshift_ptr=dshift)  # fmt: skip
@@ -774,7 +829,7 @@ def backward(
     key = (
         x.shape, x.stride(), x.dtype, x.device, dy.stride(), dy.dtype, norm,
         None if weight is None else weight.dtype, bias is not None, _epilogue_key(ep),
-        output_mask, None if output is None else output.stride(), config._overrides,
+        output_mask, None if output is None else (output.stride(), output.dtype), config._overrides,
         tuning._enabled,
     )  # fmt: skip
     plan_ = _backward_plans.get(key)
