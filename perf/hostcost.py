@@ -21,8 +21,8 @@ What is replaced, all in :func:`install` (Triton-facing, nothing of tritonnorm):
   Its calls are counted: compiles after warm-up are recompiles.
 - glibc's malloc keeps freed blocks (as CUDA's caching allocator does): otherwise every tensor
   above 32 MB would cost an mmap and munmap, 12 us here against ~1 us on the GPU path.
-and in :func:`route_cpu_tensors_to_triton` (the only tritonnorm-facing patch): CPU tensors take
-tritonnorm's Triton path although the interpreter is off.
+and in :func:`route_cpu_tensors_to_triton` (the only tritonnorm-facing patches): CPU tensors take
+tritonnorm's Triton path although the interpreter is off, as the stub's device 0.
 
 Measured per op of the quick set (:data:`CASES`), in one process:
 - ``launches``: calls of Triton's launcher during one call (recorded on the launcher class), by
@@ -306,8 +306,10 @@ def route_cpu_tensors_to_triton() -> list[str]:
     """Send CPU tensors down tritonnorm's Triton path with the interpreter off (tritonnorm
     sends them to torch's own ops then). The one patch point: ``runs_triton``, defined in
     ``tritonnorm.functional`` and replaced there and in every tritonnorm module that imported it
-    by name (today ``tritonnorm.sync``). Everything after that decision (validation, planning,
-    autograd, configs, launches) runs unchanged. Returns the modules patched."""
+    by name (today ``tritonnorm.sync``); and ``device_index`` (launcher.py, launch.py), so that
+    CPU tensors stand for device 0 as CUDA tensors would. Everything after that decision
+    (validation, planning, autograd, configs, launches) runs unchanged. Returns what was
+    patched."""
     import tritonnorm  # every module that may hold the function
     import tritonnorm.functional
 
@@ -321,6 +323,16 @@ def route_cpu_tensors_to_triton() -> list[str]:
         if name.split(".")[0] == "tritonnorm" and getattr(module, "runs_triton", None) is original:
             module.runs_triton = runs_triton
             patched.append(name)
+    # CPU tensors stand for the stub's device 0, so that each call pays the device check a
+    # CUDA tensor's does (plans and launches compare the input's device with the current one)
+    from tritonnorm.kernels import launch, launcher
+
+    device_index = launcher.device_index
+    as_cuda = lambda t: 0 if t.device.type == "cpu" else device_index(t)
+    for module in (launcher, launch):
+        if module.device_index is device_index:
+            module.device_index = as_cuda
+            patched.append(f"{module.__name__}.device_index")
     return patched
 
 

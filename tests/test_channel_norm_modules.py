@@ -305,7 +305,7 @@ def test_convert_convnext_channels_first_layer_norm():
     assert not report.left and not report.fused
     norm = ours[1]
     assert isinstance(norm, LayerNorm) and isinstance(norm, tn.modules.LayerNorm2dMixin)
-    assert type(norm).__name__ == "LayerNorm" and repr(ours) == repr(ref)
+    assert type(norm).__name__ == "TritonLayerNorm" and repr(ours) == repr(ref)
     assert list(ours.state_dict()) == list(ref.state_dict())
     assert norm.eps == 1e-6 and norm.data_format == "channels_first"
     for memory_format in (torch.contiguous_format, torch.channels_last):

@@ -16,6 +16,7 @@ import torch
 from tritonnorm.kernels import config, tuning
 from tritonnorm.kernels.config import Features
 from tritonnorm.kernels.geometry import Reduction
+from tritonnorm.kernels.lru import LRU
 
 
 class _Kernel:
@@ -31,7 +32,7 @@ def tuner(monkeypatch, tmp_path):
     """tuning.choose as on a GPU: no interpreter guard, an empty process cache, the on-disk
     cache under tmp_path, and a benchmarker that returns the time a test assigns to a config."""
     monkeypatch.setattr(config, "INTERPRET", False)
-    monkeypatch.setattr(tuning, "_tuned", {})
+    monkeypatch.setattr(tuning, "_tuned", LRU(4096))
     monkeypatch.setattr(tuning, "_cache_path", lambda device: tmp_path / "tuning.json")
     monkeypatch.setattr(tuning, "_capturing", lambda: False)
     monkeypatch.setattr(tuning, "_arch", lambda device: None)  # no table unless a test sets one

@@ -297,7 +297,7 @@ def test_timm_layer(timm, name):
     make = _timm_layers(timm)[name]
     ref = make().to(torch.float64)
     ours, report = _convert(ref)
-    assert repr(ours) == repr(ref) and type(ours).__name__ == type(ref).__name__
+    assert repr(ours) == repr(ref) and type(ours).__name__ == "TritonTimm" + type(ref).__name__
     assert isinstance(ours, type(ref))
     x = _x(3, 6, 4, 5)
     if name.startswith(("ln2d", "rms2d")):
@@ -402,7 +402,8 @@ def test_timm_sync_conversion_keeps_act(timm):
     # tritonnorm's SyncBatchNorm, act kept (torch's conversion alone would drop it)
     ref = nn.Sequential(timm.layers.BatchNormAct2d(6, act_layer=nn.SiLU)).double()
     ours, report = _convert(ref, sync=True)
-    assert isinstance(ours[0], tn.SyncBatchNorm) and type(ours[0]).__name__ == "SyncBatchNormAct"
+    assert isinstance(ours[0], tn.SyncBatchNorm)
+    assert type(ours[0]).__name__ == "TritonTimmSyncBatchNormAct"
     assert report.fused == {"timm.SyncBatchNormAct + SiLU": 1}
     x = _x(3, 6, 2, 2)
     _close(ours(x), ref(x))
@@ -413,7 +414,8 @@ def test_timm_direct_sync_conversion_keeps_act(timm):
     # method would make a plain SyncBatchNorm whose forward never calls act
     ref = nn.Sequential(timm.layers.BatchNormAct2d(6, act_layer=nn.SiLU)).double()
     ours = tn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(ref))
-    assert isinstance(ours[0], tn.SyncBatchNorm) and type(ours[0]).__name__ == "SyncBatchNormAct"
+    assert isinstance(ours[0], tn.SyncBatchNorm)
+    assert type(ours[0]).__name__ == "TritonTimmSyncBatchNormAct"
     x = _x(3, 6, 2, 2)
     _close(ours(x), ref(x))
 

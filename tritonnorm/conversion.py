@@ -51,12 +51,40 @@ class ConversionReport:
         return "\n".join(lines)
 
 
+# The elementwise activation modules of torch and timm (each output element a function of the
+# input element at its place; PReLU's weight is per channel), by module and class name: what the
+# report calls an activation. The rest of torch.nn.modules.activation is not: Softmax, Softmin,
+# LogSoftmax and Softmax2d normalise along an axis, GLU halves one, MultiheadAttention attends.
+ELEMENTWISE_ACTIVATIONS = {
+    "torch.nn.modules.activation": frozenset({
+        "CELU", "ELU", "GELU", "Hardshrink", "Hardsigmoid", "Hardswish", "Hardtanh", "LeakyReLU",
+        "LogSigmoid", "Mish", "PReLU", "RReLU", "ReLU", "ReLU6", "SELU", "SiLU", "Sigmoid",
+        "Softplus", "Softshrink", "Softsign", "Tanh", "Tanhshrink", "Threshold",
+    }),
+    "timm.layers.activations": frozenset({
+        "GELU", "GELUTanh", "HardMish", "HardSigmoid", "HardSwish", "Mish", "PReLU", "QuickGELU",
+        "Sigmoid", "Swish", "Tanh",
+    }),
+    "timm.layers.activations_me": frozenset({
+        "HardMishMe", "HardSigmoidMe", "HardSwishMe", "MishMe", "SwishMe",
+    }),
+}  # fmt: skip
+
+
 def is_activation(module: nn.Module) -> bool:
-    """An activation module of torch or timm (folded or not)."""
-    return type(module).__module__ in (
-        "torch.nn.modules.activation",
-        "timm.layers.activations",
-        "timm.layers.activations_me",
+    """An elementwise activation module of torch or timm, by exact class
+    (:data:`ELEMENTWISE_ACTIVATIONS`; folded or not)."""
+    cls = type(module)
+    return cls.__name__ in ELEMENTWISE_ACTIVATIONS.get(cls.__module__, ())
+
+
+def runs_sequential_forward(seq: nn.Module) -> bool:
+    """Whether ``seq`` is an nn.Sequential whose forward is nn.Sequential's (one module after
+    the other): its class's, not overridden by a subclass nor replaced on the instance."""
+    return (
+        isinstance(seq, nn.Sequential)
+        and type(seq).forward is nn.Sequential.forward
+        and "forward" not in seq.__dict__
     )
 
 
@@ -71,10 +99,12 @@ def takes_activation(module: nn.Module) -> bool:
 
 
 def fold_activations(model: nn.Module, report: ConversionReport | None = None) -> nn.Module:
-    """Inside every nn.Sequential of ``model``: an activation module (ReLU, LeakyReLU, SiLU,
-    GELU) directly after a tritonnorm norm module (SyncBatchNorm and frozen BatchNorm included)
-    without one is folded into that module (``activation=``) and replaced by nn.Identity, so
-    state_dict keys stay the same."""
+    """Inside every nn.Sequential of ``model`` that runs nn.Sequential's forward: an activation
+    module (ReLU, LeakyReLU, SiLU, GELU) directly after a tritonnorm norm module (SyncBatchNorm
+    and frozen BatchNorm included) without one is folded into that module (``activation=``) and
+    replaced by nn.Identity, so state_dict keys stay the same. A Sequential subclass with a
+    forward of its own (or one replaced on the instance) may not call its modules in order:
+    nothing is folded there, and a norm + activation pair in it is reported."""
     for seq in model.modules():
         if not isinstance(seq, nn.Sequential):
             continue
@@ -83,6 +113,11 @@ def fold_activations(model: nn.Module, report: ConversionReport | None = None) -
             norm, act = seq._modules[first], seq._modules[second]
             activation = activation_of(act)
             if not takes_activation(norm):
+                continue
+            if not runs_sequential_forward(seq):
+                if report is not None and (activation is not None or is_activation(act)):
+                    why = f"not folded: {class_name(seq)} runs a forward of its own"
+                    report.left[f"{class_name(act)} after {class_name(norm)} ({why})"] += 1
                 continue
             if activation is not None:
                 norm.activation = activation
@@ -107,8 +142,8 @@ def _left_norms(model: nn.Module, report: ConversionReport) -> None:
             report.left[f"{name} (a norm subclass tritonnorm does not know)"] += 1
         elif zoo.is_third_party_norm(module):
             report.left[f"{name} (no tritonnorm equivalent)"] += 1
-        elif isinstance(why := zoo.channels_first_layer_norm(module), str):
-            report.left[f"{name} ({why})"] += 1
+        elif (found := zoo.channels_first_layer_norm(module)).reason is not None:
+            report.left[f"{name} ({found.reason})"] += 1
 
 
 def convert(
@@ -127,7 +162,10 @@ def convert(
     LayerNormAct2d, RmsNormAct2d, GroupNorm, GroupNorm1, LayerNorm2d and RmsNorm2d (the last
     four with tritonnorm.LayerNorm2d / RMSNorm2d's forward), torchvision's FrozenBatchNorm2d
     (eval-mode batch norm), and ConvNeXt's ``LayerNorm(C, data_format="channels_first")``
-    (recognised by its attributes and forward: :func:`tritonnorm.zoo.channels_first_layer_norm`).
+    (recognised by its attributes and by its forward's result on a probe input:
+    :func:`tritonnorm.zoo.channels_first_layer_norm`). Each becomes an instance of a tritonnorm
+    subclass of its class, named "Triton" + package + name (``TritonTimmLayerNorm2d``), with the
+    original's ``repr``; ``isinstance`` checks against the original class stay true.
     torch's nn.LayerNorm and nn.RMSNorm (last dimension) are never swapped. A timm layer's
     ``act`` runs fused into the norm when the epilogue has it (ReLU, LeakyReLU,
     SiLU/Swish, GELU, tanh GELU) and its ``drop`` is an Identity; otherwise ``drop`` and ``act``
@@ -143,18 +181,19 @@ def convert(
     swapped in place as above.
 
     With ``fuse_activations=True``, an activation module (ReLU, LeakyReLU, SiLU, GELU, tanh GELU
-    included) that directly follows a converted norm module inside an ``nn.Sequential`` is
-    folded into it (its ``activation``) and replaced by ``nn.Identity`` (state_dict keys are
-    unchanged, so a state_dict loads both ways); tritonnorm.SyncBatchNorm layers too. Known
-    blocks (:mod:`tritonnorm.blocks`: torchvision's and timm's ResNet BasicBlock/Bottleneck,
-    diffusers' ResnetBlock2D and AdaGroupNorm) run a forward that calls the fused ops (norm +
-    residual + activation, norm + scale/shift + activation), numerically theirs; their
-    parameters, buffers and state_dict are untouched.
+    included) that directly follows a converted norm module inside an ``nn.Sequential`` running
+    Sequential's own forward (not a subclass's) is folded into it (its ``activation``) and
+    replaced by ``nn.Identity`` (state_dict keys are unchanged, so a state_dict loads both
+    ways); tritonnorm.SyncBatchNorm layers too. Known blocks (:mod:`tritonnorm.blocks`:
+    torchvision's and timm's ResNet BasicBlock/Bottleneck, diffusers' ResnetBlock2D and
+    AdaGroupNorm) run a forward that calls the fused ops (norm + residual + activation, norm +
+    scale/shift + activation), numerically theirs; their parameters, buffers and state_dict are
+    untouched.
 
-    What was left alone (a norm subclass tritonnorm does not know, an activation without an
-    epilogue, a block whose forward or configuration differs from the known one) is reported:
-    with ``report=True`` the return value is ``(model, ConversionReport)``; otherwise one
-    warning names the classes and counts.
+    What was left alone (a norm subclass tritonnorm does not know, an elementwise activation
+    without an epilogue, a block whose forward or configuration differs from the known one) is
+    reported: with ``report=True`` the return value is ``(model, ConversionReport)``; otherwise
+    one warning names the classes and counts.
 
     Returns the model: ``model`` itself, or with ``sync=True`` a new module when ``model`` is a
     BatchNorm layer, so always use the return value."""

@@ -17,6 +17,8 @@ differentiates.
 from __future__ import annotations
 
 import functools
+import inspect
+import operator
 from typing import NamedTuple
 
 import torch
@@ -272,6 +274,8 @@ def _norm_backward_fake(
 
 # The gradients every backward returns, in this order (``mask``: which are asked for).
 GRADIENTS = ("input", "weight", "bias", "scale", "shift", "residual")
+# norm_backward's (and _NormGradFunction's) differentiable arguments, in _second_order's order
+_SECOND_ORDER = ("grad_output", *GRADIENTS)
 
 
 class _Dtypes(NamedTuple):
@@ -521,17 +525,15 @@ class _NormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y, _grad_mean, _grad_rstd):
         needs = ctx.needs_input_grad
-        mask = [needs[1], needs[2], needs[3], needs[6], needs[7], needs[8]]
         differentiable = torch.is_grad_enabled() or _functorch_active()
-        dx, dweight, dbias, dscale, dshift, dresidual = _first_order(
-            ctx, grad_y, mask, differentiable=differentiable, backward_fn=_gradients
-        )
-        return None, dx, dweight, dbias, None, None, dscale, dshift, dresidual
+        grads = _first_order(ctx, grad_y, list(_NORM_GRADIENTS.pick(needs)),
+                             differentiable=differentiable, backward_fn=_gradients)  # fmt: skip
+        return _NORM_GRADIENTS.place(grads)
 
     @staticmethod
-    def jvp(ctx, _settings, *tangents):
+    def jvp(ctx, *tangents):
         input, weight, bias, scale, shift, residual, mean, rstd = ctx.saved_tensors
-        tangents = (tangents[0], tangents[1], tangents[2], *tangents[5:])
+        tangents = _NORM_GRADIENTS.pick(tangents)
         primals = (input, weight, bias, scale, shift, residual)
         moving = [i for i, t in enumerate(tangents) if t is not None and primals[i] is not None]
         if not moving:
@@ -550,10 +552,11 @@ class _NormFunction(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, settings, *tensors):
-        folded = _fold_vmap(info, in_dims[1:], settings, tensors)
+        in_dims = _NORM_TENSORS.pick(in_dims)
+        folded = _fold_vmap(info, in_dims, settings, tensors)
         if folded is not None:
             return folded
-        return _reference_vmap(info, in_dims[1:], settings, tensors)
+        return _reference_vmap(info, in_dims, settings, tensors)
 
 
 class _NormGradFunction(torch.autograd.Function):
@@ -562,10 +565,10 @@ class _NormGradFunction(torch.autograd.Function):
     reference.first_order. Outputs in GRADIENTS' order, None where ``mask`` does not ask."""
 
     @staticmethod
-    def forward(settings: Settings, mask: tuple, dtypes: _Dtypes, grad_y, input, weight, bias,
-                mean, rstd, scale, shift, residual, y):  # fmt: skip
+    def forward(settings: Settings, mask: tuple, dtypes: _Dtypes, grad_output, input, weight,
+                bias, mean, rstd, scale, shift, residual, y):  # fmt: skip
         saved = (input, weight, bias, mean, rstd, scale, shift, residual, y)
-        raw = _kernel_gradients(settings, mask, grad_y, saved, _gradients)
+        raw = _kernel_gradients(settings, mask, grad_output, saved, _gradients)
         return _cast(raw, mask, dtypes)
 
     @staticmethod
@@ -580,20 +583,16 @@ class _NormGradFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *cotangents):
         needs = ctx.needs_input_grad
-        grads = _second_order(
-            ctx.settings, ctx.mask, ctx.dtypes, ctx.saved_tensors, cotangents,
-            (needs[3], needs[4], needs[5], needs[6], needs[9], needs[10], needs[11]),
-        )  # fmt: skip
-        d_grad_y, dx, dweight, dbias, dscale, dshift, dresidual = grads
-        return (None, None, None, d_grad_y, dx, dweight, dbias, None, None, dscale, dshift,
-                dresidual, None)  # fmt: skip
+        grads = _second_order(ctx.settings, ctx.mask, ctx.dtypes, ctx.saved_tensors, cotangents,
+                              _GRAD_SECOND_ORDER.pick(needs))  # fmt: skip
+        return _GRAD_SECOND_ORDER.place(grads)
 
     @staticmethod
-    def jvp(ctx, _settings, _mask, _dtypes, *tangents):
+    def jvp(ctx, *tangents):
         tensors = _stand_ins(ctx.saved_tensors, ctx.dtypes)
         grad_y, input, weight, bias, mean, rstd, scale, shift, residual, y = tensors
         primals = (grad_y, input, weight, bias, scale, shift, residual)
-        tangents = (*tangents[:4], *tangents[6:9])
+        tangents = _GRAD_SECOND_ORDER.pick(tangents)
         moving = [i for i, t in enumerate(tangents) if t is not None and primals[i] is not None]
         asked = [i for i in range(6) if ctx.mask[i]]
         if not moving:
@@ -625,7 +624,8 @@ class _NormGradFunction(torch.autograd.Function):
                                           output=out)  # fmt: skip
             return tuple(grads[i] for i in asked)
 
-        grads = torch.vmap(first, in_dims=tuple(in_dims[3:]), randomness="error")(*tensors)
+        in_dims = _GRAD_TENSORS.pick(in_dims)
+        grads = torch.vmap(first, in_dims=in_dims, randomness="error")(*tensors)
         result: list = [None] * 6
         for i, g in zip(asked, grads, strict=True):
             result[i] = g
@@ -659,6 +659,52 @@ def _wanted(needs: tuple, names: dict, wanted: tuple[str, ...]) -> list[bool]:
     return [names[name] < len(needs) and needs[names[name]] for name in wanted]
 
 
+def _placed(names: dict, count: int, wanted: tuple[str, ...], values) -> tuple:
+    """``count`` results, one per argument: ``values`` at the named ones, None elsewhere (a
+    backward's gradients)."""
+    out = [None] * count
+    for name, value in zip(wanted, values, strict=True):
+        if value is not None:
+            out[names[name]] = value
+    return tuple(out)
+
+
+class _Named:
+    """Some of a fixed-arity Function's arguments, by name, as two C-level itemgetters built
+    once: ``pick(per_argument)`` (needs_input_grad, tangents, vmap's in_dims) gives the named
+    ones in ``wanted``'s order; ``place(values)`` gives one result per argument, ``values`` at
+    the named ones and None elsewhere (a backward's gradients)."""
+
+    def __init__(self, names: dict[str, int], wanted: tuple[str, ...]):
+        self.pick = _getter([names[name] for name in wanted])
+        order = {name: i for i, name in enumerate(wanted)}
+        place = _getter([order[name] + 1 if name in order else 0 for name in names])
+        self.place = lambda values: place((None, *values))
+
+
+def _getter(indices: list[int]):
+    """itemgetter that always returns a tuple (itemgetter of one index returns the item)."""
+    get = operator.itemgetter(*indices)
+    return get if len(indices) > 1 else lambda values: (get(values),)
+
+
+def _parameters(forward) -> dict[str, int]:
+    """Argument name -> position, from an autograd Function's forward."""
+    return {name: i for i, name in enumerate(inspect.signature(forward).parameters)}
+
+
+# The eager Functions' arguments by name: their backward, jvp and vmap read and place through
+# these, as the custom ops' do through their schemas, so that no position is counted by hand.
+_NORM_ARGS = _parameters(_NormFunction.forward)
+_NORM_GRADIENTS = _Named(_NORM_ARGS, GRADIENTS)
+_NORM_TENSORS = _Named(_NORM_ARGS, tuple(name for name in _NORM_ARGS if name != "settings"))
+_GRAD_ARGS = _parameters(_NormGradFunction.forward)
+_GRAD_SECOND_ORDER = _Named(_GRAD_ARGS, _SECOND_ORDER)
+_GRAD_TENSORS = _Named(
+    _GRAD_ARGS, tuple(name for name in _GRAD_ARGS if name not in ("settings", "mask", "dtypes"))
+)
+
+
 def _settings_of(args: dict) -> Settings:
     norm = _norm(args["use_input_stats"], args["reduce_batch"], args["num_groups"],
                  args["per_position"], args["centred"])  # fmt: skip
@@ -678,11 +724,7 @@ def _forward_backward(ctx, grad_y, *_grad_statistics):
     needs = ctx.needs_input_grad
     grads = _first_order(ctx, grad_y, _wanted(needs, _FORWARD_ARGS, GRADIENTS),
                          differentiable=False, backward_fn=norm_backward)  # fmt: skip
-    out = [None] * len(needs)
-    for name, grad in zip(GRADIENTS, grads, strict=True):
-        if grad is not None:
-            out[_FORWARD_ARGS[name]] = grad
-    return tuple(out)
+    return _placed(_FORWARD_ARGS, len(needs), GRADIENTS, grads)
 
 
 torch.library.register_autograd(
@@ -692,8 +734,6 @@ torch.library.register_autograd(
 _BACKWARD_DEFAULTS = {
     arg.name: arg.default_value for arg in norm_backward._opoverload._schema.arguments
 }
-# norm_backward's differentiable arguments, in _second_order's order
-_SECOND_ORDER = ("grad_output", "input", "weight", "bias", "scale", "shift", "residual")
 
 
 def _backward_setup_context(ctx, inputs, output):
@@ -714,11 +754,7 @@ def _backward_backward(ctx, *cotangents):
     cotangents = [g if asked else None for g, asked in zip(cotangents, ctx.mask, strict=True)]
     grads = _second_order(ctx.settings, ctx.mask, ctx.dtypes, ctx.saved_tensors, cotangents,
                           _wanted(needs, _BACKWARD_ARGS, _SECOND_ORDER))  # fmt: skip
-    out = [None] * len(needs)
-    for name, grad in zip(_SECOND_ORDER, grads, strict=True):
-        if grad is not None:
-            out[_BACKWARD_ARGS[name]] = grad
-    return tuple(out)
+    return _placed(_BACKWARD_ARGS, len(needs), _SECOND_ORDER, grads)
 
 
 torch.library.register_autograd(

@@ -5,21 +5,36 @@ FrozenBatchNorm2d, and ConvNeXt's ``LayerNorm(..., data_format="channels_first")
 
 Classes are matched by exact type, through their module path and name, so no package is imported
 here; ConvNeXt's LayerNorm, copied into every repository that uses it, is recognised by its
-attributes and the names its forward uses (:func:`channels_first_layer_norm`). Each known class
-gets a tritonnorm subclass, made on first use, with the original's name: ``repr``, constructor,
-state_dict keys and ``_load_from_state_dict`` stay the original's, and only ``forward`` runs
-tritonnorm. :func:`tritonnorm.convert` swaps a module's ``__class__`` to it (the
-same object: parameters, buffers, hooks and train/eval state are kept). The subclasses are
-attributes of this module (made again by name when looked up), so a converted model pickles as
-well as it ``copy.deepcopy``s.
+attributes and by its behaviour on a probe input (:func:`channels_first_layer_norm`). Each known
+class gets a tritonnorm subclass, made on first use: ``repr``, constructor, state_dict keys and
+``_load_from_state_dict`` stay the original's, and only ``forward`` runs tritonnorm.
+:func:`tritonnorm.convert` swaps a module's ``__class__`` to it (the same object: parameters,
+buffers, hooks and train/eval state are kept).
+
+Names: the subclass's ``__name__`` is its own, "Triton" + the package + the original's name
+(:func:`converted_name`: ``TritonTimmLayerNorm2d``, never ``tritonnorm.LayerNorm2d``'s name),
+while ``repr`` and reports show the original's. ``isinstance(m, timm.layers.LayerNorm2d)`` stays
+true after convert; ``isinstance(m, Converted)`` says that a third-party layer or block runs
+tritonnorm.
+
+Pickling: a converted module pickles by reference to its original class (``__reduce_ex__``), and
+is converted again when loaded; it pickles exactly when the unconverted module would (a class
+defined inside a function fails at ``pickle.dumps``, as it does unconverted). ``copy.deepcopy``
+works for every class. The subclasses are also attributes of this module (made again by name
+when looked up), so the classes themselves, and pickles of earlier versions, load.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib
+import inspect
+import re
 import sys
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import activations
@@ -68,10 +83,46 @@ def class_name(module_or_class) -> str:
     return class_path(cls)
 
 
+def converted_name(cls: type) -> str:
+    """The ``__name__`` of ``cls``'s tritonnorm subclass: "Triton", the package's name for a known
+    package, and the class's name ("TritonTimmLayerNorm2d", "TritonTorchvisionBasicBlock"; a
+    ConvNeXt LayerNorm copied into any other package: "TritonLayerNorm"). Its own name, so that
+    it is never taken for tritonnorm's class of the same name (tritonnorm.LayerNorm2d)."""
+    package = cls.__module__.split(".")[0]
+    return "Triton" + (package.capitalize() if package in PACKAGES else "") + cls.__name__
+
+
+def _reconvert(original: type, mixins: tuple[type, ...]) -> nn.Module:
+    """An empty converted module of ``original`` (what pickle and copy rebuild one from: the
+    state is set after). Pickles name this function: keep its name and arguments."""
+    cls = converted_class(original, mixins)
+    return cls.__new__(cls)
+
+
 class Converted:
-    """Base of every subclass made here (``_tn_original``: the class it stands for)."""
+    """Base of every subclass made here (``_tn_original``: the class it stands for,
+    ``_tn_mixins``: the classes placed before it)."""
 
     _tn_original: type
+    _tn_mixins: tuple[type, ...]
+
+    def __reduce_ex__(self, protocol: int):
+        # By reference to the original class, not to the made one: the original is what pickle
+        # can find (or reports, at dumps, that it cannot: a class defined inside a function)
+        return _reconvert, (self._tn_original, self._tn_mixins), self.__getstate__()
+
+    def _get_name(self) -> str:
+        # nn.Module.__repr__ prints this: the original's name, so that repr stays the original's
+        original = self._tn_original
+        if original._get_name is nn.Module._get_name:
+            return original.__name__
+        return original._get_name(self)
+
+    def __repr__(self) -> str:
+        # a repr of the original's own may print type(self).__name__ (torchvision's
+        # FrozenBatchNorm2d): its name there too
+        text = self._tn_original.__repr__(self)
+        return re.sub(rf"\b{re.escape(type(self).__name__)}\b", self._get_name(), text)
 
     def extra_repr(self) -> str:
         text = self._tn_original.extra_repr(self)
@@ -101,7 +152,7 @@ class NormActMixin(Converted):
     def activation(self, value) -> None:
         if value is not None:
             raise AttributeError(
-                f"{type(self).__name__}'s activation is its `act` module: set that instead"
+                f"{class_name(self)}'s activation is its `act` module: set that instead"
             )
 
     def forward(self, input: Tensor) -> Tensor:
@@ -213,14 +264,17 @@ def converted_class(cls: type, mixins: tuple[type, ...] | None = None) -> type:
     made = _SUBCLASSES.get(cls)
     if made is None:
         path = class_path(cls)
-        if mixins is None:
-            mixins, name = _MIXINS[path], _attribute_name(path)
-        else:
-            name = _recognised_name(cls)
+        mixins = _MIXINS[path] if mixins is None else mixins
+        name = _attribute_name(path) if path in _MIXINS else _recognised_name(cls)
         made = type(
-            cls.__name__,
+            converted_name(cls),
             (*mixins, cls),
-            {"__module__": __name__, "__qualname__": name, "_tn_original": cls},
+            {
+                "__module__": __name__,
+                "__qualname__": name,
+                "_tn_original": cls,
+                "_tn_mixins": mixins,
+            },
         )
         _SUBCLASSES[cls] = made
     return made
@@ -250,26 +304,111 @@ def __getattr__(name: str) -> type:
 #             x = self.weight[:, None, None] * x + self.bias[:, None, None]
 #             return x
 #
-# with (C,) parameters weight and bias, eps, normalized_shape == (C,) and data_format. Its
-# forward must use these names (and may use the others: a cast to float32 and back, as in
-# transformers' ConvNextLayerNorm before 4.50) and take one input.
+# with (C,) parameters weight and bias, eps, normalized_shape == (C,) and data_format. Copies
+# differ in their code (transformers' ConvNextLayerNorm computes in float32 and casts back, and
+# later ones permute around nn.LayerNorm's forward), so the forward is checked by what it
+# computes, not by how it is written.
 CHANNELS_FIRST_MIXINS = (Converted, LayerNorm2dMixin)
-_CHANNELS_FIRST_NAMES = frozenset({"data_format", "mean", "pow", "sqrt", "eps", "weight", "bias"})
-_CHANNELS_FIRST_ALLOWED = _CHANNELS_FIRST_NAMES | {
-    "F", "layer_norm", "normalized_shape", "torch", "nn", "functional", "dtype", "float", "to",
-}  # fmt: skip
 
 
-def channels_first_layer_norm(module: nn.Module) -> bool | str:
-    """Whether ``module`` is ConvNeXt's LayerNorm with ``data_format="channels_first"``: True
-    (convert it), False (nothing like it), or for a look-alike (a norm class with a
-    ``data_format``) that is not one, why."""
+class Recognition(NamedTuple):
+    """What :func:`channels_first_layer_norm` found: ``ok``, convert it; otherwise ``reason``,
+    why a look-alike is left alone (None: nothing like it, not worth a report). Its truth value
+    is ``ok``."""
+
+    ok: bool
+    reason: str | None = None
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+# The probe: float64 input of shape (N, C, H, W) = (2, C, 3, 2) (N, H and W differ from one
+# another, so a reduction over another axis shows), weight, bias and eps that change the output
+# (weight not ones, bias not zeros, an eps that moves it by percents against the input's
+# variance of 4), from a fixed seed. 1e-5: far above a float32 computation's rounding
+# (transformers' older copy), below the change an unbiased variance makes (about 1/(2C) of
+# each value) up to thousands of channels.
+_PROBE_EPS = 0.25
+_PROBE_TOLERANCE = 1e-5
+
+
+def _probe(channels: int) -> tuple[Tensor, Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    draw = lambda *shape: torch.randn(shape, generator=generator, dtype=torch.float64)
+    return draw(2, channels, 3, 2) * 2 + 0.5, 1 + 0.5 * draw(channels), 0.5 * draw(channels)
+
+
+def _takes_one_input(forward) -> bool:
+    """``forward(self, x)``: the converted forward takes one positional input (and keyword-only
+    epilogue extras), so a forward with other arguments would lose them."""
+    try:
+        parameters = list(inspect.signature(forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return False
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return len(parameters) == 1 and parameters[0].kind in positional
+
+
+def _probe_mismatch(module: nn.Module) -> str | None:
+    """Why the class's forward, run on a CPU float64 copy of ``module`` with probe parameters
+    and eps, in training and in eval mode, is not a layer norm across dim 1 (None: it is). The
+    module itself is not touched (its parameters may be on any device, meta included)."""
+    (channels,) = module.normalized_shape
+    x, weight, bias = _probe(channels)
+    expected = F.layer_norm(x.permute(0, 2, 3, 1), (channels,), weight, bias, _PROBE_EPS)
+    expected = expected.permute(0, 3, 1, 2)
+    # the copy takes the probe parameters in place of the module's (never copied)
+    memo = {
+        id(module._parameters["weight"]): nn.Parameter(weight),
+        id(module._parameters["bias"]): nn.Parameter(bias),
+    }
+    try:
+        probe = copy.deepcopy(module, memo)
+        probe.eps = _PROBE_EPS
+        outputs = []
+        with torch.no_grad():
+            for training in (True, False):
+                probe.training = training
+                outputs.append(type(module).forward(probe, x.clone()))
+    except Exception as error:  # its code, on an input it may not expect: any error says no
+        message = str(error).splitlines()[0] if str(error) else ""
+        return f"its forward fails on a CPU float64 probe input ({type(error).__name__}: {message})"
+    for y in outputs:
+        if not (
+            isinstance(y, Tensor)
+            and y.shape == x.shape
+            and y.dtype == x.dtype
+            and torch.allclose(y, expected, rtol=_PROBE_TOLERANCE, atol=_PROBE_TOLERANCE)
+        ):
+            return "its forward is not ConvNeXt's LayerNorm's"
+    return None
+
+
+def channels_first_layer_norm(module: nn.Module) -> Recognition:
+    """Whether ``module`` is ConvNeXt's LayerNorm with ``data_format="channels_first"``, by what
+    it is and by what it computes:
+
+    - a class whose name contains "Norm", with ``data_format == "channels_first"``, parameters
+      ``weight`` and ``bias`` of shape ``normalized_shape == (C,)`` and nothing else (no
+      buffers, no submodules), an ``eps``, and its class's ``forward(self, x)`` (one input, not
+      replaced on the instance);
+    - that forward, run on a copy of the module on the CPU in float64 with probe parameters and
+      eps (a fixed-seed (2, C, 3, 2) input, weight not ones, bias not zeros, eps 0.25; in
+      training and in eval mode), returns torch's ``F.layer_norm`` across dim 1 of the probe,
+      in its shape and dtype, to 1e-5. The module's own parameters are never touched.
+
+    Returns ``Recognition(True)`` to convert it; ``Recognition(False)`` for a module that is
+    nothing like it (not a norm class with a ``data_format``); for a look-alike that is not
+    one, ``Recognition(False, reason)`` (reported)."""
     cls = type(module)
     data_format = getattr(module, "data_format", None)
     if issubclass(cls, Converted) or "Norm" not in cls.__name__ or not isinstance(data_format, str):
-        return False
+        return Recognition(False)
     if data_format != "channels_first":
-        return f"data_format={data_format!r}: tritonnorm converts channels_first only"
+        return Recognition(
+            False, f"data_format={data_format!r}: tritonnorm converts channels_first only"
+        )
     weight, bias = module._parameters.get("weight"), module._parameters.get("bias")
     shape = getattr(module, "normalized_shape", None)
     if (
@@ -278,20 +417,18 @@ def channels_first_layer_norm(module: nn.Module) -> bool | str:
         or any(p is None or tuple(p.shape) != shape for p in (weight, bias))
         or not isinstance(getattr(module, "eps", None), (int, float))
     ):
-        return "not a ConvNeXt LayerNorm: weight, bias of shape normalized_shape = (C,), eps"
-    code = getattr(cls.forward, "__code__", None)
-    names = frozenset(code.co_names) if code is not None else frozenset()
-    if (
-        code is None
-        or code.co_argcount != 2
-        or not _CHANNELS_FIRST_NAMES <= names <= _CHANNELS_FIRST_ALLOWED
-    ):
-        return "its forward is not ConvNeXt's LayerNorm's"
+        reason = "not a ConvNeXt LayerNorm: weight, bias of shape normalized_shape = (C,), eps"
+        return Recognition(False, reason)
     if "forward" in module.__dict__:
-        return "its forward is replaced on the instance"
+        return Recognition(False, "its forward is replaced on the instance")
     if module._modules or module._buffers or len(module._parameters) != 2:
-        return "not a ConvNeXt LayerNorm: submodules, buffers or other parameters"
-    return True
+        return Recognition(
+            False, "not a ConvNeXt LayerNorm: submodules, buffers or other parameters"
+        )
+    if not _takes_one_input(cls.forward):
+        return Recognition(False, "its forward takes other arguments than the input")
+    reason = _probe_mismatch(module)
+    return Recognition(reason is None, reason)
 
 
 def _report_activation(module: nn.Module, report) -> None:
@@ -315,7 +452,7 @@ def convert_module(module: nn.Module, report) -> bool:
     if not issubclass(cls, Converted):
         if class_path(cls) in NORMS:
             module.__class__ = converted_class(cls)
-        elif channels_first_layer_norm(module) is True:
+        elif channels_first_layer_norm(module).ok:
             module.__class__ = converted_class(cls, CHANNELS_FIRST_MIXINS)
         else:
             return False

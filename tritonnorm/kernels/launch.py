@@ -24,6 +24,7 @@ between them.
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -44,7 +45,18 @@ from .geometry import (  # noqa: F401  (Norm, Reduction, View, plan, grad_view: 
     same_offsets,
     view_or_copy,
 )
-from .launcher import NO_EPILOGUE, Launch, current_stream, hooks_set, index_64
+from .launcher import (
+    NO_EPILOGUE,
+    Launch,
+    current_device,
+    current_stream,
+    device_index,
+    hooks_set,
+    index_64,
+    restore_device,
+    switch_device,
+)
+from .lru import LRU
 
 ACTIVATIONS = activations.CODES  # name -> the kernels' code
 derivative_from_output = activations.derivative_from_output
@@ -127,8 +139,11 @@ class _Recorder:
 
     def __init__(self, args: tuple):
         self.names = {id(t): f"a{i}" for i, t in enumerate(args) if t is not None}
-        self.ok = len(self.names) == sum(t is not None for t in args)  # no aliased arguments
+        tensors = [t for t in args if isinstance(t, torch.Tensor)]
+        self.ok = len({id(t) for t in tensors}) == len(tensors)  # no aliased tensors
         self.args = tuple(None if t is None else f"a{i}" for i, t in enumerate(args))
+        # the tensors' names (the others are runtime scalars: momentum, eps)
+        self.tensor_args = tuple(f"a{i}" for i, t in enumerate(args) if isinstance(t, torch.Tensor))
         self.lines: list[str] = []
         self.scope: dict = {
             "empty_like": torch.empty_like, "hooks_set": hooks_set, "stream": current_stream
@@ -183,7 +198,7 @@ class _Recorder:
         params = ", ".join(f"a{i}" for i in range(len(self.args)))
         head = ""
         if self.unguarded:
-            tensors = [a for a in self.args if a is not None]
+            tensors = self.tensor_args
             guards = [f"a{i} is {'' if a is None else 'not '}None" for i, a in enumerate(self.args)]
             if tensors:
                 guards.append(f"not ({' | '.join(f'{a}.data_ptr()' for a in tensors)}) & 15")
@@ -204,10 +219,18 @@ class _Plan:
         self.templates: dict[str, torch.Tensor] = {}
         self.replays: dict = {}  # variant -> the recorded replay, or None (cannot)
         self._recording: _Recorder | None = None
+        self.device: int | None = None  # launcher.device_index of its input: made current
 
     def run(self, *args, variant=()):
         """The plan's outputs for ``args`` (its ``_run``'s arguments; ``variant``: the keyword
-        arguments that change what a run does)."""
+        arguments that change what a run does), launched on the input's device (its current
+        stream)."""
+        if self.device is not None and current_device() != self.device:
+            previous = switch_device(self.device)
+            try:
+                return self.run(*args, variant=variant)
+            finally:
+                restore_device(previous)
         replay = self.replays.get(variant, False)
         if replay:
             out = replay(*args)
@@ -287,11 +310,10 @@ class ForwardPlan(_Plan):
       mean, rstd and a reduced batch's running statistics - 2 launches; with many partials, or
       InstanceNorm's running statistics, a finalize between them (COEFFICIENTS) - 3."""
 
-    def __init__(self, x: torch.Tensor, norm: Norm, epilogue: Epilogue | None, eps: float,
-                 momentum: float, running: bool):  # fmt: skip
+    def __init__(self, x: torch.Tensor, norm: Norm, epilogue: Epilogue | None, running: bool):
         super().__init__()
         ep = epilogue if epilogue is not None and epilogue.present else None
-        self.norm, self.eps, self.momentum, self.running = norm, eps, momentum, running
+        self.norm, self.running = norm, running
         self.epilogue = ep
         self.empty = x.numel() == 0
         fold = norm.batch_reduced and (ep is None or ep.scale is None)
@@ -309,10 +331,10 @@ class ForwardPlan(_Plan):
         self.max_split = config.max_split(red, self.fused, epilogue=self.fused and ep is not None)
         self.num_partials: int | None = None  # the statistics launch's split, once bound
 
-    def _run(self, x, weight, bias, running_mean, running_var, scale=None, shift=None,
-             residual=None, want_stats=True):  # fmt: skip
+    def _run(self, x, weight, bias, running_mean, running_var, scale, shift, residual, momentum,
+             eps, want_stats=True):  # fmt: skip
         """y, mean, rstd (None without ``want_stats`` in eval), updating the running statistics
-        in place."""
+        in place. ``momentum`` and ``eps`` are the kernels' runtime arguments, not the plan's."""
         y = self._like(x, self.y_dtype)
         if self.empty:
             return y, _nan_stats(x, self.norm), _nan_stats(x, self.norm)
@@ -330,9 +352,9 @@ class ForwardPlan(_Plan):
         if not self.norm.use_input_stats:
             tensors = dict(x_ptr=x, out_ptr=y, weight_ptr=weight, bias_ptr=bias,
                            running_mean_ptr=running_mean, running_var_ptr=running_var,
-                           mean_ptr=mean, rstd_ptr=rstd, **ep)  # fmt: skip
+                           mean_ptr=mean, rstd_ptr=rstd, **ep, eps=eps)  # fmt: skip
             self._step("apply", tensors, lambda: apply_.bind_apply(
-                red, tensors, source=apply_.RUNNING, extras=self.extras, eps=self.eps))  # fmt: skip
+                red, tensors, source=apply_.RUNNING, extras=self.extras))  # fmt: skip
             return y, mean, rstd
         partials = None
         if not self.fused or self.sample_running:
@@ -341,38 +363,37 @@ class ForwardPlan(_Plan):
                                     device)  # fmt: skip
         if self.fused:
             tensors = dict(x_ptr=x, y_ptr=y, weight_ptr=weight, bias_ptr=bias, mean_ptr=mean,
-                           rstd_ptr=rstd, partial_ptr=partials, **direct, **ep)  # fmt: skip
+                           rstd_ptr=rstd, partial_ptr=partials, **direct, **ep, eps=eps,
+                           momentum=momentum)  # fmt: skip
             self._step("stats", tensors, lambda: stats.bind_statistics(
-                red, tensors, fused=True, eps=self.eps, momentum=self.momentum,
-                extras=self.extras))  # fmt: skip
+                red, tensors, fused=True, extras=self.extras))  # fmt: skip
             if self.sample_running:
                 self._finalize(partials, 1, mean, rstd, None, weight, bias, running_mean,
-                               running_var)  # fmt: skip
+                               running_var, momentum, eps)  # fmt: skip
             return y, mean, rstd
         tensors = dict(x_ptr=x, partial_ptr=partials)
         launched = self._step("stats", tensors, lambda: stats.bind_statistics(
-            red, tensors, fused=False, eps=self.eps, momentum=self.momentum,
-            extras=NO_EPILOGUE))  # fmt: skip
+            red, tensors, fused=False, extras=NO_EPILOGUE))  # fmt: skip
         num_partials = launched.cfg.kwargs["SPLIT"]
         strides = (partials.stride(0), partials.stride(1))
         if _fold(num_partials) and not self.sample_running:
             tensors = dict(x_ptr=x, out_ptr=y, weight_ptr=weight, bias_ptr=bias,
-                           partial_ptr=partials, mean_ptr=mean, rstd_ptr=rstd, **direct, **ep)  # fmt: skip
+                           partial_ptr=partials, mean_ptr=mean, rstd_ptr=rstd, **direct, **ep,
+                           eps=eps, momentum=momentum)  # fmt: skip
             self._step("apply", tensors, lambda: apply_.bind_apply(
                 red, tensors, source=apply_.STATS_PARTIALS, extras=self.extras,
-                num_partials=num_partials, partial_strides=strides, eps=self.eps,
-                momentum=self.momentum))  # fmt: skip
+                num_partials=num_partials, partial_strides=strides))  # fmt: skip
             return y, mean, rstd
         coef = self._buffer("coef", (4, red.rows, red.view.C), self.acc, device)
         self._finalize(partials, num_partials, mean, rstd, coef, weight, bias, running_mean,
-                       running_var)  # fmt: skip
+                       running_var, momentum, eps)  # fmt: skip
         tensors = dict(x_ptr=x, out_ptr=y, coef_ptr=coef, **ep)
         self._step("apply", tensors, lambda: apply_.bind_apply(
             red, tensors, source=apply_.COEFFICIENTS, extras=self.extras))  # fmt: skip
         return y, mean, rstd
 
     def _finalize(self, partials, num_partials, mean, rstd, coef, weight, bias, running_mean,
-                  running_var) -> None:  # fmt: skip
+                  running_var, momentum, eps) -> None:  # fmt: skip
         """Combine the partials (mean, rstd), update the running statistics (in place) and, with
         ``coef``, write the apply coefficients."""
         if not self.running:
@@ -381,16 +402,47 @@ class ForwardPlan(_Plan):
             partial_ptr=partials, mean_ptr=mean, rstd_ptr=rstd, coef_ptr=coef,
             weight_ptr=weight, bias_ptr=bias, running_mean_ptr=running_mean,
             running_var_ptr=running_var, new_running_mean_ptr=running_mean,
-            new_running_var_ptr=running_var,
+            new_running_var_ptr=running_var, momentum=momentum, eps=eps,
         )  # fmt: skip
         red = self.red
         self._step("finalize", tensors, lambda: stats.bind_finalize(
-            red, tensors, num_partials, eps=self.eps, momentum=self.momentum,
-            update=self.running, partial_strides=(partials.stride(0), partials.stride(1))))  # fmt: skip
+            red, tensors, num_partials, update=self.running,
+            partial_strides=(partials.stride(0), partials.stride(1))))  # fmt: skip
 
 
-_forward_plans: dict[tuple, ForwardPlan] = {}
-_backward_plans: dict[tuple, BackwardPlan] = {}
+def _cache_size() -> int:
+    value = os.environ.get("TRITONNORM_PLAN_CACHE_SIZE", "")
+    if not value:
+        return 1024
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"TRITONNORM_PLAN_CACHE_SIZE must be a positive integer, got {value!r}")
+    return int(value)
+
+
+# How many forward plans, and how many backward plans, are kept (each 10-20 kB of Python
+# objects: bound launches, generated replays): 1024 by default, TRITONNORM_PLAN_CACHE_SIZE at
+# import, set_plan_cache_size() at run time. A model's layers share the plans of equal shapes,
+# so a model needs about twice its distinct norm input shapes.
+PLAN_CACHE_SIZE = _cache_size()
+_forward_plans = LRU(PLAN_CACHE_SIZE)
+_backward_plans = LRU(PLAN_CACHE_SIZE)
+
+
+def set_plan_cache_size(size: int) -> int:
+    """Keep at most ``size`` forward and ``size`` backward plans (least recently used evicted
+    first); returns the previous bound."""
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ValueError(f"the plan cache size must be a positive integer, got {size!r}")
+    previous = _forward_plans.size
+    for cache in (_forward_plans, _backward_plans):
+        cache.size = size
+        cache.shrink()
+    return previous
+
+
+def plan_counts() -> dict[str, int]:
+    """How many plans are cached: {"forward": n, "backward": m}."""
+    return {"forward": len(_forward_plans), "backward": len(_backward_plans)}
 
 
 def clear_plans() -> None:
@@ -430,27 +482,31 @@ def forward(
         running_out[0].copy_(running_mean), running_out[1].copy_(running_var)
         running_mean, running_var = running_out
     key = (
-        x.shape, x.stride(), x.dtype, x.device, norm, momentum, eps,
+        x.shape, x.stride(), x.dtype, x.device, norm,
         None if weight is None else weight.dtype, None if bias is None else bias.dtype,
         None if running_mean is None else running_mean.dtype, running, _epilogue_key(epilogue),
         config._overrides, tuning._enabled,
     )  # fmt: skip
     plan_ = _forward_plans.get(key)
-    if plan_ is None:
+    if plan_ is not None:
+        if _forward_plans.crowded:
+            _forward_plans.move_to_end(key)
+    else:
         if not is_dense(x):  # other strides: one copy, then the plan of the dense layout
             return forward(
                 x.contiguous(), weight, bias, running_mean, running_var, norm=norm,
                 momentum=momentum, eps=eps, epilogue=epilogue, want_stats=want_stats,
             )  # fmt: skip
         kind = PositionForwardPlan if norm.per_position else ForwardPlan
-        plan_ = _forward_plans[key] = kind(x, norm, epilogue, eps, momentum, running)
+        plan_ = _forward_plans[key] = kind(x, norm, epilogue, running)
+        plan_.device = device_index(x)
     variant = () if want_stats else (False,)
     if plan_.epilogue is None:
-        return plan_.run(x, weight, bias, running_mean, running_var, None, None, None,
-                         variant=variant)  # fmt: skip
+        return plan_.run(x, weight, bias, running_mean, running_var, None, None, None, momentum,
+                         eps, variant=variant)  # fmt: skip
     ep = epilogue
     return plan_.run(x, weight, bias, running_mean, running_var, ep.scale, ep.shift, ep.residual,
-                     variant=variant)  # fmt: skip
+                     momentum, eps, variant=variant)  # fmt: skip
 
 
 def _in_x_layout(plan_, x, dy, residual, output) -> tuple:
@@ -699,11 +755,11 @@ class PositionForwardPlan(_Plan):
     """The forward across the channels at each position (LayerNorm2d, RMSNorm2d): one launch
     writes y, mean and rstd (positions.py); a program holds whole channel vectors."""
 
-    def __init__(self, x: torch.Tensor, norm: Norm, epilogue: Epilogue | None, eps: float,
-                 momentum: float = 0.0, running: bool = False):  # fmt: skip
+    def __init__(self, x: torch.Tensor, norm: Norm, epilogue: Epilogue | None,
+                 running: bool = False):  # fmt: skip
         super().__init__()
         ep = epilogue if epilogue is not None and epilogue.present else None
-        self.norm, self.eps, self.epilogue = norm, eps, ep
+        self.norm, self.epilogue = norm, ep
         self.empty = x.numel() == 0
         self.red = red = reduction_of(tuple(x.shape), x.stride(), x.dtype, norm, False)
         self.stats_shape = norm.stats_shape(tuple(x.shape))
@@ -711,8 +767,8 @@ class PositionForwardPlan(_Plan):
         self.res_view, self.res_copy = _residual_view(ep, red.view)
         self.extras = _epilogue_constants(ep, self.res_view)
 
-    def _run(self, x, weight, bias, running_mean=None, running_var=None, scale=None, shift=None,
-             residual=None, want_stats=True):  # fmt: skip
+    def _run(self, x, weight, bias, running_mean, running_var, scale, shift, residual, momentum,
+             eps, want_stats=True):  # fmt: skip
         y = self._like(x, self.y_dtype)
         if self.empty:
             return y, _nan_stats(x, self.norm), _nan_stats(x, self.norm)
@@ -722,9 +778,9 @@ class PositionForwardPlan(_Plan):
         rstd = self._like(mean)
         ep = dict(scale_ptr=scale, shift_ptr=shift, res_ptr=residual) if self.epilogue else {}
         tensors = dict(x_ptr=x, y_ptr=y, weight_ptr=weight, bias_ptr=bias, mean_ptr=mean,
-                       rstd_ptr=rstd, **ep)  # fmt: skip
+                       rstd_ptr=rstd, **ep, eps=eps)  # fmt: skip
         self._step("forward", tensors, lambda: positions.bind_forward(
-            self.red, tensors, centred=self.norm.centred, eps=self.eps, extras=self.extras))  # fmt: skip
+            self.red, tensors, centred=self.norm.centred, extras=self.extras))  # fmt: skip
         return y, mean, rstd
 
 
@@ -833,7 +889,10 @@ def backward(
         tuning._enabled,
     )  # fmt: skip
     plan_ = _backward_plans.get(key)
-    if plan_ is None:
+    if plan_ is not None:
+        if _backward_plans.crowded:
+            _backward_plans.move_to_end(key)
+    else:
         if not is_dense(x):  # as the forward: one copy, then the dense layout's plan
             return backward(
                 dy, x.contiguous(), weight, bias, mean, rstd, norm=norm, epilogue=epilogue,
@@ -843,6 +902,7 @@ def backward(
         plan_ = _backward_plans[key] = kind(
             x, dy, norm, ep, output_mask, output, _meta(weight), bias is not None
         )
+        plan_.device = device_index(x)
     # The kernels write dweight and dbias (dscale and dshift) together: return what was asked.
     if ep is None:
         dx, dw, db, *_ = plan_.run(dy, x, weight, bias, mean, rstd)

@@ -54,9 +54,41 @@ _RUNTIME = getattr(_knobs, "runtime", None)
 
 
 def current_stream():
-    """The stream Triton launches on (the current device's current stream)."""
+    """The stream Triton launches on (the current device's current stream). Plans and launches
+    make their tensors' device the current one first (:func:`switch_device`)."""
     driver = triton.runtime.driver.active
     return driver.get_current_stream(driver.get_current_device())
+
+
+def device_index(t: torch.Tensor) -> int | None:
+    """The CUDA device a launch on ``t`` must run on (None: the current one, e.g. CPU tensors
+    under the interpreter or the host-cost emulation)."""
+    return t.device.index if t.is_cuda else None
+
+
+def current_device() -> int:
+    """The driver's current device (torch.cuda.current_device on a GPU)."""
+    return triton.runtime.driver.active.get_current_device()
+
+
+def switch_device(index: int | None) -> int | None:
+    """Make device ``index`` current for the launches that follow (Triton compiles for, loads
+    its kernels on and launches on the current device's current stream, and a kernel loaded on
+    one device cannot launch on another); returns the device to restore, None when it already
+    was current (the usual case: one ``int`` comparison)."""
+    if index is None:
+        return None
+    driver = triton.runtime.driver.active
+    current = driver.get_current_device()
+    if current == index:
+        return None
+    driver.set_current_device(index)
+    return current
+
+
+def restore_device(previous: int | None) -> None:
+    if previous is not None:
+        triton.runtime.driver.active.set_current_device(previous)
 
 
 def hooks_set() -> bool:
@@ -94,15 +126,17 @@ class Kernel:
         grid: tuple[int, ...],
         cfg: triton.Config | None,
         tensors: tuple[str, ...],
-        external: tuple[str, ...] = (),
+        owned: tuple[str, ...] = (),
+        device: int | None = None,
         **constants,
     ) -> Launch:
         """A launch of this kernel with ``grid``, the config's meta-parameters and warps, and
         ``constants`` (every other argument, None pointers included); ``tensors`` names the
-        arguments a call passes (in that order), ``external`` those among them that come from
-        the user (their alignment can vary between calls; buffers a plan allocates are
-        aligned)."""
-        return Launch(self, grid, cfg, tensors, external, constants)
+        arguments a call passes (in that order), ``owned`` those among them that are always
+        tritonnorm's own scratch buffers (aligned by allocation); every other pointer can come
+        from a caller, and its alignment is checked at every direct launch. ``device``: the
+        CUDA device it runs on (:func:`device_index`)."""
+        return Launch(self, grid, cfg, tensors, owned, constants, device)
 
     def run_jit(self, grid, kwargs: dict):
         """Triton's JIT path; returns the CompiledKernel (None under the interpreter or when a
@@ -114,20 +148,22 @@ class Launch:
     """One bound launch of a :class:`Kernel`, called with its tensors in the order they were
     named (see the module docstring)."""
 
-    __slots__ = ("_direct", "_unguarded", "cfg", "constants", "empty_grid", "external", "grid",
-                 "kernel", "tensors")  # fmt: skip
+    __slots__ = ("_direct", "_unguarded", "cfg", "checked", "constants", "device", "empty_grid",
+                 "grid", "kernel", "tensors")  # fmt: skip
 
-    def __init__(self, kernel, grid, cfg, tensors, external, constants):
+    def __init__(self, kernel, grid, cfg, tensors, owned, constants, device=None):
         self.kernel = kernel
         self.grid = tuple(grid) + (1,) * (3 - len(grid))
         self.empty_grid = self.grid[0] * self.grid[1] * self.grid[2] == 0
         self.cfg = cfg
         self.tensors = tuple(tensors)
-        self.external = tuple(self.tensors.index(name) for name in external if name in tensors)
+        # the slots whose alignment a direct launch checks: all but the owned scratch buffers
+        self.checked = tuple(i for i, name in enumerate(self.tensors) if name not in owned)
         self.constants = dict(constants)
         if cfg is not None:
             self.constants.update(cfg.all_kwargs())
         self.constants.update(config.LAUNCH_OPTIONS)
+        self.device = device  # device_index() of its tensors: made current around each call
         self._direct = None  # the generated direct launcher (_generate), after a first run
         self._unguarded = None
 
@@ -142,7 +178,16 @@ class Launch:
         return self._unguarded
 
     def __call__(self, *tensors) -> None:
-        """Launch with the tensors named at binding, in that order."""
+        """Launch with the tensors named at binding, in that order, on their device."""
+        previous = switch_device(self.device)
+        if previous is None:
+            return self._launch(tensors)
+        try:
+            return self._launch(tensors)
+        finally:
+            restore_device(previous)
+
+    def _launch(self, tensors: tuple) -> None:
         if self.cfg is not None:
             config._chosen[self.kernel.name] = self.cfg
         direct = self._direct
@@ -156,7 +201,7 @@ class Launch:
         if (
             DIRECT
             and compiled is not None
-            and all(t is None or not t.data_ptr() & 15 for t in tensors)
+            and all(not isinstance(t, torch.Tensor) or not t.data_ptr() & 15 for t in tensors)
         ):
             self._direct = self._generate(compiled, kwargs, tensors)
 
@@ -193,7 +238,9 @@ class Launch:
         names = [f"t{i}" for i in range(len(tensors))]
         guards = [f"{n} is {'' if t is None else 'not '}None"
                   for n, t in zip(names, tensors, strict=True)]  # fmt: skip
-        aligned = [f"{names[i]}.data_ptr()" for i in self.external if tensors[i] is not None]
+        aligned = [
+            f"{names[i]}.data_ptr()" for i in self.checked if isinstance(tensors[i], torch.Tensor)
+        ]
         if aligned:
             guards.append(f"not ({' | '.join(aligned)}) & 15")
         guards.append("not hooks_set()")
@@ -218,12 +265,10 @@ class Launch:
 
 # --- binding a launch ---------------------------------------------------------------------------
 
-# Tensors that come from the user, whose alignment a call checks.
-EXTERNAL = (
-    "x_ptr", "dy_ptr", "weight_ptr", "bias_ptr", "mean_ptr", "rstd_ptr", "running_mean_ptr",
-    "running_var_ptr", "new_running_mean_ptr", "new_running_var_ptr", "scale_ptr", "shift_ptr",
-    "res_ptr", "y_ptr",
-)  # fmt: skip
+# The scratch buffers only tritonnorm allocates (partials, coefficients, combined statistics):
+# aligned by allocation, so a direct launch need not check them. Every other pointer is
+# checked (a pointer added later is checked unless it is listed here: the safe default).
+OWNED = ("partial_ptr", "coef_ptr", "combined_ptr")
 # The epilogue constants of a launch without one (tensors: None pointers, bind fills them).
 NO_EPILOGUE = dict(
     res_stride_n=0, res_stride_c=0, res_stride_s=0, slope=0.0, EPILOGUE=False, ACTIVATION=0
@@ -249,11 +294,15 @@ class _Bench:
     def __init__(self, kernel: Kernel, grid_of, tensors: dict, constants: dict):
         self.kernel, self.grid_of = kernel, grid_of
         self.tensors, self.constants = tensors, constants
-        self.device = next(t.device for t in tensors.values() if t is not None)
+        self.device = next(t.device for t in tensors.values() if isinstance(t, torch.Tensor))
 
     def __call__(self, cfg) -> None:
         kwargs = {**self.constants, **self.tensors, **cfg.all_kwargs(), **config.LAUNCH_OPTIONS}
-        self.kernel.run_jit(self.grid_of(cfg.kwargs), kwargs)
+        previous = switch_device(device_index_of_tensors(self.tensors))
+        try:
+            self.kernel.run_jit(self.grid_of(cfg.kwargs), kwargs)
+        finally:
+            restore_device(previous)
 
 
 def bind(
@@ -264,7 +313,8 @@ def bind(
     call's tensors, None allowed) at every call; every other pointer argument is None. With
     ``candidates``, the config is chosen (tuning.py; the tensors serve the timing) and the grid
     is ``grid_of(its meta-parameters)``."""
-    constants = dict(constants)
+    # what a call passes (tensors, and runtime scalars such as momentum) is not bound
+    constants = {k: v for k, v in constants.items() if k not in tensors}
     for name in kernel.params:
         if name.endswith("_ptr") and name not in tensors:
             constants[name] = None
@@ -280,4 +330,11 @@ def bind(
             device=device, bench=bench,
         )  # fmt: skip
         grid = grid_of(cfg.kwargs)
-    return kernel.bind(grid, cfg, tuple(tensors), EXTERNAL, **constants)
+    device = device_index_of_tensors(tensors)
+    return kernel.bind(grid, cfg, tuple(tensors), OWNED, device, **constants)
+
+
+def device_index_of_tensors(tensors: dict) -> int | None:
+    """:func:`device_index` of a launch's first tensor."""
+    first = next((t for t in tensors.values() if isinstance(t, torch.Tensor)), None)
+    return None if first is None else device_index(first)

@@ -206,7 +206,7 @@ def _drop_group(args: dict) -> dict:
     return args
 
 
-def bind_forward(red, tensors: dict, *, centred: bool, eps: float,
+def bind_forward(red, tensors: dict, *, centred: bool, eps: float = 0.0,
                  extras: dict = NO_EPILOGUE) -> Launch:  # fmt: skip
     """The forward over ``red`` (launch.Reduction of one group of all channels): y, mean, rstd."""
     candidates = config.position_configs(red, backward=False, epilogue=extras["EPILOGUE"])

@@ -215,10 +215,12 @@ _FINALIZE = Kernel(_norm_stats_finalize_kernel)
 
 
 def bind_statistics(
-    red, tensors: dict, *, fused: bool, eps: float, momentum: float, extras: dict = NO_EPILOGUE
-) -> Launch:
+    red, tensors: dict, *, fused: bool, eps: float = 0.0, momentum: float = 0.0,
+    extras: dict = NO_EPILOGUE,
+) -> Launch:  # fmt: skip
     """The statistics kernel over the reduction ``red`` (launch.Reduction): partials, or fused
-    (the reduction fits one tile) y and the statistics themselves; config chosen by tuning.py."""
+    (the reduction fits one tile) y and the statistics themselves; config chosen by tuning.py.
+    ``eps`` and ``momentum`` are bound unless ``tensors`` passes them at every call."""
     candidates = config.reduction_configs(red, fused, epilogue=extras["EPILOGUE"])
     max_split = max(c.kwargs["SPLIT"] for c in candidates.configs)
     constants = dict(
@@ -233,8 +235,8 @@ def bind_statistics(
 
 
 def bind_finalize(
-    red, tensors: dict, num_partials: int, *, eps: float, momentum: float, update: bool,
-    partial_strides: tuple[int, int],
+    red, tensors: dict, num_partials: int, *, update: bool, partial_strides: tuple[int, int],
+    eps: float = 0.0, momentum: float = 0.0,
 ) -> Launch:  # fmt: skip
     """The finalize kernel: ``num_partials`` partials combined in order; running statistics
     updated when ``update`` (one program walks every row of its groups)."""

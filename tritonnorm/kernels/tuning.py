@@ -33,14 +33,16 @@ import triton
 
 from . import config
 from .config import Candidates, Features
+from .lru import LRU
 
 if TYPE_CHECKING:
     from .geometry import Reduction
 
 # Read once (a call's host path must not scan the environment); autotune() changes it.
 _enabled = os.environ.get("TRITONNORM_AUTOTUNE", "0") not in ("", "0")
-# (kernel, flags, bucket) -> the winning features, this process
-_tuned: dict[tuple, Features] = {}
+# (kernel, flags, bucket) -> the winning features, this process (bounded as the plans are;
+# the buckets round shapes to powers of two, so a run rarely holds many)
+_tuned: LRU = LRU(4096)
 _persist = True
 # What autotuning measured: (kernel, tune key, config, median ms, chosen), for reports.
 _log: list[tuple[str, str, str, float, bool]] = []
@@ -182,7 +184,7 @@ def choose(
     if len(configs) == 1 or config.INTERPRET or config._overrides != config._Overrides():
         return configs[0]
     key = (kernel.name, flags, bucket)
-    features = _tuned.get(key)
+    features = _tuned.lookup(key)
     if features is None and enabled():
         persist = _persist and device.type == "cuda"
         path = _cache_path(device) if persist else None
