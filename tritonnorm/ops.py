@@ -479,10 +479,11 @@ def _reference_vmap(info, in_dims, settings: Settings, tensors):
     """vmap of the forward by torch.vmap of reference.forward (what cannot fold: a reduced
     batch, batched parameters or running statistics), running statistics updated as torch
     does."""
-    running_mean, running_var = tensors[3], tensors[4]
+    _, _, _, running_mean, running_var, *_ = tensors  # _NormFunction's tensors, in order
+    _, _, _, mean_dim, var_dim, *_ = in_dims
     norm = settings.norm
     updates = norm.use_input_stats and running_mean is not None and running_var is not None
-    if updates and (in_dims[3] is None or in_dims[4] is None):
+    if updates and (mean_dim is None or var_dim is None):
         raise _unbatched_running_error(settings)
 
     def one(x, w, b, rm, rv, sc, sh, res):
