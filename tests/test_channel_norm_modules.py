@@ -19,6 +19,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from convnext import LayerNorm
 from torch import nn
 
 import tritonnorm as tn
@@ -51,30 +52,6 @@ class TorchRMSNorm2d(nn.RMSNorm):
         if self.weight is None:
             return y
         return y * self.weight.reshape(1, -1, *(1,) * (x.dim() - 2))
-
-
-class LayerNorm(nn.Module):
-    """facebookresearch/ConvNeXt's LayerNorm, verbatim (models/convnext.py)."""
-
-    def __init__(self, normalized_shape, eps=1e-6, data_format="channels_last"):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(normalized_shape))
-        self.bias = nn.Parameter(torch.zeros(normalized_shape))
-        self.eps = eps
-        self.data_format = data_format
-        if self.data_format not in ["channels_last", "channels_first"]:
-            raise NotImplementedError
-        self.normalized_shape = (normalized_shape,)
-
-    def forward(self, x):
-        if self.data_format == "channels_last":
-            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        elif self.data_format == "channels_first":
-            u = x.mean(1, keepdim=True)
-            s = (x - u).pow(2).mean(1, keepdim=True)
-            x = (x - u) / torch.sqrt(s + self.eps)
-            x = self.weight[:, None, None] * x + self.bias[:, None, None]
-            return x
 
 
 class VarLayerNorm(LayerNorm):
@@ -301,7 +278,7 @@ def test_convert_convnext_channels_first_layer_norm():
         assert tn.convert(ours) is ours
     assert all(p is q for p, q in zip(params, ours.parameters(), strict=True))  # kept
     report = tn.convert(copy.deepcopy(ref), report=True)[1]
-    assert report.converted == {"test_channel_norm_modules.LayerNorm": 2}
+    assert report.converted == {"convnext.LayerNorm": 2}
     assert not report.left and not report.fused
     norm = ours[1]
     assert isinstance(norm, LayerNorm) and isinstance(norm, tn.modules.LayerNorm2dMixin)
@@ -337,9 +314,9 @@ def test_convert_folds_activation_after_channel_norms():
     ours[2] = tn.LayerNorm2d(C).double()
     ours.load_state_dict(ref.state_dict(), strict=True)
     ours, report = tn.convert(ours, fuse_activations=True, report=True)
-    assert report.converted == {"test_channel_norm_modules.LayerNorm": 1, "LayerNorm2d": 1}
+    assert report.converted == {"convnext.LayerNorm": 1, "LayerNorm2d": 1}
     assert report.fused == {
-        "test_channel_norm_modules.LayerNorm + GELU (Sequential)": 1,
+        "convnext.LayerNorm + GELU (Sequential)": 1,
         "LayerNorm2d + SiLU (Sequential)": 1,
     }
     assert ours[0].activation == "gelu" and ours[2].activation == "silu"
@@ -383,7 +360,7 @@ def test_convnext_look_alikes_are_left_and_reported(case):
     make, reason = LOOK_ALIKES[case]
     module = make()
     cls = type(module)
-    name = f"test_channel_norm_modules.{cls.__qualname__}"
+    name = f"{cls.__module__}.{cls.__qualname__}"
     with pytest.warns(UserWarning, match="left alone: 1 x " + re.escape(name)):
         tn.convert(nn.Sequential(make()))
     model, report = tn.convert(nn.Sequential(module), report=True)

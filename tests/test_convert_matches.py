@@ -19,6 +19,7 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
+from convnext import LayerNorm
 from test_zoo import _package
 from torch import nn
 
@@ -192,30 +193,6 @@ def test_report_lists_only_elementwise_activations(name):
 # ConvNeXt's channels_first LayerNorm, recognised by behaviour
 
 
-class LayerNorm(nn.Module):
-    """facebookresearch/ConvNeXt's LayerNorm, verbatim (models/convnext.py)."""
-
-    def __init__(self, normalized_shape, eps=1e-6, data_format="channels_last"):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(normalized_shape))
-        self.bias = nn.Parameter(torch.zeros(normalized_shape))
-        self.eps = eps
-        self.data_format = data_format
-        if self.data_format not in ["channels_last", "channels_first"]:
-            raise NotImplementedError
-        self.normalized_shape = (normalized_shape,)
-
-    def forward(self, x):
-        if self.data_format == "channels_last":
-            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        elif self.data_format == "channels_first":
-            u = x.mean(1, keepdim=True)
-            s = (x - u).pow(2).mean(1, keepdim=True)
-            x = (x - u) / torch.sqrt(s + self.eps)
-            x = self.weight[:, None, None] * x + self.bias[:, None, None]
-            return x
-
-
 class Float32LayerNorm(LayerNorm):
     """transformers' older ConvNextLayerNorm: float32 statistics, cast back."""
 
@@ -334,7 +311,7 @@ def test_channels_first_layer_norm_recognised_by_behaviour(cls):
     assert found == zoo.Recognition(reason is None, reason) and bool(found) is (reason is None)
     ref = _randomise(module)
     ours, report = tn.convert(copy.deepcopy(ref), report=True)
-    name = f"test_convert_matches.{cls.__name__}"
+    name = f"{cls.__module__}.{cls.__name__}"
     if reason is not None:
         assert dict(report.left) == {f"{name} ({reason})": 1} and not report.converted
         assert type(ours) is cls
@@ -480,7 +457,7 @@ NAMES = {
     "convnext_layer_norm": (
         lambda: LayerNorm(C, data_format="channels_first"),
         "TritonLayerNorm",
-        "test_convert_matches.LayerNorm",
+        "convnext.LayerNorm",
         LayerNorm2dMixin,
     ),
 }
