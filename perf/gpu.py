@@ -26,6 +26,12 @@ soon as it ends (a later crash loses nothing). Every case's exception is recorde
    composition in torch, LayerNorm2d / RMSNorm2d against timm's composition (perf.ops.Timm). Per
    case and provider: the time per call (do_bench, host overhead included), the time under
    CUDA-graph replay (the GPU's alone) and the peak memory of a call.
+4b. models: perf.models, a training step of real models (resnet50, convnext_tiny,
+   efficientnet_b0, diffusers' UNet2DModel where it imports) with and without tritonnorm: the
+   eager variants of every model first, then the CUDA-graph captures, then torch.compile; rows
+   into env.json ("models") and a table into summary.md as each model's rows exist (the 8-file
+   limit: ``python -m perf.models --out DIR`` writes models.csv and models.png instead). Dry
+   run: resnet50's tiny configuration, eager variants, through the interpreter.
 5. pytest: the suite natively with what is left (SyncBatchNorm's multi-process tests and the
    CPU-side tools excluded), in a subprocess with a wall-clock limit.
 
@@ -58,6 +64,7 @@ SHARES = {
     "host": 0.05,
     "correctness": 0.25,
     "timing": 0.45,
+    "models": 0.6,
     "pytest": 1.0,
 }
 FORCED = {
@@ -95,6 +102,7 @@ class Run:
         self.checks: list[Check] = []
         self.rows: list = []
         self.host_profile = ""
+        self.models_table: list[str] = []
         self.pytest_tail = ""
         self.torch = torch
 
@@ -404,18 +412,50 @@ class Run:
                 for k, key, cfg, ms, best in tuning.tuning_log()
             )
 
+    # --- stage 4b ---------------------------------------------------------------------------
+    def models_stage(self, deadline: float) -> str:
+        from perf import models
+
+        names = ["resnet50"] if self.dry else [m for m in models.MODELS if m != "monai_unet3d"]
+        if self.args.models:
+            names = self.args.models.split(",")
+        variants = ["torch", "tn_fused"] if self.dry else list(models.VARIANTS)
+        settings = models.Settings(device=self.device, tiny=self.dry)
+        threads = self.torch.get_num_threads()
+        if self.dry:  # as perf.models' dry run: one thread beside other jobs
+            self.torch.set_num_threads(1)
+
+        def keep(rows):
+            self.env["models"] = [dataclasses.asdict(r) for r in rows]
+            self.models_table = models.markdown_table(rows)
+            self.write("env.json", json.dumps(self.env, indent=2) + "\n")
+
+        try:
+            rows = models.run(names, variants, settings, deadline, keep,
+                              log=lambda line: print("   " + line, flush=True))  # fmt: skip
+        finally:
+            self.torch.set_num_threads(threads)
+        keep(rows)
+        bad = [f"{r.model}/{r.variant}" for r in rows if r.status.startswith(("FAIL", "ERROR"))]
+        done = sum(r.status == "ok" for r in rows)
+        cut = sum(r.status == "skipped: out of budget" for r in rows)
+        return (f"{'FAIL' if bad else 'ok'}: {done}/{len(rows)} model x variant rows ok"
+                f"{f', {cut} out of budget' if cut else ''}{f'; failed: {bad}' if bad else ''}")  # fmt: skip
+
     # --- stage 4 ----------------------------------------------------------------------------
     def pytest_stage(self, deadline: float) -> str:
         import importlib.util
 
         if importlib.util.find_spec("pytest") is None:
             return "skipped: pytest is not installed"
+        # test_models.py is the CPU emulation of the models stage: on a GPU that stage runs
         root = Path(__file__).resolve().parents[1]
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests",
                "--ignore=tests/test_sync_batch_norm.py", "--ignore=tests/test_gpu_compile.py",
-               "--ignore=tests/test_perf_gpu.py"]  # fmt: skip
+               "--ignore=tests/test_perf_gpu.py",
+               "--ignore=tests/test_models.py"]  # fmt: skip
         if self.dry:  # the plumbing only: the suite itself runs in CI on the CPU
-            cmd[-4:] = ["tests/test_byte_budget.py", "-k", "floor_table or masked_copy"]
+            cmd[-5:] = ["tests/test_byte_budget.py", "-k", "floor_table or masked_copy"]
         limit = deadline - time.monotonic()
         if limit < 5:
             return "skipped: out of budget"
@@ -462,6 +502,9 @@ class Run:
             lines += ["", "```", self.host_profile.strip()[-6000:], "```"]
         if "timing" in ran:
             lines += ["", "## Timing", "", *summary_lines(self.rows)]
+        if "models" in ran:
+            lines += ["", "## Training steps of real models (perf.models)", "",
+                      *self.models_table]  # fmt: skip
         if "pytest" in ran:
             lines += ["", "## pytest (tail)", "", "```", self.pytest_tail, "```"]
         self.write("summary.md", "\n".join(lines) + "\n")
@@ -472,7 +515,7 @@ class Run:
         budget = self.end - start
         stages = {"env": self.env_stage, "warm": self.warm_stage, "host": self.host_stage,
                   "correctness": self.correctness_stage, "timing": self.timing_stage,
-                  "pytest": self.pytest_stage}  # fmt: skip
+                  "models": self.models_stage, "pytest": self.pytest_stage}  # fmt: skip
         only = self.args.stages.split(",") if self.args.stages else list(stages)
         for name, fn in stages.items():
             t0 = time.monotonic()
@@ -514,8 +557,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=480.0, help="seconds for all stages")
     p.add_argument("--dry-run", action="store_true", help="on the CPU: NOT a GPU measurement")
     p.add_argument(
-        "--stages", help="comma-separated subset of env,warm,host,correctness,timing,pytest"
+        "--stages",
+        help="comma-separated subset of env,warm,host,correctness,timing,models,pytest",
     )
+    p.add_argument("--models", help="models stage: comma-separated perf.models names")
     t = p.add_argument_group("timing stage (the report)")
     t.add_argument(
         "--set", choices=("quick", "full", "cpu", "dry-run"), help="shapes (perf/shapes.py)"

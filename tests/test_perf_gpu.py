@@ -27,7 +27,7 @@ from perf import floors, report  # noqa: E402
 from perf.bytecount import interpreter_active  # noqa: E402
 from perf.ops import OPS  # noqa: E402
 
-STAGES = ("env", "warm", "host", "correctness", "timing", "pytest")
+STAGES = ("env", "warm", "host", "correctness", "timing", "models", "pytest")
 EPILOGUE_OPS = ("gn_silu_fwd", "gn_silu_fwd_bwd", "bn_res_relu_fwd", "bn_res_relu_fwd_bwd")
 CUDA_ONLY = ("graph_ms", "graph_frac_of_copy", "peak_mib")
 
@@ -61,7 +61,7 @@ def test_dry_run_runs_every_stage_and_writes_every_file(dry):
     stages = json.loads((tmp_path / "env.json").read_text())["stages"]
     assert list(stages) == list(STAGES)
     assert stages["warm"]["status"].startswith("skipped: dry run")  # nothing to compile
-    for name in ("env", "host", "correctness", "timing", "pytest"):
+    for name in ("env", "host", "correctness", "timing", "models", "pytest"):
         assert stages[name]["status"].startswith("ok"), (name, stages[name])
     host = json.loads((tmp_path / "env.json").read_text())["host"]
     assert set(host) == {f"{c} {p}" for c in ("bn_train_fwd_bwd", "bn_eval_fwd", "gn_fwd_bwd")
