@@ -100,8 +100,8 @@ def torchvision_note() -> str | None:
     """Import torchvision where installed. When its C++ operators cannot load beside this torch
     (a CUDA torchvision wheel beside a CPU torch: "operator torchvision::nms does not exist"),
     declare the two operators its import registers against and import it again: its Python
-    models import, its C++ operators stay unusable and nothing here calls them. The same as
-    tests/test_zoo.py's helper (perf/ must not import the test suite). Returns what was done."""
+    models import, its C++ operators stay unusable and nothing here calls them (tests/test_zoo.py
+    uses it too). Returns what was done."""
     if importlib.util.find_spec("torchvision") is None:
         return None
     try:

@@ -22,7 +22,6 @@ import functools
 import importlib
 import importlib.util
 import pickle
-import sys
 import warnings
 
 import pytest
@@ -30,36 +29,17 @@ import torch
 from torch import nn
 
 import tritonnorm as tn
+from perf.models import torchvision_note
 from tritonnorm.conversion import ConversionReport
-
-_LIBRARIES = []  # keeps the torchvision operator declarations alive
 
 
 @functools.cache
 def _torchvision_note() -> str | None:
-    """Import torchvision if installed; when its C++ operators cannot load (see the module
-    docstring), declare the two it needs and import it again. Returns what was done, if
-    anything."""
-    if importlib.util.find_spec("torchvision") is None:
-        return None
-    try:
-        importlib.import_module("torchvision")
-        return None
-    except RuntimeError as error:
-        if "torchvision::nms" not in str(error):
-            raise
-    for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
-        del sys.modules[name]
-    library = torch.library.Library("torchvision", "DEF")
-    for op in ("nms", "qnms"):
-        library.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    _LIBRARIES.append(library)
-    importlib.import_module("torchvision")
-    note = (
-        "torchvision's C++ operators cannot load beside this torch (CUDA wheel on a CPU torch): "
-        "declared torchvision::nms/qnms so that its Python modules import"
-    )
-    warnings.warn(note, stacklevel=1)
+    """Import torchvision if installed (perf.models.torchvision_note: when its C++ operators
+    cannot load, see the module docstring, it declares the two it needs); a warning says so."""
+    note = torchvision_note()
+    if note is not None:
+        warnings.warn(note, stacklevel=1)
     return note
 
 
